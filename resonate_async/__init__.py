@@ -1,0 +1,99 @@
+"""resonate_async: asyncio-native durable execution with transparent batching.
+
+Write plain ``async def`` workflows; every step taken through the ``Context``
+is recorded as a durable promise, so a crashed run resumes where it stopped
+and a run started twice happens once. Commands issued by thousands of
+concurrent workflows are served by one batch handler call.
+
+Example:
+    ```python
+    from resonate_async import Resonate, Context
+
+    resonate = Resonate("app.db")
+
+    @resonate.register
+    async def greet(ctx: Context, name: str) -> str:
+        return f"hello {name}"
+
+    async def main() -> None:
+        async with resonate:
+            print(await resonate.run("greet-1", greet, "world"))
+    ```
+"""
+
+from ._clock import Clock, SystemClock
+from ._command import Command
+from ._context import Context, Promise
+from ._encoding import Encoder, JSONEncoder
+from ._handle import Handle
+from ._resonate import Promises, Resonate
+from ._stats import BatcherStats, Histogram, RunStats, Stats, StoreStats
+from .errors import (
+    BatchResultError,
+    CanceledError,
+    ConflictError,
+    EncodingError,
+    NondeterminismError,
+    NotFoundError,
+    NotRegisteredError,
+    PromiseTimeoutError,
+    ResonateError,
+    ShutdownError,
+    StoredError,
+    StoreError,
+)
+from .retry import RetryPolicy, constant, exponential, linear, never
+from .stores import MemoryStore, SQLiteStore, Store
+from .stores._base import Kind, PromiseRecord, State
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "BatchResultError",
+    "BatcherStats",
+    "CanceledError",
+    "Clock",
+    "Command",
+    "ConflictError",
+    "Context",
+    "Encoder",
+    "EncodingError",
+    "Handle",
+    "Histogram",
+    "JSONEncoder",
+    "Kind",
+    "MemoryStore",
+    "NondeterminismError",
+    "NotFoundError",
+    "NotRegisteredError",
+    "Promise",
+    "PromiseRecord",
+    "PromiseTimeoutError",
+    "Promises",
+    "Resonate",
+    "ResonateError",
+    "RetryPolicy",
+    "RunStats",
+    "SQLiteStore",
+    "ShutdownError",
+    "Stats",
+    "Store",
+    "StoreError",
+    "StoreStats",
+    "StoredError",
+    "SystemClock",
+    "State",
+    "constant",
+    "exponential",
+    "linear",
+    "never",
+)
+
+
+def __getattr__(name: str) -> object:
+    # PostgresStore needs the optional asyncpg driver: import it only on use.
+    if name == "PostgresStore":
+        from .stores.postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module 'resonate_async' has no attribute {name!r}")

@@ -1,0 +1,267 @@
+"""The batcher: one per command type, turning many ``lfc(Command)`` into one handler call.
+
+The batch window (DESIGN §4):
+
+1. wait until the queue is non-empty and a handler slot is free;
+2. yield once to the event loop so producers ready in this iteration can
+   enqueue; then, only if ``max_wait > 0`` and fewer than ``maxlen`` are
+   queued, linger up to ``max_wait`` for more (an idle batcher adds no latency
+   by default);
+3. take up to ``maxlen`` and call ``handler(ctx, commands)``. Commands arriving
+   meanwhile queue up, so the next batch is as large as the backlog.
+
+Every flush runs inside an exception boundary: a handler bug, an unencodable
+result or a store error fails the commands it touches and the batcher goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ._clock import with_deadline
+from ._context import Context
+from ._invoke import invoke
+from ._stats import BatcherStats
+from .errors import BatchResultError, EncodingError, ShutdownError
+from .stores._base import Create, Kind, PromiseRecord, State
+
+if TYPE_CHECKING:
+    from ._context import Promise
+    from ._engine import Engine
+    from ._registry import HandlerEntry
+
+__all__ = ("Batcher",)
+
+log = logging.getLogger("resonate_async")
+
+# An outcome per command: (state, encoded value or error).
+Outcome = tuple[State, bytes]
+
+
+class Batcher:
+    """Queue and batch window of one command type; ``concurrency`` worker loops."""
+
+    def __init__(self, engine: Engine, entry: HandlerEntry) -> None:
+        self._engine = engine
+        self.entry = entry
+        self._queue: deque[Promise[Any]] = deque()
+        self._limit = entry.queue_size
+        self._nonempty = asyncio.Event()
+        self._space = asyncio.Event()
+        self._closing = False
+        self._batch_no = 0
+        self.stats = BatcherStats(entry.name)
+
+    def snapshot(self) -> BatcherStats:
+        """A copy of the counters, with the current queue depth."""
+        self.stats.queue_depth = len(self._queue)
+        return self.stats.copy()
+
+    # -- producers -------------------------------------------------------------
+
+    def offer(self, promise: Promise[Any]) -> bool:
+        """Enqueue at once if there is room; ``False`` means call :meth:`put`."""
+        if self._limit is not None and len(self._queue) >= self._limit:
+            return False
+        self._queue.append(promise)
+        promise._in_queue = True
+        if len(self._queue) == 1:
+            self._nonempty.set()
+        return True
+
+    async def put(self, promise: Promise[Any]) -> None:
+        """Enqueue, waiting while the queue is full (backpressure)."""
+        while not self.offer(promise):
+            self._space.clear()
+            await self._space.wait()
+
+    # -- the batch window ------------------------------------------------------
+
+    def close(self) -> None:
+        """Workers finish the batch in hand and return."""
+        self._closing = True
+        self._nonempty.set()
+
+    async def run_worker(self) -> None:
+        """One handler slot: take batches and flush them until closed."""
+        entry = self.entry
+        maxlen = entry.maxlen
+        queue = self._queue
+        clock = self._engine.clock
+        while not self._closing:
+            if not queue:
+                self._nonempty.clear()
+                await self._nonempty.wait()
+                continue
+            await asyncio.sleep(0)
+            if entry.max_wait > 0 and (maxlen is None or len(queue) < maxlen):
+                await self._linger(clock.now() + entry.max_wait)
+            batch = self._take(maxlen)
+            if batch:
+                await self._flush(batch)
+
+    async def _linger(self, until: float) -> None:
+        clock = self._engine.clock
+        maxlen = self.entry.maxlen
+        while maxlen is None or len(self._queue) < maxlen:
+            remaining = until - clock.now()
+            if remaining <= 0 or self._closing:
+                return
+            self._nonempty.clear()
+            try:
+                await with_deadline(self._nonempty.wait(), until, clock)
+            except TimeoutError:
+                return
+
+    def _take(self, maxlen: int | None) -> list[Promise[Any]]:
+        queue = self._queue
+        batch: list[Promise[Any]] = []
+        while queue and (maxlen is None or len(batch) < maxlen):
+            promise = queue.popleft()
+            promise._in_queue = False
+            future = promise._future
+            if future is not None and not future.done():  # cancelled ones leave here
+                batch.append(promise)
+        self._space.set()
+        self.stats.queue_depth = len(queue)
+        return batch
+
+    # -- flushing --------------------------------------------------------------
+
+    async def _flush(self, batch: list[Promise[Any]]) -> None:
+        engine = self._engine
+        stats = self.stats
+        stats.batches += 1
+        stats.commands += len(batch)
+        stats.batch_size.add(len(batch))
+        started = time.perf_counter()
+        try:
+            outcomes = await self._outcomes(batch)
+            stats.handler_seconds.add(time.perf_counter() - started)
+            now = engine.clock.now()
+            name = self.entry.name
+            records = [
+                PromiseRecord(
+                    id=p.id,
+                    state=state,
+                    kind=Kind.COMMAND,
+                    root_id=p._ctx.root_id,
+                    created_at=now,
+                    func=name,
+                    param=p._param,
+                    value=data,
+                    parent_id=p._ctx.id,
+                    settled_at=now,
+                    attempt=1,
+                )
+                for p, (state, data) in zip(batch, outcomes, strict=True)
+            ]
+            stored = await engine.writer.write_many([Create(r) for r in records])
+        except asyncio.CancelledError:
+            self._fail(batch, ShutdownError("shut down before the batch was recorded"))
+            raise
+        except Exception as exc:  # the boundary: fail these commands, keep serving
+            stats.failed_batches += 1
+            log.exception("batch of %d %s commands failed", len(batch), self.entry.name)
+            self._fail(batch, exc)
+            return
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s: batch %d of %d commands", self.entry.name, stats.batches, len(batch))
+        for promise, record, written in zip(batch, records, stored, strict=True):
+            future = promise._future
+            if future is None or future.done():
+                continue
+            try:
+                future.set_result(engine.settled_child(promise._ctx._run, written or record))
+            except Exception as exc:
+                future.set_exception(exc)
+
+    @staticmethod
+    def _fail(batch: list[Promise[Any]], exc: BaseException) -> None:
+        for promise in batch:
+            future = promise._future
+            if future is not None and not future.done():
+                future.set_exception(exc)
+
+    async def _outcomes(self, batch: list[Promise[Any]]) -> list[Outcome]:
+        """Call the handler with retries; once exhausted, bisect to isolate poison."""
+        try:
+            result = await self._call_with_retries(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                return [(State.REJECTED, self._engine.encoder.encode_error(exc))]
+            half = len(batch) // 2
+            return await self._bisect(batch[:half]) + await self._bisect(batch[half:])
+        return self._map_results(batch, result)
+
+    async def _bisect(self, part: list[Promise[Any]]) -> list[Outcome]:
+        try:
+            result = await self._call_handler(part, attempt=1)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if len(part) == 1:
+                return [(State.REJECTED, self._engine.encoder.encode_error(exc))]
+            half = len(part) // 2
+            return await self._bisect(part[:half]) + await self._bisect(part[half:])
+        return self._map_results(part, result)
+
+    async def _call_with_retries(self, batch: list[Promise[Any]]) -> Any:
+        policy = self.entry.retry_policy
+        attempt = 1
+        while True:
+            try:
+                return await self._call_handler(batch, attempt)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = policy.next_delay(attempt + 1) if policy.should_retry(exc) else None
+                if delay is None:
+                    raise
+                log.warning(
+                    "%s handler failed on attempt %d (%r); retrying in %.3fs",
+                    self.entry.name,
+                    attempt,
+                    exc,
+                    delay,
+                )
+                await self._engine.clock.sleep(delay)
+                attempt += 1
+
+    async def _call_handler(self, batch: list[Promise[Any]], attempt: int) -> Any:
+        self._batch_no += 1
+        ctx = Context(
+            self._engine, None, f"batch:{self.entry.name}:{self._batch_no}", "", attempt, leaf=True
+        )
+        commands = [p._target for p in batch]
+        return await invoke(self.entry.style, self.entry.handler, ctx, (commands,), {})
+
+    def _map_results(self, batch: list[Promise[Any]], result: Any) -> list[Outcome]:
+        encoder = self._engine.encoder
+        if isinstance(result, list):
+            if len(result) != len(batch):
+                error = BatchResultError(
+                    f"{self.entry.name} handler returned {len(result)} results for a batch of "
+                    f"{len(batch)} commands; return one item per command (an Exception item "
+                    "rejects its command alone), or a single non-list value for all"
+                )
+                data = encoder.encode_error(error)
+                return [(State.REJECTED, data)] * len(batch)
+            return [self._one(item) for item in result]
+        shared = self._one(result)
+        return [shared] * len(batch)
+
+    def _one(self, item: Any) -> Outcome:
+        encoder = self._engine.encoder
+        if isinstance(item, BaseException):
+            return (State.REJECTED, encoder.encode_error(item))
+        try:
+            return (State.RESOLVED, encoder.encode(item))
+        except EncodingError as exc:
+            return (State.REJECTED, encoder.encode_error(exc))

@@ -1,0 +1,636 @@
+"""The engine: runs, their replay and recovery, leases, and the owned background tasks.
+
+``Resonate`` is the public face; the engine is what exists between
+``start()`` and ``aclose()``. It owns every task it starts: one per run, the
+group-commit writer, the batcher workers and the lease heartbeat. Shutdown
+stops them in order (runs, then batchers within the grace period, then the
+writer once drained), so no task outlives ``async with resonate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from dataclasses import replace
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._batcher import Batcher
+from ._clock import with_deadline
+from ._context import Context
+from ._handle import Handle
+from ._invoke import invoke
+from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry
+from ._stats import RunStats, StoreStats
+from ._writer import GroupCommitWriter
+from .errors import (
+    CanceledError,
+    ConflictError,
+    EncodingError,
+    NondeterminismError,
+    NotFoundError,
+    PromiseTimeoutError,
+    ShutdownError,
+    StoredError,
+    StoreError,
+)
+from .retry import Never
+from .stores._base import Create, Kind, PromiseRecord, Settle, State
+
+if TYPE_CHECKING:
+    from ._clock import Clock
+    from ._encoding import Encoder
+    from .retry import RetryPolicy
+    from .stores._base import Store
+
+__all__ = ("Engine", "RunState")
+
+log = logging.getLogger("resonate_async")
+
+# Errors that end a run without settling it: it stays PENDING for recovery.
+_UNSETTLED = (NondeterminismError, StoreError, ShutdownError)
+
+
+class RunState:
+    """One root run executing in this process."""
+
+    __slots__ = ("args", "entry", "fatal", "handle", "id", "kwargs", "param", "replay", "task")
+
+    def __init__(
+        self,
+        id: str,
+        entry: FunctionEntry,
+        param: bytes,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        handle: Handle[Any],
+    ) -> None:
+        self.id = id
+        self.entry = entry
+        self.param = param
+        self.args = args
+        self.kwargs = kwargs
+        self.handle = handle
+        # Settled children by id: the stored tree of a resumed run, and what
+        # this run settled itself when its body may be retried.
+        self.replay: dict[str, PromiseRecord] | None = None
+        self.fatal: NondeterminismError | None = None
+        self.task: asyncio.Task[None] | None = None
+
+
+def default_worker_id() -> str:
+    """``host:pid:random``; the host and pid let a restart on one host take over at once."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+# Worker ids abandoned in this process by ``testing.crash``: as dead as a killed pid.
+abandoned_workers: set[str] = set()
+
+
+def _dead_local_owner(owner: str | None) -> bool:
+    """Whether ``owner`` names a process of this host that no longer exists."""
+    if not owner:
+        return False
+    if owner in abandoned_workers:
+        return True
+    parts = owner.split(":")
+    if len(parts) < 3 or parts[0] != socket.gethostname():
+        return False
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Engine:
+    """Everything that lives between start and shutdown."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        registry: Registry,
+        encoder: Encoder,
+        clock: Clock,
+        dependencies: dict[str, Any],
+        worker_id: str,
+        step_retry_policy: RetryPolicy,
+        lease_seconds: float,
+        heartbeat_seconds: float,
+        poll_seconds: float,
+        grace_seconds: float,
+        max_rows_per_transaction: int,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.encoder = encoder
+        self.clock = clock
+        self.dependencies = dependencies
+        self.worker_id = worker_id
+        self.step_retry_policy = step_retry_policy
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.poll_seconds = poll_seconds
+        self.grace_seconds = grace_seconds
+        self.store_stats = StoreStats()
+        self.run_stats = RunStats()
+        self.writer = GroupCommitWriter(
+            store, self.store_stats, max_rows_per_transaction=max_rows_per_transaction
+        )
+        self.batchers: dict[type, Batcher] = {}
+        self.runs: dict[str, RunState] = {}
+        self.encoded_none = encoder.encode(None)
+        self.closing = False
+        self._loop = asyncio.get_running_loop()
+        self._services: list[asyncio.Task[None]] = []
+        self._batcher_tasks: list[asyncio.Task[None]] = []
+        self._others: set[asyncio.Task[Any]] = set()  # watchers of get() handles
+        self._waiters: dict[str, list[asyncio.Future[PromiseRecord]]] = {}
+        # Runs stopped by nondeterminism: PENDING in the store, not retried here.
+        self.stuck: dict[str, NondeterminismError] = {}
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the writer, the batchers and the heartbeat, then recover runs."""
+        self._services.append(self._spawn_service(self.writer.run(), "writer"))
+        for entry in self.registry.handlers():
+            self.add_batcher(entry)
+        self._services.append(self._spawn_service(self._heartbeat(), "heartbeat"))
+        await self.recover()
+
+    def _spawn_service(self, coro: Any, name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = self._loop.create_task(coro, name=f"resonate-{name}")
+        task.add_done_callback(self._service_done)
+        return task
+
+    @staticmethod
+    def _service_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("resonate background task %s crashed", task.get_name(), exc_info=task.exception())
+
+    def add_batcher(self, entry: HandlerEntry) -> None:
+        """Create the batcher of a handler registered before or after start."""
+        batcher = Batcher(self, entry)
+        self.batchers[entry.command_type] = batcher
+        for n in range(entry.concurrency):
+            self._batcher_tasks.append(
+                self._spawn_service(batcher.run_worker(), f"batcher-{entry.name}-{n}")
+            )
+
+    async def shutdown(self) -> None:
+        """Stop new work, cancel runs, finish batches in grace, drain the writer, close."""
+        self.closing = True
+        runs = [r.task for r in self.runs.values() if r.task is not None]
+        others = list(self._others)
+        for task in (*runs, *others):
+            task.cancel()
+        await asyncio.gather(*runs, *others, return_exceptions=True)
+        for batcher in self.batchers.values():
+            batcher.close()
+        await self._finish(self._batcher_tasks, self.grace_seconds)
+        self.writer.close()
+        await self._finish(self._services[:1], self.grace_seconds)
+        await self._finish(self._services, 0)
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.cancel()
+        self._waiters.clear()
+
+    async def abandon(self) -> None:
+        """Drop everything at once, as a crash would: nothing settled, nothing flushed."""
+        self.closing = True
+        abandoned_workers.add(self.worker_id)
+        self.writer.drop()
+        tasks = [r.task for r in self.runs.values() if r.task is not None]
+        tasks += [*self._others, *self._batcher_tasks, *self._services]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.writer.drop()
+
+    @staticmethod
+    async def _finish(tasks: Sequence[asyncio.Task[None]], grace: float) -> None:
+        pending = [t for t in tasks if not t.done()]
+        if pending and grace > 0:
+            _, still = await asyncio.wait(pending, timeout=grace)
+            if still:
+                log.warning("%d background tasks did not finish within %.1fs", len(still), grace)
+            pending = list(still)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- encoding helpers ------------------------------------------------------
+
+    def encode_for(self, value: Any, where: str) -> bytes:
+        """Encode ``value`` or raise ``EncodingError`` naming the call."""
+        try:
+            return self.encoder.encode(value)
+        except EncodingError as exc:
+            raise EncodingError(f"{where}: {exc}") from None
+
+    def try_encode_args(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bytes | None:
+        """Encoded step arguments for inspection, or ``None`` when not encodable."""
+        try:
+            return self.encoder.encode([list(args), kwargs])
+        except EncodingError:
+            return None
+
+    def outcome(self, record: PromiseRecord) -> Any:
+        """The decoded value of a settled record, or raise its decoded error."""
+        state = self.effective_state(record)
+        if state is State.RESOLVED:
+            return None if record.value is None else self.encoder.decode(record.value)
+        if record.value is not None and record.state is not State.PENDING:
+            raise self.encoder.decode_error(record.value)
+        if state is State.REJECTED_CANCELED:
+            raise CanceledError(f"promise {record.id!r} was canceled")
+        if state is State.REJECTED_TIMEDOUT:
+            raise PromiseTimeoutError(f"promise {record.id!r} timed out")
+        if state is State.REJECTED:
+            raise StoredError("unknown", f"promise {record.id!r} was rejected")
+        raise RuntimeError(f"promise {record.id!r} is still pending")
+
+    def effective_state(self, record: PromiseRecord) -> State:
+        """The state a reader sees: a PENDING promise past ``timeout_at`` is timed out.
+
+        A sleep's ``timeout_at`` is its wake time: past it, it reads RESOLVED.
+        """
+        if (
+            record.state is State.PENDING
+            and record.timeout_at is not None
+            and self.clock.now() >= record.timeout_at
+        ):
+            return State.RESOLVED if record.kind is Kind.SLEEP else State.REJECTED_TIMEDOUT
+        return record.state
+
+    def effective(self, record: PromiseRecord) -> PromiseRecord:
+        """``record`` as a reader sees it (see :meth:`effective_state`)."""
+        state = self.effective_state(record)
+        return record if state is record.state else replace(record, state=state)
+
+    def effectively_settled(self, record: PromiseRecord) -> bool:
+        """Whether a reader sees ``record`` as settled."""
+        return self.effective_state(record) is not State.PENDING
+
+    def settled_child(self, run: RunState | None, record: PromiseRecord) -> Any:
+        """Remember a settled child for a retried body, and return its outcome."""
+        if run is not None and run.replay is not None:
+            run.replay[record.id] = record
+        return self.outcome(record)
+
+    # -- executing a function with retries -----------------------------------
+
+    async def attempts(
+        self,
+        run: RunState | None,
+        id: str,
+        root_id: str,
+        style: CallStyle,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        policy: RetryPolicy,
+        deadline: float | None,
+    ) -> tuple[State, bytes, int]:
+        """Call ``fn`` until it succeeds or its policy gives up; encode the outcome.
+
+        Returns the settled state, the encoded value or error, and the number
+        of attempts. Raises the errors that must leave the promise PENDING
+        (nondeterminism, store failure, shutdown, cancellation).
+        """
+        clock = self.clock
+        attempt = 1
+        while True:
+            ctx = Context(self, run, id, root_id, attempt, leaf=style is CallStyle.SYNC)
+            try:
+                call = invoke(style, fn, ctx, args, kwargs)
+                value = await (call if deadline is None else with_deadline(call, deadline, clock))
+                await ctx._join_children()
+            except asyncio.CancelledError:
+                ctx._cancel_children()
+                raise
+            except _UNSETTLED:
+                ctx._cancel_children()
+                raise
+            except Exception as exc:
+                await ctx._join_children()
+                if run is not None and run.fatal is not None:
+                    raise run.fatal from None
+                if deadline is not None and clock.now() >= deadline:
+                    error = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
+                    return State.REJECTED_TIMEDOUT, self.encoder.encode_error(error), attempt
+                delay = policy.next_delay(attempt + 1) if policy.should_retry(exc) else None
+                if delay is None or (deadline is not None and clock.now() + delay >= deadline):
+                    return State.REJECTED, self.encoder.encode_error(exc), attempt
+                log.info("%s failed on attempt %d (%r); retrying in %.3fs", id, attempt, exc, delay)
+                await clock.sleep(delay)
+                attempt += 1
+                continue
+            if run is not None and run.fatal is not None:
+                raise run.fatal
+            try:
+                return State.RESOLVED, self.encoder.encode(value), attempt
+            except EncodingError as exc:
+                error = EncodingError(f"{id}: the return value is not encodable: {exc}")
+                return State.REJECTED, self.encoder.encode_error(error), attempt
+
+    # -- runs ------------------------------------------------------------------
+
+    def start_run(
+        self,
+        id: str,
+        entry: FunctionEntry,
+        param: bytes,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        stored: PromiseRecord | None = None,
+    ) -> RunState:
+        """Spawn the task of a run: fresh (``stored`` is None) or resumed."""
+        handle: Handle[Any] = Handle(id, self._loop)
+        run = RunState(id, entry, param, args, kwargs, handle)
+        self.runs[id] = run
+        task = self._loop.create_task(self._drive(run, stored))
+        run.task = task
+        handle._canceller = task.cancel
+        self.run_stats.started += 1
+        return run
+
+    async def _drive(self, run: RunState, stored: PromiseRecord | None) -> None:
+        handle = run.handle
+        entry = run.entry
+        try:
+            if stored is None:
+                root = await self._create_root(run)
+                if root is None:
+                    return
+            else:
+                root = stored
+                handle._set_created()
+                self.run_stats.recovered += 1
+                await self._load_history(run)
+            if run.replay is None and entry.retry_policy.__class__ is not Never:
+                run.replay = {}  # a retried body replays what its first attempt settled
+            deadline = root.timeout_at
+            state, data, _ = await self.attempts(
+                run,
+                run.id,
+                run.id,
+                entry.style,
+                entry.fn,
+                run.args,
+                run.kwargs,
+                entry.retry_policy,
+                deadline,
+            )
+            settled = await self.writer.write(Settle(run.id, state, data, self.clock.now()))
+            self._finish_run(run, settled)
+        except asyncio.CancelledError:
+            if self.closing:
+                handle._set_exception(
+                    ShutdownError(
+                        f"run {run.id!r} was interrupted by shutdown; it stays PENDING and "
+                        "resumes at the next start"
+                    )
+                )
+            else:
+                await self._settle_canceled(run)
+            raise
+        except NondeterminismError as exc:
+            log.error("run %s stopped: %s", run.id, exc)
+            self.stuck[run.id] = exc
+            handle._set_exception(exc)
+            for waiter in self._waiters.pop(run.id, ()):
+                if not waiter.done():
+                    waiter.set_exception(exc)
+        except Exception as exc:
+            handle._set_exception(exc)
+        finally:
+            if self.runs.get(run.id) is run:
+                del self.runs[run.id]
+
+    async def _load_history(self, run: RunState) -> None:
+        run.replay = {r.id: r for r in await self.store.tree(run.id)}
+
+    async def _create_root(self, run: RunState) -> PromiseRecord | None:
+        """Make the root durable; return the root to execute under, or ``None`` when
+        the handle is already answered (a stored outcome, a conflict, another owner)."""
+        now = self.clock.now()
+        entry = run.entry
+        record = PromiseRecord(
+            id=run.id,
+            state=State.PENDING,
+            kind=Kind.RUN,
+            root_id=run.id,
+            created_at=now,
+            func=entry.name,
+            version=entry.version,
+            param=run.param,
+            timeout_at=None if entry.timeout is None else now + entry.timeout,
+            attempt=1,
+            owner=self.worker_id,
+            lease_expires_at=now + self.lease_seconds,
+        )
+        stored = await self.writer.write(Create(record))
+        handle = run.handle
+        if stored is record:
+            handle._set_created()
+            return record
+        if stored is None:  # pragma: no cover - a create always leaves a row
+            raise StoreError(f"run {run.id!r} was not stored")
+        if stored.func != entry.name or stored.version != entry.version or stored.param != run.param:
+            raise ConflictError(
+                f"run id {run.id!r} is already used by {stored.func!r} version {stored.version} "
+                "with other arguments; runs are idempotent by id, so use a new id (or the same "
+                "function and arguments to attach to the existing run)"
+            )
+        handle._set_created()
+        if self.effectively_settled(stored):
+            self._finish_run(run, stored)
+            return None
+        if not self._may_take(stored):
+            # A live worker elsewhere owns it: wait for its outcome instead.
+            self._finish_run(run, await self.wait_settled(stored))
+            return None
+        await self._load_history(run)
+        return stored
+
+    def _may_take(self, stored: PromiseRecord) -> bool:
+        if stored.owner in (None, self.worker_id):
+            return True
+        if stored.lease_expires_at is not None and stored.lease_expires_at <= self.clock.now():
+            return True
+        return _dead_local_owner(stored.owner)
+
+    def _finish_run(self, run: RunState, settled: PromiseRecord | None) -> None:
+        if settled is None:
+            run.handle._set_exception(NotFoundError(f"run {run.id!r} disappeared from the store"))
+            return
+        self._wake(settled)
+        try:
+            value = self.outcome(settled)
+        except Exception as exc:
+            self.run_stats.failed += 1
+            run.handle._set_exception(exc)
+        else:
+            self.run_stats.completed += 1
+            run.handle._set_result(value)
+
+    async def _settle_canceled(self, run: RunState) -> None:
+        error = self.encoder.encode_error(CanceledError(f"run {run.id!r} was canceled"))
+        op = Settle(run.id, State.REJECTED_CANCELED, error, self.clock.now())
+        try:
+            settled = await asyncio.shield(self.writer.write(op))
+        except Exception as exc:
+            run.handle._set_exception(exc)
+            return
+        self._finish_run(run, settled)
+
+    # -- waiting on promises settled elsewhere -------------------------------
+
+    def _wake(self, record: PromiseRecord) -> None:
+        if self._waiters:
+            for waiter in self._waiters.pop(record.id, ()):
+                if not waiter.done():
+                    waiter.set_result(record)
+
+    def wake(self, record: PromiseRecord) -> None:
+        """Tell local waiters that ``record`` settled (after a durable settle here)."""
+        self._wake(record)
+
+    async def wait_settled(self, record: PromiseRecord) -> PromiseRecord:
+        """Wait until ``record`` settles: woken in-process, else by polling the store.
+
+        A pending promise past its ``timeout_at`` is settled as timed out here.
+        """
+        clock = self.clock
+        while True:
+            state = self.effective_state(record)
+            if state is State.REJECTED_TIMEDOUT and record.state is State.PENDING:
+                error = self.encoder.encode_error(PromiseTimeoutError(f"{record.id} timed out"))
+                op = Settle(record.id, State.REJECTED_TIMEDOUT, error, clock.now())
+                record = await self.writer.write(op) or record
+                self._wake(record)
+                return record
+            if state is not State.PENDING:
+                return record
+            waiter: asyncio.Future[PromiseRecord] = self._loop.create_future()
+            self._waiters.setdefault(record.id, []).append(waiter)
+            deadline = clock.now() + self.poll_seconds
+            if record.timeout_at is not None:
+                deadline = min(deadline, record.timeout_at)
+            try:
+                record = await with_deadline(waiter, deadline, clock)
+                continue
+            except TimeoutError:
+                pass
+            finally:
+                waiters = self._waiters.get(record.id)
+                if waiters is not None and waiter in waiters:
+                    waiters.remove(waiter)
+                    if not waiters:
+                        del self._waiters[record.id]
+            fresh = (await self.store.get_many([record.id])).get(record.id)
+            if fresh is None:
+                raise NotFoundError(f"promise {record.id!r} disappeared from the store")
+            record = fresh
+
+    def spawn_other(self, coro: Any) -> asyncio.Task[Any]:
+        """Start an owned task that shutdown cancels (watchers, late recoveries)."""
+        task = self._loop.create_task(coro)
+        self._others.add(task)
+        task.add_done_callback(self._others.discard)
+        return task
+
+    def watch(self, id: str) -> Handle[Any]:
+        """A handle on a run that this process is not executing."""
+        handle: Handle[Any] = Handle(id, self._loop)
+        if id in self.stuck:
+            handle._set_exception(self.stuck[id])
+            return handle
+        self.spawn_other(self._watch(handle))
+        return handle
+
+    async def _watch(self, handle: Handle[Any]) -> None:
+        try:
+            record = (await self.store.get_many([handle.id])).get(handle.id)
+            if record is None:
+                raise NotFoundError(
+                    f"no run or promise with id {handle.id!r}; start it with resonate.run first"
+                )
+            handle._set_created()
+            record = await self.wait_settled(record)
+            try:
+                handle._set_result(self.outcome(record))
+            except Exception as exc:
+                handle._set_exception(exc)
+        except asyncio.CancelledError:
+            handle._set_exception(ShutdownError(f"stopped waiting for {handle.id!r}: shut down"))
+            raise
+        except Exception as exc:
+            handle._set_exception(exc)
+
+    # -- recovery and leases -----------------------------------------------------
+
+    async def recover(self, keys: Sequence[tuple[str, int]] | None = None) -> int:
+        """Claim and resume PENDING runs of registered functions; return how many."""
+        keys = list(self.registry.keys() if keys is None else keys)
+        if not keys or self.closing:
+            return 0
+        await self._release_dead_owners()
+        now = self.clock.now()
+        claimed = await self.store.claim(
+            self.worker_id, now=now, lease_until=now + self.lease_seconds, funcs=keys
+        )
+        resumed = 0
+        for record in claimed:
+            if record.id in self.runs or record.id in self.stuck or record.func is None:
+                continue
+            entry = self.registry.lookup(record.func, record.version)
+            if entry is None or record.param is None:
+                continue
+            try:
+                args, kwargs = self.encoder.decode(record.param)  # type: ignore[misc]
+            except Exception as exc:
+                log.error("cannot resume run %s: its arguments do not decode: %s", record.id, exc)
+                continue
+            self.start_run(record.id, entry, record.param, args, kwargs, stored=record)
+            resumed += 1
+        if resumed:
+            log.info("resumed %d pending runs", resumed)
+        return resumed
+
+    async def _release_dead_owners(self) -> None:
+        pending = await self.store.search(state=State.PENDING, kind=Kind.RUN, limit=None)
+        dead: dict[str, list[str]] = {}
+        for record in pending:
+            if record.owner and record.owner != self.worker_id and _dead_local_owner(record.owner):
+                dead.setdefault(record.owner, []).append(record.id)
+        for owner, ids in dead.items():
+            await self.store.release(owner, ids)
+
+    async def _heartbeat(self) -> None:
+        clock = self.clock
+        while True:
+            await clock.sleep(self.heartbeat_seconds)
+            try:
+                await self.store.renew(self.worker_id, lease_until=clock.now() + self.lease_seconds)
+                await self.recover()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lease heartbeat failed: %s", exc)
+

@@ -1,0 +1,146 @@
+"""The registry: ``(name, version)`` to function, command type to handler."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from .errors import NotRegisteredError
+
+if TYPE_CHECKING:
+    from .retry import RetryPolicy
+
+
+class CallStyle(Enum):
+    """How a user function is driven."""
+
+    ASYNC = "async"  # awaited in the event loop
+    SYNC = "sync"  # run in a worker thread; a leaf
+    GENERATOR = "generator"  # driven by yielding promises (blog-era style)
+
+
+_styles: dict[Callable[..., Any], CallStyle] = {}
+
+
+def call_style(fn: Callable[..., Any]) -> CallStyle:
+    """Classify ``fn`` once; cached because steps ask for it on every call."""
+    style = _styles.get(fn)
+    if style is None:
+        if inspect.iscoroutinefunction(fn):
+            style = CallStyle.ASYNC
+        elif inspect.isgeneratorfunction(fn):
+            style = CallStyle.GENERATOR
+        elif callable(fn):
+            style = CallStyle.SYNC
+        else:
+            raise TypeError(f"{fn!r} is not callable; pass a function or a Command instance")
+        _styles[fn] = style
+    return style
+
+
+def function_name(fn: Callable[..., Any]) -> str:
+    """The default name of a function: its ``__qualname__``."""
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn)))
+
+
+@dataclass(slots=True, frozen=True)
+class FunctionEntry:
+    """A registered function."""
+
+    fn: Callable[..., Any]
+    name: str
+    version: int
+    style: CallStyle
+    retry_policy: RetryPolicy
+    timeout: float | None
+
+
+@dataclass(slots=True, frozen=True)
+class HandlerEntry:
+    """A registered command handler and its batch settings."""
+
+    command_type: type
+    name: str
+    handler: Callable[..., Any]
+    style: CallStyle
+    maxlen: int | None
+    max_wait: float
+    concurrency: int
+    retry_policy: RetryPolicy
+    queue_size: int | None
+
+
+class Registry:
+    """Functions by ``(name, version)`` and by identity; handlers by command type."""
+
+    __slots__ = ("_by_fn", "_by_key", "_handlers", "_newest")
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, int], FunctionEntry] = {}
+        self._by_fn: dict[Callable[..., Any], FunctionEntry] = {}
+        self._newest: dict[str, FunctionEntry] = {}
+        self._handlers: dict[type, HandlerEntry] = {}
+
+    def add_function(self, entry: FunctionEntry) -> None:
+        """Register ``entry``; re-registering the same key with another function fails."""
+        key = (entry.name, entry.version)
+        existing = self._by_key.get(key)
+        if existing is not None and existing.fn is not entry.fn:
+            raise ValueError(
+                f"{entry.name!r} version {entry.version} is already registered to "
+                f"{existing.fn!r}; register the new function under another name or version"
+            )
+        self._by_key[key] = entry
+        self._by_fn[entry.fn] = entry
+        newest = self._newest.get(entry.name)
+        if newest is None or newest.version <= entry.version:
+            self._newest[entry.name] = entry
+
+    def add_handler(self, entry: HandlerEntry) -> None:
+        """Register a command handler; one per command type."""
+        if entry.command_type in self._handlers:
+            raise ValueError(
+                f"a handler for {entry.command_type.__qualname__} is already registered; "
+                "register one handler per command type"
+            )
+        self._handlers[entry.command_type] = entry
+
+    def function(self, fn_or_name: Callable[..., Any] | str) -> FunctionEntry:
+        """The entry for a function object or name (newest version of a name)."""
+        entry = (
+            self._newest.get(fn_or_name)
+            if isinstance(fn_or_name, str)
+            else self._by_fn.get(fn_or_name)
+        )
+        if entry is None:
+            shown = fn_or_name if isinstance(fn_or_name, str) else function_name(fn_or_name)
+            raise NotRegisteredError(
+                f"function {shown!r} is not registered; decorate it with "
+                "@resonate.register (or call resonate.register(fn)) before running it"
+            )
+        return entry
+
+    def lookup(self, name: str, version: int) -> FunctionEntry | None:
+        """The entry registered under exactly ``(name, version)``, if any."""
+        return self._by_key.get((name, version))
+
+    def keys(self) -> list[tuple[str, int]]:
+        """Every registered ``(name, version)``."""
+        return list(self._by_key)
+
+    def handler(self, command_type: type) -> HandlerEntry:
+        """The handler entry of a command type."""
+        entry = self._handlers.get(command_type)
+        if entry is None:
+            raise NotRegisteredError(
+                f"no handler is registered for command type {command_type.__qualname__}; "
+                f"call resonate.register_command_handler({command_type.__qualname__}, handler)"
+            )
+        return entry
+
+    def handlers(self) -> list[HandlerEntry]:
+        """Every registered handler entry."""
+        return list(self._handlers.values())

@@ -1,0 +1,485 @@
+"""``Resonate``: the public face — lifecycle, registration, ``run``/``get``, promises."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
+
+from ._engine import Engine, default_worker_id
+from ._encoding import JSONEncoder
+from ._handle import Handle
+from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry, call_style, function_name
+from ._stats import Stats
+from .errors import ConflictError, EncodingError, NotFoundError
+from .retry import exponential, never
+from .stores import store_from_spec
+from .stores._base import Create, Kind, PromiseRecord, Settle, State
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from ._clock import Clock
+    from ._context import Context
+    from ._encoding import Encoder
+    from .retry import RetryPolicy
+    from .stores._base import Store
+
+__all__ = ("Promises", "Resonate")
+
+log = logging.getLogger("resonate_async")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Resonate:
+    """A durable-execution runtime on one store.
+
+    Args:
+        store: ``None`` (the ``RESONATE_STORE`` environment variable, else the
+            embedded file ``resonate.db``), a path (SQLite file), ``":memory:"``,
+            a URL (``sqlite:///path``, ``postgresql://...``) or a ``Store``.
+        encoder: how arguments, values and errors are encoded (default JSON).
+        clock: the source of time (tests pass ``testing.VirtualClock``).
+        worker_id: this process's identity for leases (default
+            ``host:pid:random``; pass a stable one to take over your own runs
+            at once after a restart).
+        step_retry_policy: default policy of ``lfi`` steps.
+        lease_seconds: how long a run's lease lasts without a heartbeat.
+        heartbeat_seconds: how often leases are renewed.
+        poll_seconds: how often a waiter polls the store for promises settled
+            by other processes.
+        grace_seconds: how long ``aclose()`` lets in-flight batches finish.
+        max_rows_per_transaction: the group-commit writer's transaction size bound.
+
+    Example:
+        ```python
+        resonate = Resonate("app.db")
+
+        @resonate.register
+        async def greet(ctx: Context, name: str) -> str:
+            return f"hello {name}"
+
+        async def main() -> None:
+            async with resonate:
+                print(await resonate.run("greet-1", greet, "world"))
+        ```
+    """
+
+    def __init__(
+        self,
+        store: str | Store | None = None,
+        *,
+        encoder: Encoder | None = None,
+        clock: Clock | None = None,
+        worker_id: str | None = None,
+        step_retry_policy: RetryPolicy | None = None,
+        lease_seconds: float = 15.0,
+        heartbeat_seconds: float = 5.0,
+        poll_seconds: float = 1.0,
+        grace_seconds: float = 5.0,
+        max_rows_per_transaction: int = 5000,
+    ) -> None:
+        from ._clock import SystemClock
+
+        if heartbeat_seconds >= lease_seconds:
+            raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
+        self._store_spec: str | Store | None = store
+        self._encoder: Encoder = encoder if encoder is not None else JSONEncoder()
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._worker_id = worker_id or default_worker_id()
+        self._step_policy = step_retry_policy or exponential()
+        self._lease = lease_seconds
+        self._heartbeat = heartbeat_seconds
+        self._poll = poll_seconds
+        self._grace = grace_seconds
+        self._max_rows = max_rows_per_transaction
+        self._registry = Registry()
+        self._dependencies: dict[str, Any] = {}
+        self._engine: Engine | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self.promises = Promises(self)
+
+    def __repr__(self) -> str:
+        state = "started" if self._engine is not None else "not started"
+        return f"<Resonate {self._worker_id} {state}>"
+
+    @property
+    def worker_id(self) -> str:
+        """This process's identity in leases."""
+        return self._worker_id
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def use_store(self, store: str | Store) -> None:
+        """Swap the store before start (e.g. a throwaway store in tests)."""
+        if self._engine is not None:
+            raise RuntimeError("use_store must be called before start (outside `async with`)")
+        self._store_spec = store
+
+    async def start(self) -> None:
+        """Open the store, start the writer and batchers, recover pending runs."""
+        if self._engine is not None:
+            raise RuntimeError("this Resonate is already started; call aclose() first")
+        if self._closing is not None and not self._closing.done():
+            await asyncio.shield(self._closing)
+        self._closing = None
+        store = store_from_spec(self._store_spec)
+        await store.open()
+        try:
+            engine = Engine(
+                store=store,
+                registry=self._registry,
+                encoder=self._encoder,
+                clock=self._clock,
+                dependencies=self._dependencies,
+                worker_id=self._worker_id,
+                step_retry_policy=self._step_policy,
+                lease_seconds=self._lease,
+                heartbeat_seconds=self._heartbeat,
+                poll_seconds=self._poll,
+                grace_seconds=self._grace,
+                max_rows_per_transaction=self._max_rows,
+            )
+            self._engine = engine
+            await engine.start()
+        except BaseException:
+            if self._engine is not None:
+                await self._engine.shutdown()
+                self._engine = None
+            await store.close()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop: cancel runs in flight (they stay PENDING), let in-flight batches
+        finish within the grace period, flush the writer, close the store.
+
+        Idempotent, and shielded: cancelling the caller does not interrupt it.
+        """
+        if self._closing is None:
+            if self._engine is None:
+                return
+            self._closing = asyncio.get_running_loop().create_task(self._shutdown())
+        await asyncio.shield(self._closing)
+
+    async def _shutdown(self) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        try:
+            await engine.shutdown()
+        finally:
+            self._engine = None
+            await engine.store.close()
+
+    async def __aenter__(self) -> Resonate:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _started(self) -> Engine:
+        engine = self._engine
+        if engine is None or engine.closing:
+            raise RuntimeError(
+                "Resonate is not running; enter `async with resonate:` (or await "
+                "resonate.start()) before running or getting runs"
+            )
+        return engine
+
+    # -- registration ----------------------------------------------------------
+
+    @overload
+    def register(self, fn: F, /) -> F: ...
+    @overload
+    def register(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        retry_policy: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[F], F]: ...
+    def register(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        retry_policy: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> F | Callable[[F], F]:
+        """Register a workflow: ``@resonate.register``, ``@resonate.register(...)`` or a call.
+
+        Accepts ``async def``, plain ``def`` (run in a worker thread) and
+        generator functions, each taking a ``Context`` first. The registry key
+        is ``(name, version)``; ``name`` defaults to ``fn.__qualname__``. A run's
+        own body is not retried by default (``never()``): its steps carry their
+        own retries. Registering after start recovers that function's pending runs.
+        """
+
+        def decorate(f: F) -> F:
+            if version < 1:
+                raise ValueError(f"version must be 1 or more, got {version}")
+            if timeout is not None and timeout <= 0:
+                raise ValueError(f"timeout must be positive, got {timeout}")
+            entry = FunctionEntry(
+                fn=f,
+                name=name or function_name(f),
+                version=version,
+                style=call_style(f),
+                retry_policy=retry_policy or never(),
+                timeout=timeout,
+            )
+            self._registry.add_function(entry)
+            engine = self._engine
+            if engine is not None and not engine.closing:
+                engine.spawn_other(engine.recover([(entry.name, entry.version)]))
+            return f
+
+        return decorate if fn is None else decorate(fn)
+
+    def register_command_handler(
+        self,
+        command_type: type[Any],
+        handler: Callable[..., Any],
+        *,
+        maxlen: int | None = None,
+        max_wait: float = 0.0,
+        concurrency: int = 1,
+        retry_policy: RetryPolicy | None = None,
+        queue_size: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Serve ``command_type`` by calling ``handler(ctx, commands)`` on batches.
+
+        Args:
+            command_type: a ``Command`` subclass (usually a dataclass).
+            handler: ``async def handler(ctx, commands)`` or a plain ``def``
+                (run in a worker thread). Return a list with one item per
+                command (an ``Exception`` item rejects its command alone) or a
+                single value for every command. Handlers run at least once per
+                command: make them idempotent.
+            maxlen: largest batch (unbounded by default).
+            max_wait: seconds to linger for a fuller batch when fewer than
+                ``maxlen`` are queued (default 0: never adds latency).
+            concurrency: handler calls that may run at once.
+            retry_policy: retries of a failing batch (default exponential);
+                once exhausted, the batch is bisected to isolate bad commands.
+            queue_size: bound on waiting commands (backpressure when full).
+            name: type name used in the store and the encoder (default
+                ``__qualname__``).
+        """
+        from ._command import Command
+
+        if not (isinstance(command_type, type) and issubclass(command_type, Command)):
+            raise TypeError(f"{command_type!r} is not a Command subclass; subclass Command")
+        if maxlen is not None and maxlen < 1:
+            raise ValueError(f"maxlen must be at least 1 (or None), got {maxlen}")
+        if max_wait < 0:
+            raise ValueError(f"max_wait must be >= 0, got {max_wait}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if queue_size is not None and queue_size < 1:
+            raise ValueError(f"queue_size must be at least 1 (or None), got {queue_size}")
+        style = call_style(handler)
+        if style is CallStyle.GENERATOR:
+            raise TypeError("a batch handler must be an `async def` or a plain `def`")
+        entry = HandlerEntry(
+            command_type=command_type,
+            name=name or command_type.__qualname__,
+            handler=handler,
+            style=style,
+            maxlen=maxlen,
+            max_wait=max_wait,
+            concurrency=concurrency,
+            retry_policy=retry_policy or exponential(),
+            queue_size=queue_size,
+        )
+        self._registry.add_handler(entry)
+        self._encoder.register_type(entry.name, command_type)
+        if self._engine is not None and not self._engine.closing:
+            self._engine.add_batcher(entry)
+
+    # -- dependencies ----------------------------------------------------------
+
+    def set_dependency(self, name: str, obj: Any) -> None:
+        """Hand a non-durable resource (a connection, a client) to functions and handlers."""
+        self._dependencies[name] = obj
+
+    # -- runs --------------------------------------------------------------------
+
+    @overload
+    def run(
+        self,
+        id: str,
+        fn: Callable[Concatenate[Context, P], Awaitable[R]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Handle[R]: ...
+    @overload
+    def run(self, id: str, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Handle[Any]: ...
+    def run(self, id: str, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Handle[Any]:
+        """Start (or attach to) the durable run ``id``; return its handle at once.
+
+        Synchronous, like ``asyncio.create_task``: a loop of ``run`` calls
+        starts thousands of runs that batch together. Idempotent by id: a
+        completed id returns its stored outcome without running anything; an
+        id running here returns the same handle; a PENDING id not running here
+        (a crashed run) is resumed. The same id with another function or other
+        arguments raises ``ConflictError`` when awaited.
+
+        Raises:
+            NotRegisteredError: ``fn`` is not registered.
+            EncodingError: an argument cannot be encoded.
+            RuntimeError: Resonate is not started.
+        """
+        engine = self._started()
+        if not isinstance(id, str) or not id:
+            raise ValueError(f"a run id must be a non-empty string, got {id!r}")
+        entry = self._registry.function(fn)
+        try:
+            param = self._encoder.encode([list(args), kwargs])
+        except EncodingError as exc:
+            raise EncodingError(f"run {id!r} of {entry.name!r}: {exc}") from None
+        existing = engine.runs.get(id)
+        if existing is not None:
+            if existing.entry is entry and existing.param == param:
+                return existing.handle
+            handle: Handle[Any] = Handle(id, asyncio.get_running_loop())
+            handle._set_exception(
+                ConflictError(
+                    f"run id {id!r} is already running {existing.entry.name!r} with other "
+                    "arguments; use a new id"
+                )
+            )
+            return handle
+        return engine.start_run(id, entry, param, args, kwargs).handle
+
+    def get(self, id: str) -> Handle[Any]:
+        """A handle on an existing run (possibly started by another process).
+
+        Awaiting it gives the outcome; ``NotFoundError`` if no such id exists.
+        """
+        engine = self._started()
+        existing = engine.runs.get(id)
+        if existing is not None:
+            return existing.handle
+        return engine.watch(id)
+
+    def stats(self) -> Stats:
+        """A typed snapshot of runs, batchers and store commits."""
+        from ._stats import RunStats, StoreStats
+
+        engine = self._engine
+        if engine is None:
+            return Stats(RunStats(), {}, StoreStats())
+        return Stats(
+            runs=RunStats(**{f: getattr(engine.run_stats, f) for f in RunStats.__slots__}),
+            batchers={b.entry.name: b.snapshot() for b in engine.batchers.values()},
+            store=engine.store_stats.copy(),
+        )
+
+
+class Promises:
+    """The promise API (``resonate.promises``): read and settle durable promises."""
+
+    def __init__(self, resonate: Resonate) -> None:
+        self._resonate = resonate
+
+    def _engine(self) -> Engine:
+        return self._resonate._started()
+
+    async def get(self, id: str) -> PromiseRecord | None:
+        """The promise ``id`` as a reader sees it (timeouts applied), or ``None``."""
+        engine = self._engine()
+        record = (await engine.store.get_many([id])).get(id)
+        return None if record is None else engine.effective(record)
+
+    async def search(
+        self,
+        *,
+        state: State | str | None = None,
+        prefix: str | None = None,
+        kind: Kind | str | None = None,
+        limit: int | None = 100,
+    ) -> list[PromiseRecord]:
+        """Promises matching every filter given, oldest first."""
+        engine = self._engine()
+        records = await engine.store.search(
+            state=None if state is None else State(state),
+            kind=None if kind is None else Kind(kind),
+            prefix=prefix,
+            limit=limit,
+        )
+        return [engine.effective(r) for r in records]
+
+    async def create(
+        self,
+        id: str,
+        *,
+        param: Any = None,
+        timeout: float | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> PromiseRecord:
+        """Create an external PENDING promise (idempotent: an existing id is returned)."""
+        engine = self._engine()
+        now = engine.clock.now()
+        record = PromiseRecord(
+            id=id,
+            state=State.PENDING,
+            kind=Kind.EXTERNAL,
+            root_id=id,
+            created_at=now,
+            param=engine.encode_for(param, f"promise {id!r}"),
+            timeout_at=None if timeout is None else now + timeout,
+            tags=tags,
+        )
+        stored = await engine.writer.write(Create(record))
+        return engine.effective(stored or record)
+
+    async def resolve(self, id: str, value: Any = None) -> PromiseRecord:
+        """Resolve ``id`` with ``value``; a settled promise keeps its first outcome."""
+        engine = self._engine()
+        data = engine.encode_for(value, f"resolve {id!r}")
+        return await self._settle(engine, id, State.RESOLVED, data)
+
+    async def reject(self, id: str, error: BaseException | str) -> PromiseRecord:
+        """Reject ``id`` with ``error`` (an exception, or a message)."""
+        engine = self._engine()
+        exc = error if isinstance(error, BaseException) else Exception(error)
+        return await self._settle(engine, id, State.REJECTED, engine.encoder.encode_error(exc))
+
+    async def cancel(self, id: str) -> PromiseRecord:
+        """Cancel ``id`` (``REJECTED_CANCELED``); a run executing here is cancelled too."""
+        from .errors import CanceledError
+
+        engine = self._engine()
+        data = engine.encoder.encode_error(CanceledError(f"promise {id!r} was canceled"))
+        record = await self._settle(engine, id, State.REJECTED_CANCELED, data)
+        run = engine.runs.get(id)
+        if run is not None and run.task is not None:
+            run.task.cancel()
+        return record
+
+    async def _settle(self, engine: Engine, id: str, state: State, data: bytes) -> PromiseRecord:
+        record = await engine.writer.write(Settle(id, state, data, engine.clock.now()))
+        if record is None:
+            raise NotFoundError(
+                f"no promise with id {id!r}; create it first (ctx.promise or promises.create)"
+            )
+        engine.wake(record)
+        return engine.effective(record)

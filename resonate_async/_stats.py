@@ -1,0 +1,156 @@
+"""Counters behind ``Resonate.stats()`` and the typed snapshots it returns."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+__all__ = ("BatcherStats", "Histogram", "RunStats", "Stats", "StoreStats")
+
+# Power-of-two-ish bucket bounds: small enough to keep per batch, wide enough
+# to show the blog's batches of 2 to 1,840.
+_SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+_SECONDS_BOUNDS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass(slots=True)
+class Histogram:
+    """A fixed-bucket histogram: ``counts[i]`` counts values ``<= bounds[i]``.
+
+    The last count is the overflow bucket (values above every bound).
+    """
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+    max: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def add(self, value: float) -> None:
+        """Count one value."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.n += 1
+        if value > self.max:
+            self.max = value
+
+    @property
+    def mean(self) -> float:
+        """The mean of every value counted (0.0 when empty)."""
+        return self.total / self.n if self.n else 0.0
+
+    def quantile(self, q: float) -> float:
+        """An upper bound of the ``q`` quantile (the bucket bound it falls in)."""
+        if not self.n:
+            return 0.0
+        rank = q * self.n
+        seen = 0
+        for i, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank and count:
+                return self.bounds[i] if i < len(self.bounds) else self.max
+        return self.max
+
+    def copy(self) -> Histogram:
+        """A snapshot that later counting does not change."""
+        return Histogram(self.bounds, list(self.counts), self.total, self.n, self.max)
+
+
+def size_histogram() -> Histogram:
+    """A histogram for batch sizes and rows per transaction."""
+    return Histogram(_SIZE_BOUNDS)
+
+
+def seconds_histogram() -> Histogram:
+    """A histogram for latencies in seconds."""
+    return Histogram(_SECONDS_BOUNDS)
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """What the group-commit writer did: transactions, rows, commit latency."""
+
+    transactions: int = 0
+    failed_transactions: int = 0
+    rows: int = 0
+    rows_per_transaction: Histogram = field(default_factory=size_histogram)
+    commit_seconds: Histogram = field(default_factory=seconds_histogram)
+
+    def record_commit(self, rows: int, seconds: float) -> None:
+        """Count one committed transaction."""
+        self.transactions += 1
+        self.rows += rows
+        self.rows_per_transaction.add(rows)
+        self.commit_seconds.add(seconds)
+
+    @property
+    def mean_rows_per_transaction(self) -> float:
+        """Rows per committed transaction, on average."""
+        return self.rows / self.transactions if self.transactions else 0.0
+
+    def copy(self) -> StoreStats:
+        """A snapshot."""
+        return StoreStats(
+            self.transactions,
+            self.failed_transactions,
+            self.rows,
+            self.rows_per_transaction.copy(),
+            self.commit_seconds.copy(),
+        )
+
+
+@dataclass(slots=True)
+class BatcherStats:
+    """One command type's batcher: queue depth, batches, sizes, waits, handler time."""
+
+    name: str
+    queue_depth: int = 0
+    batches: int = 0
+    commands: int = 0
+    failed_batches: int = 0
+    batch_size: Histogram = field(default_factory=size_histogram)
+    wait_seconds: Histogram = field(default_factory=seconds_histogram)
+    handler_seconds: Histogram = field(default_factory=seconds_histogram)
+
+    def copy(self) -> BatcherStats:
+        """A snapshot."""
+        return BatcherStats(
+            self.name,
+            self.queue_depth,
+            self.batches,
+            self.commands,
+            self.failed_batches,
+            self.batch_size.copy(),
+            self.wait_seconds.copy(),
+            self.handler_seconds.copy(),
+        )
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Runs started, completed (resolved) and failed (rejected) by this process."""
+
+    started: int = 0
+    completed: int = 0
+    failed: int = 0
+    recovered: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot returned by ``Resonate.stats()``.
+
+    Attributes:
+        runs: run counters of this process.
+        batchers: per command type name, its batcher's counters.
+        store: the group-commit writer's counters (transactions, rows per
+            transaction, p50/p99 commit latency via ``commit_seconds.quantile``).
+    """
+
+    runs: RunStats
+    batchers: dict[str, BatcherStats]
+    store: StoreStats

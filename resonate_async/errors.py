@@ -1,0 +1,102 @@
+"""The exception tree of resonate_async.
+
+Every error the SDK raises is a :class:`ResonateError`. The tree is shallow on
+purpose: catch ``ResonateError`` for "anything from the SDK", or one leaf for a
+specific case. Each message says what happened and what to do next.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "BatchResultError",
+    "CanceledError",
+    "ConflictError",
+    "EncodingError",
+    "NondeterminismError",
+    "NotFoundError",
+    "NotRegisteredError",
+    "PromiseTimeoutError",
+    "ResonateError",
+    "ShutdownError",
+    "StoreError",
+    "StoredError",
+)
+
+
+class ResonateError(Exception):
+    """Base class of every error raised by resonate_async."""
+
+
+class ConflictError(ResonateError):
+    """An id is already used by a run with a different function or arguments.
+
+    Runs are idempotent by id: pick a new id, or call ``run`` with the same
+    function and arguments to attach to the existing run.
+    """
+
+
+class NondeterminismError(ResonateError):
+    """A replayed workflow made a different call than the one recorded.
+
+    The workflow's code changed (or depends on something non-deterministic)
+    between the first execution and the replay. Deploy code compatible with
+    the recorded history, or register the new code under a new ``version``.
+    """
+
+
+class EncodingError(ResonateError, TypeError):
+    """A value could not be encoded (or decoded) by the encoder."""
+
+
+class BatchResultError(ResonateError):
+    """A batch handler returned a list whose length differs from the batch's."""
+
+
+class StoredError(ResonateError):
+    """An error read back from the store whose original type cannot be rebuilt.
+
+    Attributes:
+        type: the qualified name of the original exception type.
+        message: the original ``str(exception)``.
+        traceback: the original traceback text, if it was recorded.
+    """
+
+    def __init__(self, type: str, message: str, traceback: str | None = None) -> None:
+        super().__init__(f"{type}: {message}")
+        self.type = type
+        self.message = message
+        self.traceback = traceback
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (StoredError, (self.type, self.message, self.traceback))
+
+
+class PromiseTimeoutError(ResonateError, TimeoutError):
+    """A promise passed its ``timeout_at`` before it settled (``REJECTED_TIMEDOUT``)."""
+
+
+class CanceledError(ResonateError):
+    """A promise was canceled (``REJECTED_CANCELED``)."""
+
+
+class StoreError(ResonateError):
+    """The store failed to read or write; nothing in the failed call is durable.
+
+    The driver's exception is chained as ``__cause__``. The run stays PENDING
+    and is recovered at the next start once the store is healthy again.
+    """
+
+
+class NotRegisteredError(ResonateError, LookupError):
+    """A function or command type was used without being registered."""
+
+
+class NotFoundError(ResonateError, LookupError):
+    """No promise exists with the given id."""
+
+
+class ShutdownError(ResonateError):
+    """The Resonate instance shut down before the run finished.
+
+    The run stays PENDING in the store and resumes at the next start.
+    """

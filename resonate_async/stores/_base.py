@@ -1,0 +1,216 @@
+"""The data model of durable promises and the ``Store`` protocol.
+
+Every run, step, command, sleep and external promise is one
+:class:`PromiseRecord`. Stores are async throughout, and their primitive is a
+*bulk* write: :meth:`Store.write` applies many operations in one transaction,
+which is what lets the group-commit writer put rows from many runs into one
+commit.
+
+The semantics of an operation live here, in :func:`apply_op`, so that every
+backend agrees on them: ``MemoryStore`` calls it directly, the SQL stores use
+it to resolve the rare conflicting rows after their fast path.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
+
+__all__ = (
+    "Create",
+    "Kind",
+    "Op",
+    "PromiseRecord",
+    "Settle",
+    "State",
+    "Store",
+    "apply_op",
+)
+
+
+class State(str, enum.Enum):
+    """The state of a durable promise. Values are the names, as strings."""
+
+    PENDING = "PENDING"
+    RESOLVED = "RESOLVED"
+    REJECTED = "REJECTED"
+    REJECTED_CANCELED = "REJECTED_CANCELED"
+    REJECTED_TIMEDOUT = "REJECTED_TIMEDOUT"
+
+    @property
+    def settled(self) -> bool:
+        """Whether this state is final (anything but ``PENDING``)."""
+        return self is not State.PENDING
+
+
+class Kind(str, enum.Enum):
+    """What a promise stands for."""
+
+    RUN = "run"
+    STEP = "step"
+    COMMAND = "command"
+    SLEEP = "sleep"
+    EXTERNAL = "external"
+    REMOTE = "remote"
+
+
+@dataclass(frozen=True, slots=True)
+class PromiseRecord:
+    """One durable promise, as stored.
+
+    Attributes:
+        id: unique id; children are ``f"{parent}.{n}"``.
+        state: see :class:`State`.
+        kind: see :class:`Kind`.
+        func: registered function name or command type name (``None`` for
+            sleeps and external promises).
+        version: registered version of ``func``.
+        param: encoded arguments (or ``None``).
+        value: encoded outcome once settled: a value when resolved, an error
+            when rejected (``None`` when there is nothing to say).
+        parent_id: the promise that created this one (``None`` for roots).
+        root_id: the root run of the tree (its own id for a root).
+        timeout_at: seconds since the epoch after which a pending promise reads
+            as timed out (for a sleep: its wake time).
+        created_at: seconds since the epoch.
+        settled_at: seconds since the epoch, once settled.
+        attempt: attempts made so far.
+        owner: the worker holding a pending run's lease.
+        lease_expires_at: when that lease runs out (seconds since the epoch).
+        tags: free-form string labels.
+    """
+
+    id: str
+    state: State
+    kind: Kind
+    root_id: str
+    created_at: float
+    func: str | None = None
+    version: int = 1
+    param: bytes | None = None
+    value: bytes | None = None
+    parent_id: str | None = None
+    timeout_at: float | None = None
+    settled_at: float | None = None
+    attempt: int = 0
+    owner: str | None = None
+    lease_expires_at: float | None = None
+    tags: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Create:
+    """Insert ``record`` unless a promise with its id exists (then: no change)."""
+
+    record: PromiseRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """Move a PENDING promise to a settled ``state``; a settled one is unchanged."""
+
+    id: str
+    state: State
+    value: bytes | None
+    settled_at: float
+
+
+Op = Create | Settle
+
+
+def apply_op(existing: PromiseRecord | None, op: Op) -> PromiseRecord | None:
+    """Return the record stored after applying ``op`` to ``existing``.
+
+    This is the one definition of what a write means:
+
+    * ``Create``: inserts when there is no row; otherwise the row is unchanged
+      and the *existing* record is the result (the caller compares it with what
+      it tried to create to detect a conflict or an earlier outcome).
+    * ``Settle``: a PENDING row takes the new state, value and settled time; a
+      settled row is unchanged (a duplicate settle never overwrites the first);
+      a missing row stays missing and the result is ``None``.
+
+    When the result is the operation's own record (a create that inserted), it
+    is returned as the very same object, so callers can test ``is``.
+    """
+    if isinstance(op, Create):
+        return op.record if existing is None else existing
+    if existing is None or existing.state is not State.PENDING:
+        return existing
+    return replace(
+        existing,
+        state=op.state,
+        value=op.value,
+        settled_at=op.settled_at,
+        owner=None,
+        lease_expires_at=None,
+    )
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What a promise store must do. Async throughout; writes are bulk.
+
+    A store is opened once, used by one process, and closed once. Every
+    implementation must pass the conformance suite in
+    :mod:`resonate_async.testing`.
+    """
+
+    async def open(self) -> None:
+        """Connect and create or migrate the schema. Idempotent."""
+
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+        """Apply ``ops`` in order in **one transaction** and commit.
+
+        Returns, for each op, the record as stored after the op (see
+        :func:`apply_op`); an op sees the effect of the ops before it in the
+        same call. Either every op is durable when this returns, or it raises
+        and none is.
+        """
+
+    async def get_many(self, ids: Sequence[str]) -> dict[str, PromiseRecord]:
+        """The stored records among ``ids`` (missing ids are absent)."""
+
+    async def tree(self, root_id: str) -> list[PromiseRecord]:
+        """Every record whose ``root_id`` is ``root_id`` (the root included)."""
+
+    async def search(
+        self,
+        *,
+        state: State | None = None,
+        kind: Kind | None = None,
+        prefix: str | None = None,
+        limit: int | None = 100,
+    ) -> list[PromiseRecord]:
+        """Records matching all given filters, ordered by ``created_at`` then id."""
+
+    async def claim(
+        self,
+        owner: str,
+        *,
+        now: float,
+        lease_until: float,
+        funcs: Sequence[tuple[str, int]] | None = None,
+        kinds: Sequence[Kind] = (Kind.RUN,),
+        limit: int = 1000,
+    ) -> list[PromiseRecord]:
+        """Take the leases of PENDING promises of ``kinds`` that are free.
+
+        Free means: no owner, an expired lease (``lease_expires_at <= now``), or
+        already owned by ``owner`` (a restarted worker takes its own back).
+        Only promises whose ``(func, version)`` is in ``funcs`` are claimed
+        when ``funcs`` is given. Sets ``owner`` and ``lease_expires_at`` and
+        returns the claimed records, atomically, so two workers never claim
+        the same promise.
+        """
+
+    async def renew(self, owner: str, *, lease_until: float) -> int:
+        """Extend every PENDING lease held by ``owner``; return how many."""
+
+    async def release(self, owner: str, ids: Sequence[str]) -> None:
+        """Give up ``owner``'s leases on ``ids`` (they become free at once)."""

@@ -1,0 +1,170 @@
+"""Tools for testing workflows: a virtual clock, a crash helper, pytest fixtures.
+
+Also a pytest plugin (registered through the ``pytest11`` entry point), so the
+fixtures ``virtual_clock`` and ``memory_store`` are available in any test of a
+project that installs resonate_async.
+
+Example:
+    ```python
+    async def test_reminder_fires_after_a_day(virtual_clock, memory_store):
+        resonate = Resonate(memory_store, clock=virtual_clock)
+        resonate.register(remind)
+        async with resonate:
+            handle = resonate.run("remind-1", remind, "pay rent")
+            await virtual_clock.advance(86_400)
+            assert await handle == "sent"
+    ```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from .stores.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from ._resonate import Resonate
+    from ._store_suite import StoreConformance as StoreConformance
+
+
+def __getattr__(name: str) -> object:
+    # The conformance suite is imported on use, keeping plugin start-up light.
+    if name == "StoreConformance":
+        from ._store_suite import StoreConformance
+
+        return StoreConformance
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = ("MemoryStore", "StoreConformance", "VirtualClock", "crash", "quiesce")
+
+
+async def quiesce(rounds: int = 1000) -> None:
+    """Let the event loop run until nothing is ready to run (at most ``rounds`` steps).
+
+    Work waiting on threads (aiosqlite) is not visible to this; use it with
+    ``MemoryStore`` for exact, instant tests.
+    """
+    loop = asyncio.get_running_loop()
+    ready = getattr(loop, "_ready", None)  # CPython's loops; others fall back to rounds
+    idle = 0
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+        if ready is not None and not ready:
+            idle += 1
+            if idle >= 3:
+                return
+        else:
+            idle = 0
+
+
+class VirtualClock:
+    """A clock whose time moves only when told: sleeps, retries and timeouts take no wall time.
+
+    Pass it as ``Resonate(..., clock=clock)``; then ``await clock.advance(s)``
+    moves time forward, firing due timers in order and letting the loop settle
+    after each. With ``autojump=True`` time also jumps to the next timer
+    whenever the loop is idle (like trio's autojump clock), so a test can just
+    ``await handle``.
+
+    Args:
+        start: the initial time, in seconds since the epoch.
+        autojump: jump to the next timer whenever the loop is idle.
+    """
+
+    def __init__(self, start: float = 1_700_000_000.0, *, autojump: bool = False) -> None:
+        self._now = start
+        self._timers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._autojump = autojump
+        self._jumper: asyncio.Task[None] | None = None
+
+    def now(self) -> float:
+        """The virtual time."""
+        return self._now
+
+    async def sleep(self, seconds: float) -> None:
+        """Return once virtual time has moved ``seconds`` forward."""
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._timers, (self._now + seconds, next(self._seq), future))
+        if self._autojump and (self._jumper is None or self._jumper.done()):
+            self._jumper = asyncio.get_running_loop().create_task(self._jump())
+        try:
+            await future
+        finally:
+            future.cancel()
+
+    @property
+    def pending_timers(self) -> int:
+        """How many sleeps are waiting."""
+        return sum(1 for _, _, f in self._timers if not f.done())
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``, firing every timer due on the way."""
+        if seconds < 0:
+            raise ValueError("time only moves forward")
+        target = self._now + seconds
+        await quiesce()
+        while self._timers and self._timers[0][0] <= target:
+            when, _, future = heapq.heappop(self._timers)
+            if future.done():
+                continue
+            self._now = max(self._now, when)
+            future.set_result(None)
+            await quiesce()
+        self._now = target
+        await quiesce()
+
+    async def _jump(self) -> None:
+        while True:
+            await quiesce()
+            while self._timers and self._timers[0][2].done():
+                heapq.heappop(self._timers)
+            if not self._timers:
+                return
+            when, _, future = heapq.heappop(self._timers)
+            self._now = max(self._now, when)
+            future.set_result(None)
+
+
+async def crash(resonate: Resonate) -> None:
+    """Abandon ``resonate`` mid-run, as if its process had been killed.
+
+    Every task is dropped at once: nothing queued is written, no run is
+    settled, batches in flight are abandoned. The store is then closed
+    (uncommitted work rolls back), so a test can start another ``Resonate`` on
+    the same store and check recovery.
+    """
+    engine = resonate._engine
+    if engine is None:
+        return
+    resonate._engine = None
+    await engine.abandon()
+    await engine.store.close()
+
+
+try:  # the fixtures need pytest; the clock and crash helper do not
+    import pytest
+    import pytest_asyncio
+except ImportError:  # pragma: no cover
+    pass
+else:
+
+    @pytest.fixture
+    def virtual_clock() -> VirtualClock:
+        """A fresh :class:`VirtualClock` (explicit ``advance``)."""
+        return VirtualClock()
+
+    @pytest_asyncio.fixture
+    async def memory_store() -> AsyncIterator[MemoryStore]:
+        """A fresh, opened :class:`MemoryStore`; closed after the test."""
+        store = MemoryStore()
+        await store.open()
+        yield store
+        await store.close()

@@ -1,0 +1,233 @@
+"""The batcher: batch sizes, result mapping, failures, backpressure, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from resonate_async import BatchResultError, CanceledError, Command, Context, MemoryStore, Resonate
+from resonate_async.retry import constant, never
+from resonate_async.testing import VirtualClock
+
+
+@dataclass
+class Add(Command[int]):
+    n: int
+
+
+class Poison(Exception):
+    pass
+
+
+def setup(
+    handler: Any, clock: VirtualClock | None = None, **options: Any
+) -> tuple[Resonate, list[list[int]]]:
+    resonate = Resonate(MemoryStore(), clock=clock)
+    calls: list[list[int]] = []
+
+    async def recording(ctx: Context, cmds: list[Add]) -> Any:
+        calls.append([c.n for c in cmds])
+        return await handler(ctx, cmds)
+
+    options.setdefault("retry_policy", never())
+    resonate.register_command_handler(Add, recording, **options)
+
+    @resonate.register(name="wf")
+    async def wf(ctx: Context, n: int) -> int:
+        return await ctx.lfc(Add(n))
+
+    return resonate, calls
+
+
+async def doubled(ctx: Context, cmds: list[Add]) -> list[int]:
+    return [c.n * 2 for c in cmds]
+
+
+async def test_batches_grow_with_the_backlog_and_every_command_gets_its_result() -> None:
+    resonate, calls = setup(doubled)
+    async with resonate:
+        handles = [resonate.run(f"w{i}", "wf", i) for i in range(2000)]
+        assert await asyncio.gather(*handles) == [i * 2 for i in range(2000)]
+    assert sum(len(c) for c in calls) == 2000
+    assert len(calls) < 20  # far fewer batches than commands
+    assert max(len(c) for c in calls) >= 500
+
+
+async def test_maxlen_is_never_exceeded() -> None:
+    resonate, calls = setup(doubled, maxlen=64)
+    async with resonate:
+        await asyncio.gather(*(resonate.run(f"w{i}", "wf", i) for i in range(1000)))
+    assert max(len(c) for c in calls) == 64
+    assert sum(len(c) for c in calls) == 1000
+
+
+async def test_a_lone_command_dispatches_without_waiting() -> None:
+    clock = VirtualClock()
+    resonate, calls = setup(doubled, clock=clock)  # max_wait defaults to 0
+    async with resonate:
+        handle = resonate.run("lone", "wf", 21)
+        start = clock.now()
+        assert await handle == 42  # the clock never moved, so no timer was involved
+        assert clock.now() == start
+    assert calls == [[21]]
+
+
+async def test_max_wait_lingers_for_a_fuller_batch() -> None:
+    clock = VirtualClock()
+    resonate, calls = setup(doubled, clock=clock, max_wait=0.5, maxlen=10)
+    async with resonate:
+        first = resonate.run("a", "wf", 1)
+        await clock.advance(0.2)
+        assert calls == []  # still lingering
+        second = resonate.run("b", "wf", 2)
+        await clock.advance(0.4)
+        assert await first == 2 and await second == 4
+    assert calls == [[1, 2]]
+
+
+async def test_exception_items_reject_only_their_command() -> None:
+    async def handler(ctx: Context, cmds: list[Add]) -> list[object]:
+        return [Poison(c.n) if c.n % 2 else c.n for c in cmds]
+
+    resonate, _ = setup(handler)
+    async with resonate:
+        handles = [resonate.run(f"w{i}", "wf", i) for i in range(10)]
+        results = await asyncio.gather(*handles, return_exceptions=True)
+    for i, result in enumerate(results):
+        if i % 2:
+            assert isinstance(result, Poison) and result.args == (i,)
+        else:
+            assert result == i
+
+
+async def test_a_single_value_goes_to_every_command() -> None:
+    async def handler(ctx: Context, cmds: list[Add]) -> None:
+        return None
+
+    resonate, _ = setup(handler)
+    async with resonate:
+        assert (
+            await asyncio.gather(*(resonate.run(f"w{i}", "wf", i) for i in range(5))) == [None] * 5
+        )
+
+
+async def test_wrong_length_rejects_every_command_of_that_batch_only() -> None:
+    bad_batch = asyncio.Event()
+
+    async def handler(ctx: Context, cmds: list[Add]) -> list[int]:
+        if not bad_batch.is_set():
+            bad_batch.set()
+            return [1]  # wrong length for a batch of 3
+        return [c.n for c in cmds]
+
+    resonate, calls = setup(handler)
+    async with resonate:
+        first = [resonate.run(f"a{i}", "wf", i) for i in range(3)]
+        results = await asyncio.gather(*first, return_exceptions=True)
+        assert all(isinstance(r, BatchResultError) for r in results)
+        assert "1 results for a batch of 3" in str(results[0])
+        # the batcher keeps serving
+        assert await resonate.run("after", "wf", 9) == 9
+    assert calls == [[0, 1, 2], [9]]
+
+
+async def test_a_failing_batch_is_retried_per_the_handler_policy() -> None:
+    clock = VirtualClock(autojump=True)
+    failures = [2]
+
+    async def handler(ctx: Context, cmds: list[Add]) -> list[int]:
+        if failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("database is locked")
+        return [c.n for c in cmds]
+
+    resonate, calls = setup(handler, clock=clock, retry_policy=constant(delay=1, max_retries=3))
+    async with resonate:
+        handles = [resonate.run(f"w{i}", "wf", i) for i in range(4)]
+        assert await asyncio.gather(*handles) == [0, 1, 2, 3]
+    assert calls == [[0, 1, 2, 3]] * 3
+
+
+async def test_poison_command_is_isolated_by_bisection() -> None:
+    async def handler(ctx: Context, cmds: list[Add]) -> list[int]:
+        if any(c.n == 613 for c in cmds):
+            raise Poison("613 is poison")
+        return [c.n for c in cmds]
+
+    resonate, calls = setup(handler)
+    async with resonate:
+        handles = [resonate.run(f"w{i}", "wf", i) for i in range(1000)]
+        results = await asyncio.gather(*handles, return_exceptions=True)
+    rejected = [i for i, r in enumerate(results) if isinstance(r, Poison)]
+    assert rejected == [613]
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 999
+    assert len(calls) <= 2 * 11 + 2  # bisection costs about 2 calls per level
+
+
+async def test_a_handler_bug_does_not_kill_the_batcher() -> None:
+    broken = [True]
+
+    async def handler(ctx: Context, cmds: list[Add]) -> list[int]:
+        if broken[0]:
+            broken[0] = False
+            raise KeyError("bug")
+        return [c.n for c in cmds]
+
+    resonate, _ = setup(handler)
+    async with resonate:
+        with pytest.raises(KeyError):
+            await resonate.run("x", "wf", 1)
+        assert await resonate.run("y", "wf", 2) == 2
+
+
+async def test_plain_def_handler_runs_in_a_thread() -> None:
+    resonate = Resonate(MemoryStore())
+    seen: list[int] = []
+
+    def handler(ctx: Context, cmds: list[Add]) -> None:
+        seen.extend(c.n for c in cmds)
+
+    resonate.register_command_handler(Add, handler, retry_policy=never())
+
+    @resonate.register
+    async def wf(ctx: Context, n: int) -> None:
+        await ctx.lfc(Add(n))
+
+    async with resonate:
+        await asyncio.gather(*(resonate.run(f"w{i}", wf, i) for i in range(50)))
+    assert sorted(seen) == list(range(50))
+
+
+async def test_full_queue_applies_backpressure_and_nothing_is_lost() -> None:
+    resonate, calls = setup(doubled, queue_size=8, maxlen=4)
+    async with resonate:
+        handles = [resonate.run(f"w{i}", "wf", i) for i in range(100)]
+        assert await asyncio.gather(*handles) == [i * 2 for i in range(100)]
+        assert resonate.stats().batchers["Add"].queue_depth == 0
+    assert max(len(c) for c in calls) <= 4
+
+
+async def test_a_command_cancelled_before_dispatch_leaves_the_queue() -> None:
+    gate = asyncio.Event()
+
+    async def handler(ctx: Context, cmds: list[Add]) -> list[int]:
+        await gate.wait()
+        return [c.n for c in cmds]
+
+    resonate, calls = setup(handler)
+    async with resonate:
+        busy = resonate.run("busy", "wf", 0)
+        while not calls:
+            await asyncio.sleep(0)
+        queued = resonate.run("queued", "wf", 1)
+        await queued.created()
+        await asyncio.sleep(0)
+        assert queued.cancel()
+        with pytest.raises(CanceledError):
+            await queued
+        gate.set()
+        assert await busy == 0
+    assert calls == [[0]]  # the cancelled command never reached the handler

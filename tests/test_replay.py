@@ -1,0 +1,172 @@
+"""Replay: settled steps are not executed again; changed code is caught."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from resonate_async import (
+    Command,
+    Context,
+    MemoryStore,
+    NondeterminismError,
+    Resonate,
+    SQLiteStore,
+    State,
+)
+from resonate_async.retry import never
+from resonate_async.testing import crash
+
+HERE = Path(__file__).parent
+
+
+@dataclass
+class Note(Command[None]):
+    text: str
+
+
+async def test_a_step_completed_before_a_crash_is_not_executed_again(tmp_path: Path) -> None:
+    path = str(tmp_path / "store.db")
+    executed: list[str] = []
+    gate = asyncio.Event()
+
+    async def step_one(ctx: Context) -> str:
+        executed.append("one")
+        return "1"
+
+    async def step_two(ctx: Context) -> str:
+        executed.append("two")
+        await gate.wait()
+        return "2"
+
+    def build() -> Resonate:
+        resonate = Resonate(SQLiteStore(path))
+
+        @resonate.register(name="flow")
+        async def flow(ctx: Context) -> str:
+            return await ctx.lfc(step_one) + await ctx.lfc(step_two)
+
+        return resonate
+
+    first = build()
+    await first.start()
+    first.run("flow-1", "flow")
+    while executed != ["one", "two"]:
+        await asyncio.sleep(0.001)
+    await crash(first)
+
+    gate.set()
+    async with build() as second:
+        assert await second.get("flow-1") == "12"
+    assert executed == ["one", "two", "two"]  # step one replayed from the store
+
+
+async def test_gather_over_lfi_replays_without_nondeterminism() -> None:
+    store = MemoryStore()
+    calls: list[int] = []
+    gate = asyncio.Event()
+
+    async def square(ctx: Context, x: int) -> int:
+        calls.append(x)
+        if x == 4:
+            await gate.wait()
+        return x * x
+
+    def build() -> Resonate:
+        resonate = Resonate(store)
+
+        @resonate.register(name="fan")
+        async def fan(ctx: Context) -> list[int]:
+            promises = [ctx.lfi(square, x).with_options(retry_policy=never()) for x in range(5)]
+            return list(await asyncio.gather(*promises))
+
+        return resonate
+
+    first = build()
+    await first.start()
+    first.run("fan", "fan")
+    while len(calls) < 5:
+        await asyncio.sleep(0)
+    for _ in range(20):  # let the four quick squares commit
+        await asyncio.sleep(0)
+    await crash(first)
+    gate.set()
+    async with build() as second:
+        assert await second.get("fan") == [0, 1, 4, 9, 16]
+    assert sorted(calls) == [0, 1, 2, 3, 4, 4]
+    children = [r for r in await store.tree("fan") if r.id != "fan"]
+    assert sorted(r.id for r in children) == [f"fan.{n}" for n in range(1, 6)]
+
+
+async def test_changed_code_raises_nondeterminism_naming_both_calls() -> None:
+    store = MemoryStore()
+    gate = asyncio.Event()
+
+    async def charge(ctx: Context) -> str:
+        return "charged"
+
+    async def refund(ctx: Context) -> str:
+        return "refunded"
+
+    async def block(ctx: Context) -> None:
+        await gate.wait()
+
+    first = Resonate(store)
+
+    @first.register(name="pay")
+    async def pay_v1(ctx: Context) -> str:
+        await ctx.lfc(charge)
+        await ctx.lfc(block)
+        return "ok"
+
+    await first.start()
+    handle = first.run("pay-1", "pay")
+    while not (await store.get_many(["pay-1.1"])):
+        await asyncio.sleep(0)
+    await crash(first)
+    del handle
+
+    second = Resonate(store)
+
+    @second.register(name="pay")
+    async def pay_v2(ctx: Context) -> str:
+        await ctx.lfc(refund)  # the code changed under a pending run
+        return "ok"
+
+    async with second:
+        with pytest.raises(NondeterminismError) as caught:
+            await second.get("pay-1")
+    assert "refund" in str(caught.value) and "charge" in str(caught.value)
+    record = (await store.get_many(["pay-1"]))["pay-1"]
+    assert record.state is State.PENDING  # deploying compatible code resumes it
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_after_some_steps_resumes_without_redoing_them(tmp_path: Path) -> None:
+    store = tmp_path / "store.db"
+    log = tmp_path / "effects.log"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    worker = [sys.executable, str(HERE / "crash_worker.py"), str(store), str(log)]
+
+    first = subprocess.Popen([*worker, "block"], env=env, stdout=subprocess.PIPE, text=True)
+    assert first.stdout is not None
+    assert first.stdout.readline().strip() == "blocked"  # steps 1-3 committed, step 4 running
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    first.stdout.close()
+
+    second = subprocess.run(
+        [*worker, "finish"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip().splitlines()[-1] == "result=s1+s2+s3+s4"
+    effects = log.read_text().split()
+    # Steps 1-3 ran once, before the kill; step 4 ran again (it never settled).
+    assert effects == ["s1", "s2", "s3", "s4", "s4"]

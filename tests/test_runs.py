@@ -1,0 +1,258 @@
+"""Runs: idempotency by id, outcomes, errors at the call, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from resonate_async import (
+    Command,
+    ConflictError,
+    Context,
+    EncodingError,
+    MemoryStore,
+    NotFoundError,
+    NotRegisteredError,
+    Resonate,
+    State,
+)
+from resonate_async.retry import constant, never
+
+
+@dataclass
+class Ping(Command[str]):
+    n: int
+
+
+class Boom(Exception):
+    pass
+
+
+def make(store: object = None) -> Resonate:
+    return Resonate(store if store is not None else MemoryStore())  # type: ignore[arg-type]
+
+
+async def test_run_returns_the_workflow_value() -> None:
+    resonate = make()
+
+    @resonate.register
+    async def add(ctx: Context, a: int, b: int = 0) -> int:
+        return a + b
+
+    async with resonate:
+        assert await resonate.run("add-1", add, 2, b=3) == 5
+        assert (
+            await resonate.run("add-2", "test_run_returns_the_workflow_value.<locals>.add", 1) == 1
+        )
+
+
+async def test_completed_id_returns_stored_outcome_without_running_again() -> None:
+    store = MemoryStore()
+    calls: list[int] = []
+    resonate = make(store)
+
+    @resonate.register
+    async def once(ctx: Context, x: int) -> int:
+        calls.append(x)
+        return x * 10
+
+    async with resonate:
+        assert await resonate.run("once", once, 4) == 40
+    async with resonate:  # a new start on the same store
+        handle = resonate.run("once", once, 4)
+        assert await handle == 40
+        assert await handle.result() == 40
+    assert calls == [4]
+
+
+async def test_same_id_running_here_returns_the_same_handle() -> None:
+    resonate = make()
+    gate = asyncio.Event()
+
+    @resonate.register
+    async def wait(ctx: Context) -> str:
+        await gate.wait()
+        return "done"
+
+    async with resonate:
+        first = resonate.run("w", wait)
+        second = resonate.run("w", wait)
+        assert first is second
+        gate.set()
+        assert await first == "done"
+
+
+async def test_same_id_other_arguments_is_a_conflict_whatever_the_state() -> None:
+    resonate = make()
+
+    @resonate.register
+    async def f(ctx: Context, x: int) -> int:
+        return x
+
+    @resonate.register
+    async def g(ctx: Context, x: int) -> int:
+        return x
+
+    async with resonate:
+        running = resonate.run("c", f, 1)
+        with pytest.raises(ConflictError, match="new id"):
+            await resonate.run("c", f, 2)  # pending here
+        assert await running == 1
+        with pytest.raises(ConflictError, match="already used"):
+            await resonate.run("c", f, 2)  # completed, other arguments
+        with pytest.raises(ConflictError):
+            await resonate.run("c", g, 1)  # completed, other function
+
+
+async def test_errors_round_trip_as_their_own_type() -> None:
+    resonate = make()
+
+    @resonate.register
+    async def fails(ctx: Context) -> None:
+        raise Boom("no")
+
+    async with resonate:
+        with pytest.raises(Boom, match="no"):
+            await resonate.run("f", fails)
+        record = await resonate.promises.get("f")
+        assert record is not None and record.state is State.REJECTED
+        with pytest.raises(Boom):  # a later attach sees the stored error
+            await resonate.get("f")
+
+
+async def test_plain_def_workflow_runs_in_a_thread() -> None:
+    import threading
+
+    resonate = make()
+    main = threading.get_ident()
+
+    @resonate.register
+    def blocking(ctx: Context, x: int) -> bool:
+        return threading.get_ident() != main and x == 1
+
+    async with resonate:
+        assert await resonate.run("b", blocking, 1) is True
+
+
+async def test_bad_input_gets_errors_that_name_the_fix() -> None:
+    resonate = make()
+
+    async def unregistered(ctx: Context) -> None:
+        return None
+
+    @resonate.register
+    async def takes(ctx: Context, x: object) -> None:
+        return None
+
+    @resonate.register
+    async def sends(ctx: Context) -> str:
+        return await ctx.lfc(Ping(1))
+
+    with pytest.raises(RuntimeError, match="async with resonate"):
+        resonate.run("early", takes, 1)
+    async with resonate:
+        with pytest.raises(NotRegisteredError, match="register"):
+            resonate.run("u", unregistered)
+        with pytest.raises(EncodingError, match="set"):
+            resonate.run("e", takes, {1, 2})
+        with pytest.raises(NotRegisteredError, match="register_command_handler"):
+            await resonate.run("s", sends)
+        with pytest.raises(NotFoundError):
+            await resonate.get("nobody")
+    with pytest.raises(RuntimeError, match="async with resonate"):
+        resonate.run("late", takes, 1)
+
+
+async def test_aclose_leaves_no_task_running() -> None:
+    before = asyncio.all_tasks()
+    resonate = make()
+    gate = asyncio.Event()
+
+    @resonate.register
+    async def forever(ctx: Context) -> None:
+        await gate.wait()
+
+    async def handler(ctx: Context, cmds: list[Ping]) -> str:
+        return "pong"
+
+    resonate.register_command_handler(Ping, handler, concurrency=3)
+    async with resonate:
+        handles = [resonate.run(f"r{i}", forever) for i in range(10)]
+        await asyncio.sleep(0)
+        assert len(asyncio.all_tasks()) > len(before)
+    assert asyncio.all_tasks() == before
+    await resonate.aclose()  # idempotent
+    for h in handles:
+        assert h.done()
+
+
+async def test_shutdown_leaves_interrupted_runs_pending_and_the_next_start_resumes() -> None:
+    from resonate_async import ShutdownError
+
+    store = MemoryStore()
+    resonate = make(store)
+    gate = asyncio.Event()
+    calls: list[str] = []
+
+    @resonate.register
+    async def slow(ctx: Context) -> str:
+        calls.append("run")
+        await gate.wait()
+        return "finished"
+
+    async with resonate:
+        handle = resonate.run("slow", slow)
+        await handle.created()
+    with pytest.raises(ShutdownError):
+        await handle
+    record = (await store.get_many(["slow"]))["slow"]
+    assert record.state is State.PENDING
+    gate.set()
+    async with resonate:
+        assert await resonate.get("slow") == "finished"
+    assert calls == ["run", "run"]
+
+
+async def test_run_body_retries_follow_its_policy_and_steps_are_not_redone() -> None:
+    from resonate_async.testing import VirtualClock
+
+    clock = VirtualClock(autojump=True)
+    resonate = Resonate(MemoryStore(), clock=clock)
+    step_calls: list[int] = []
+    attempts: list[int] = []
+
+    async def step(ctx: Context) -> int:
+        step_calls.append(1)
+        return 7
+
+    @resonate.register(retry_policy=constant(delay=10, max_retries=2))
+    async def flaky(ctx: Context) -> int:
+        value = await ctx.lfc(step)
+        attempts.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise Boom("again")
+        return value
+
+    async with resonate:
+        start = clock.now()
+        assert await resonate.run("flaky", flaky) == 7
+        assert clock.now() - start == pytest.approx(20)
+    assert attempts == [1, 2, 3]
+    assert step_calls == [1]  # the retried body replayed the settled step
+
+
+async def test_stats_count_runs_and_store_transactions() -> None:
+    resonate = make()
+
+    @resonate.register(retry_policy=never())
+    async def f(ctx: Context, i: int) -> int:
+        return i
+
+    async with resonate:
+        await asyncio.gather(*(resonate.run(f"s{i}", f, i) for i in range(100)))
+        stats = resonate.stats()
+    assert stats.runs.started == 100 and stats.runs.completed == 100
+    assert stats.store.rows == 200  # created + settled, nothing else
+    assert stats.store.transactions < 10
