@@ -377,7 +377,7 @@ class Promise(Generic[T]):
         elif self._type == _EXTERNAL:
             future = loop.create_task(self._execute_external())
         else:  # sleeps are always inline
-            future = loop.create_task(self._execute_sleep())
+            future = cast("asyncio.Future[T]", loop.create_task(self._execute_sleep()))
         self._future = future
         return future
 
@@ -418,8 +418,9 @@ class Promise(Generic[T]):
         if self._type == _STEP:
             return await self._execute_step()
         if self._type == _SLEEP:
-            return cast(T, await self._execute_sleep())
-        return cast(T, await self._execute_external())
+            await self._execute_sleep()
+            return cast(T, None)
+        return await self._execute_external()
 
     # -- executions ------------------------------------------------------------
 

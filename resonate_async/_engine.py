@@ -16,7 +16,7 @@ import socket
 import uuid
 from dataclasses import replace
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._batcher import Batcher
 from ._clock import with_deadline
@@ -64,7 +64,7 @@ class RunState:
         id: str,
         entry: FunctionEntry,
         param: bytes,
-        args: Sequence[Any],
+        args: tuple[Any, ...] | list[Any],
         kwargs: dict[str, Any],
         handle: Handle[Any],
     ) -> None:
@@ -301,7 +301,7 @@ class Engine:
         root_id: str,
         style: CallStyle,
         fn: Callable[..., Any],
-        args: Sequence[Any],
+        args: tuple[Any, ...] | list[Any],
         kwargs: dict[str, Any],
         policy: RetryPolicy,
         deadline: float | None,
@@ -331,8 +331,8 @@ class Engine:
                 if run is not None and run.fatal is not None:
                     raise run.fatal from None
                 if deadline is not None and clock.now() >= deadline:
-                    error = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
-                    return State.REJECTED_TIMEDOUT, self.encoder.encode_error(error), attempt
+                    timeout = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
+                    return State.REJECTED_TIMEDOUT, self.encoder.encode_error(timeout), attempt
                 delay = policy.next_delay(attempt + 1) if policy.should_retry(exc) else None
                 if delay is None or (deadline is not None and clock.now() + delay >= deadline):
                     return State.REJECTED, self.encoder.encode_error(exc), attempt
@@ -355,7 +355,7 @@ class Engine:
         id: str,
         entry: FunctionEntry,
         param: bytes,
-        args: Sequence[Any],
+        args: tuple[Any, ...] | list[Any],
         kwargs: dict[str, Any],
         stored: PromiseRecord | None = None,
     ) -> RunState:
@@ -603,7 +603,8 @@ class Engine:
             if entry is None or record.param is None:
                 continue
             try:
-                args, kwargs = self.encoder.decode(record.param)  # type: ignore[misc]
+                decoded = self.encoder.decode(record.param)
+                args, kwargs = cast("tuple[list[Any], dict[str, Any]]", decoded)
             except Exception as exc:
                 log.error("cannot resume run %s: its arguments do not decode: %s", record.id, exc)
                 continue

@@ -1,0 +1,626 @@
+"""How arguments, values and errors become bytes in the store, and back.
+
+The default :class:`JSONEncoder` writes canonical JSON (sorted keys, no
+whitespace, ASCII only), so equal values always encode to equal bytes: the
+engine relies on that to compare a run's arguments with the stored ones.
+
+Tag format. JSON has no tuples, bytes, non-finite floats or classes, so such
+values are written as a JSON object holding the reserved key ``"$"``:
+
+    (1, 2)                  {"$":"tuple","v":[1,2]}
+    b"x"                    {"$":"bytes","v":"eA=="}       (base64)
+    float("nan")            {"$":"float","v":"nan"}        (also "inf", "-inf")
+    Point(1, 2)             {"$":"pkg.mod:Point","x":1,"y":2}
+    InsertUser(5)           {"$":"InsertUser","id":5}      (a registered type)
+    Color.RED               {"$":"pkg.mod:Color","value":1}
+    {"$": 1, "a": 2}        {"$":"dict","v":[["$",1],["a",2]]}
+
+A user dict is written as itself unless it has the key ``"$"``; then it is
+escaped as the list of its items, so a tagged object is never ambiguous.
+Dataclasses and enums are rebuilt on decode by importing ``module:qualname``
+(which imports that module) and calling the class with the stored fields.
+
+Errors are written as ``{"type", "message", "traceback", "args", "state"}`` and
+rebuilt as their original class when it can be imported and constructed from
+its args; otherwise as :class:`~resonate_async.errors.StoredError`.
+"""
+
+from __future__ import annotations
+
+import binascii
+import contextlib
+import dataclasses
+import enum
+import importlib
+import json
+import reprlib
+import traceback
+from binascii import a2b_base64, b2a_base64
+from json.encoder import encode_basestring_ascii
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+
+from ._command import Command
+from .errors import EncodingError, StoredError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from _typeshed import DataclassInstance
+
+__all__ = ("NOTE_PREFIX", "Encoder", "JSONEncoder", "default_encoder")
+
+_NoneType: Final = type(None)
+# Values of these types are JSON as they are (nan and inf are tagged afterwards,
+# on the rare ValueError, so that the common case never checks a float).
+_PLAIN: Final = frozenset((str, int, bool, float, _NoneType))
+_STR: Final = frozenset((str,))
+# Kinds of tagged object; registered type names may not take them.
+_KINDS: Final = frozenset(("tuple", "bytes", "float", "dict"))
+_NONFINITE: Final = frozenset(("nan", "inf", "-inf"))
+_SUPPORTED: Final = (
+    "the JSON encoder handles None, bool, int, float, str, bytes, list, tuple, "
+    "dict with str keys, dataclasses and Enum members"
+)
+# Marks the note that carries a decoded error's stored traceback.
+NOTE_PREFIX: Final = "Stored traceback (where the error was raised, maybe in another process):\n"
+_MAX_TRACEBACK: Final = 16_384
+_MAX_CACHED: Final = 1024
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+
+
+class Encoder(Protocol):
+    """Turns values and errors into bytes for the store, and back.
+
+    Pass an implementation as ``Resonate(encoder=...)``. ``encode`` must be
+    deterministic (equal values give equal bytes) because the engine compares
+    encoded arguments byte for byte to detect conflicting runs.
+    """
+
+    def encode(self, value: object) -> bytes:
+        """Encode a value; raise ``EncodingError`` if it cannot be encoded."""
+        ...
+
+    def decode(self, data: bytes) -> object:
+        """Decode what :meth:`encode` wrote; raise ``EncodingError`` on bad data."""
+        ...
+
+    def encode_error(self, error: BaseException) -> bytes:
+        """Encode an exception. Never fails for an exception's content."""
+        ...
+
+    def decode_error(self, data: bytes) -> BaseException:
+        """Rebuild an exception written by :meth:`encode_error`."""
+        ...
+
+    def register_type(self, name: str, cls: type) -> None:
+        """Encode instances of ``cls`` under ``name`` (used for command types)."""
+        ...
+
+
+class _Unencodable(Exception):
+    """Raised inside the walk; ``path`` is filled in while unwinding."""
+
+    def __init__(self, what: str, advice: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.advice = advice
+        self.path: list[str] = []
+
+
+def _no_default(value: object) -> object:  # pragma: no cover - the walk leaves only JSON
+    raise TypeError(f"unexpected {type(value).__name__} after the walk")
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _error_type_name(cls: type) -> str:
+    # The name a traceback would print: builtins bare, others dotted.
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _import_attr(module: str, qualname: str) -> object:
+    obj: object = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class JSONEncoder:
+    """The default :class:`Encoder`: canonical JSON, no pickle.
+
+    Handles ``None``, ``bool``, ``int``, ``float`` (``nan`` and ``inf`` too),
+    ``str``, ``bytes``, ``list``, ``tuple`` (decoded as a tuple), ``dict`` with
+    ``str`` keys, dataclass instances (``Command`` included) and ``Enum``
+    members, nested freely. Types are matched exactly: a subclass of
+    ``dict`` or ``int`` that is not an ``Enum`` is refused rather than
+    silently decoded as its base class. The module docstring shows the tags.
+
+    Example:
+        >>> enc = JSONEncoder()
+        >>> enc.encode({"b": (1, b"x"), "a": None})
+        b'{"a":null,"b":{"$":"tuple","v":[1,{"$":"bytes","v":"eA=="}]}}'
+        >>> enc.decode(enc.encode((1, b"x")))
+        (1, b'x')
+    """
+
+    def __init__(self) -> None:
+        self._names: dict[type, str] = {}
+        self._classes: dict[str, type] = {}
+        self._walkers: dict[type, Callable[[Any], object]] = {
+            list: self._walk_list,
+            dict: self._walk_dict,
+            tuple: self._walk_tuple,
+            bytes: self._walk_bytes,
+        }
+        self._imported: dict[str, type] = {}
+        self._error_classes: dict[str, type[BaseException] | None] = {}
+        decoder = json.JSONDecoder(object_hook=self._hook)
+        self._decoder = decoder
+        # The C scanner: parse one value at an index, with no whitespace handling.
+        self._scan: Callable[[str, int], tuple[object, int]] = decoder.scan_once  # type: ignore[attr-defined]
+        # The C encoder, built once: json.dumps would rebuild it on every call.
+        c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+        if c_make_encoder is not None:
+            make = c_make_encoder(
+                None, _no_default, encode_basestring_ascii, None, ":", ",", True, False, False
+            )
+            self._dumps: Callable[[object], str] = lambda obj: "".join(make(obj, 0))
+        else:  # pragma: no cover - CPython always has the C encoder
+            self._dumps = json.JSONEncoder(
+                sort_keys=True, separators=(",", ":"), allow_nan=False
+            ).encode
+
+    # -- registration ----------------------------------------------------------
+
+    def register_type(self, name: str, cls: type) -> None:
+        """Encode instances of the dataclass (or Enum) ``cls`` as ``name``.
+
+        The engine calls this for every command type, so stored commands carry
+        their registered name instead of ``module:qualname`` and survive a
+        move of the class. Registering the same pair twice is a no-op.
+
+        Raises:
+            ValueError: ``name`` is empty or reserved (``tuple``, ``bytes``,
+                ``float``, ``dict``), or either side is already registered
+                with another partner.
+            TypeError: ``cls`` is neither a dataclass nor an Enum.
+        """
+        if not isinstance(name, str) or not name or name in _KINDS:
+            raise ValueError(
+                f"cannot register {cls!r} as {name!r}: the name must be a non-empty str "
+                f"other than {', '.join(sorted(_KINDS))}"
+            )
+        if not isinstance(cls, type) or not (
+            dataclasses.is_dataclass(cls) or issubclass(cls, enum.Enum)
+        ):
+            raise TypeError(
+                f"cannot register {cls!r} as {name!r}: only dataclasses and Enum types "
+                "can be registered; decorate the class with @dataclass"
+            )
+        if self._classes.get(name, cls) is not cls:
+            raise ValueError(
+                f"cannot register {_qualified(cls)} as {name!r}: the name is taken by "
+                f"{_qualified(self._classes[name])}; choose another name"
+            )
+        if self._names.get(cls, name) != name:
+            raise ValueError(
+                f"cannot register {_qualified(cls)} as {name!r}: it is already "
+                f"registered as {self._names[cls]!r}"
+            )
+        self._classes[name] = cls
+        self._names[cls] = name
+        self._walkers.pop(cls, None)
+
+    # -- values ----------------------------------------------------------------
+
+    def encode(self, value: object) -> bytes:
+        """Encode ``value`` as canonical JSON bytes.
+
+        Raises:
+            EncodingError: ``value`` holds something the encoder cannot
+                handle; the message names its type and where it is, as a
+                path such as ``value[0].items[3]``.
+        """
+        t = type(value)
+        # Scalars skip the walk and the JSON encoder entirely.
+        if t is int:
+            try:
+                return b"%d" % value  # type: ignore[str-format]
+            except ValueError as exc:  # more digits than sys.get_int_max_str_digits()
+                raise EncodingError(f"cannot encode int at value: {exc}") from None
+        if t is str:
+            return encode_basestring_ascii(value).encode()  # type: ignore[arg-type]
+        if value is None:
+            return b"null"
+        if t is bool:
+            return b"true" if value else b"false"
+        if t is float and value - value == 0.0:  # type: ignore[operator]
+            return float.__repr__(value).encode()
+        try:
+            return self._dump(self._walk(value)).encode()
+        except _Unencodable as exc:
+            where = "value" + "".join(reversed(exc.path))
+            raise EncodingError(f"cannot encode {exc.what} at {where}: {exc.advice}") from None
+        except RecursionError:
+            raise EncodingError(
+                "cannot encode value: it contains a reference cycle or is nested too deeply"
+            ) from None
+        except ValueError as exc:  # an int with too many digits, deep inside
+            raise EncodingError(f"cannot encode value: {exc}") from None
+
+    def _dump(self, walked: object) -> str:
+        try:
+            return self._dumps(walked)
+        except ValueError:  # nan or inf somewhere (or an int too long: raised again)
+            return self._dumps(_tag_nonfinite(walked))
+
+    def _walk(self, v: object) -> object:
+        """Return ``v`` as plain JSON types (a new object only where needed)."""
+        t = type(v)
+        if t in _PLAIN:
+            return v
+        walker = self._walkers.get(t)
+        if walker is None:
+            walker = self._walker_for(t)
+        return walker(v)
+
+    def _walk_list(self, v: list[object] | tuple[object, ...]) -> list[object]:
+        # A C-speed scan; no copy when every item is already JSON.
+        if type(v) is list and _PLAIN.issuperset(map(type, v)):
+            return v
+        try:
+            return [x if type(x) in _PLAIN else self._walk(x) for x in v]
+        except _Unencodable as exc:
+            exc.path.append(f"[{self._first_failure(enumerate(v))}]")
+            raise
+
+    def _first_failure(self, items: Iterable[tuple[object, object]]) -> object:
+        """The index or key of the first item that fails (only on the error path)."""
+        for label, x in items:  # pragma: no branch - one item is known to fail
+            try:
+                self._walk(x)
+            except _Unencodable:
+                return label
+        return "?"  # pragma: no cover
+
+    def _walk_tuple(self, v: tuple[object, ...]) -> object:
+        return {"$": "tuple", "v": self._walk_list(v)}
+
+    def _walk_dict(self, v: dict[object, object]) -> object:
+        if _STR.issuperset(map(type, v)):
+            if "$" not in v and _PLAIN.issuperset(map(type, v.values())):
+                return v
+        else:
+            k = next(k for k in v if type(k) is not str)
+            raise _Unencodable(
+                f"dict key {_short.repr(k)} of type {_error_type_name(type(k))}",
+                "JSON object keys must be str; convert the keys (e.g. with str())",
+            )
+        try:
+            if "$" in v:
+                pairs = sorted(v.items())  # keys are all str, so they sort
+                return {"$": "dict", "v": [[k, self._walk(x)] for k, x in pairs]}
+            return {k: x if type(x) in _PLAIN else self._walk(x) for k, x in v.items()}
+        except _Unencodable as exc:
+            exc.path.append(f"[{self._first_failure(v.items())!r}]")
+            raise
+
+    @staticmethod
+    def _walk_bytes(v: bytes) -> object:
+        return {"$": "bytes", "v": b2a_base64(v, newline=False).decode("ascii")}
+
+    def _walker_for(self, t: type) -> Callable[[Any], object]:
+        """Build (and cache) the walker for a dataclass or Enum type."""
+        tag = self._names.get(t)
+        if dataclasses.is_dataclass(t):
+            kind = "dataclass"
+        elif issubclass(t, enum.Enum):
+            kind = "Enum"
+        elif issubclass(t, Command):
+            raise _Unencodable(
+                f"command {_qualified(t)}", "a Command must be a dataclass: add @dataclass"
+            )
+        else:
+            raise _Unencodable(
+                f"a value of type {_error_type_name(t)}",
+                f"{_SUPPORTED}; convert it to one of those, or give Resonate(encoder=...) "
+                "an encoder that handles it",
+            )
+        if tag is None:
+            if "<locals>" in t.__qualname__:
+                raise _Unencodable(
+                    f"{kind} {t.__module__}.{t.__qualname__}",
+                    "it is defined inside a function, so it could not be imported to decode "
+                    "it; define it at module level",
+                )
+            tag = _qualified(t)
+        walker: Callable[[Any], object]
+        if kind == "Enum":
+
+            def walker(v: enum.Enum) -> object:
+                try:
+                    return {"$": tag, "value": self._walk(v.value)}
+                except _Unencodable as exc:
+                    exc.path.append(".value")
+                    raise
+
+        else:
+            names = tuple(
+                f.name for f in dataclasses.fields(cast("type[DataclassInstance]", t)) if f.init
+            )
+            walk = self._walk
+
+            def walker(v: object) -> object:
+                out: dict[str, object] = {"$": tag}
+                name = ""
+                try:
+                    for name in names:
+                        x = getattr(v, name)
+                        out[name] = x if type(x) in _PLAIN else walk(x)
+                except _Unencodable as exc:
+                    exc.path.append(f".{name}")
+                    raise
+                return out
+
+        self._walkers[t] = walker
+        return walker
+
+    def decode(self, data: bytes) -> object:
+        """Decode bytes written by :meth:`encode`.
+
+        Raises:
+            EncodingError: ``data`` is not valid JSON or holds a malformed
+                tag, an unknown type name or fields its class rejects.
+        """
+        if data == b"null":
+            return None
+        try:
+            text = data.decode()
+            value, end = self._scan(text, 0)
+        except EncodingError:
+            raise
+        except RecursionError:
+            raise EncodingError("cannot decode: the JSON is nested too deeply") from None
+        except (StopIteration, ValueError, TypeError, AttributeError):
+            # StopIteration: nothing parseable at index 0 (empty, leading space).
+            return self._decode_slow(data)
+        if end != len(text) and text[end:].strip():
+            raise EncodingError(
+                f"cannot decode {_short.repr(data)}: extra data after the JSON value at index {end}"
+            )
+        return value
+
+    def _decode_slow(self, data: object) -> object:
+        """Decode the rare input the fast path refused, or say exactly why not."""
+        try:
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise TypeError(f"expected bytes, got {type(data).__name__}")
+            return self._decoder.decode(bytes(data).decode())
+        except EncodingError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise EncodingError(f"cannot decode {_short.repr(data)}: {exc}") from exc
+
+    def _hook(self, d: dict[str, Any]) -> object:
+        """Rebuild a tagged object; called by the JSON parser, innermost first."""
+        if "$" not in d:
+            return d
+        tag = d["$"]
+        if type(tag) is str and tag not in _KINDS:
+            return self._rebuild(tag, d)
+        v = d.get("v")
+        if len(d) == 2:
+            if tag == "tuple" and type(v) is list:
+                return tuple(v)
+            if tag == "bytes" and type(v) is str:
+                try:
+                    return a2b_base64(v, strict_mode=True)
+                except binascii.Error as exc:
+                    raise EncodingError(f"cannot decode bytes {_short.repr(v)}: {exc}") from None
+            if tag == "float" and v in _NONFINITE:
+                return float(v)
+            if (
+                tag == "dict"
+                and type(v) is list
+                and all(type(p) is list and len(p) == 2 and type(p[0]) is str for p in v)
+            ):
+                return dict(v)
+        raise EncodingError(f"cannot decode malformed tagged object {_short.repr(d)}")
+
+    def _rebuild(self, tag: str, d: dict[str, Any]) -> object:
+        cls = self._classes.get(tag)
+        if cls is None:
+            cls = self._imported.get(tag)
+            if cls is None:
+                cls = self._import(tag)
+        del d["$"]  # the parser made d for us alone; what is left are the fields
+        try:
+            if issubclass(cls, enum.Enum):
+                return cls(d["value"])
+            return cls(**d)
+        except Exception as exc:
+            raise EncodingError(
+                f"cannot rebuild {tag} from the stored fields {_short.repr(d)}: {exc!r}; "
+                "did the class change since the value was stored?"
+            ) from exc
+
+    def _import(self, tag: str) -> type:
+        module, sep, qualname = tag.partition(":")
+        if not sep:
+            raise EncodingError(
+                f"cannot decode a value of type {tag!r}: no type is registered under that "
+                "name; register its command handler (or the type) before decoding"
+            )
+        try:
+            cls = _import_attr(module, qualname)
+        except Exception as exc:
+            raise EncodingError(f"cannot decode a value of type {tag}: {exc!r}") from exc
+        if not isinstance(cls, type) or not (
+            dataclasses.is_dataclass(cls) or issubclass(cls, enum.Enum)
+        ):
+            raise EncodingError(f"cannot decode a value of type {tag}: not a dataclass or Enum")
+        self._imported[tag] = cls
+        return cls
+
+    # -- errors ----------------------------------------------------------------
+
+    def encode_error(self, error: BaseException) -> bytes:
+        """Encode an exception: its type, message, traceback text, args and state.
+
+        Args and attributes that cannot be encoded are dropped (then the error
+        decodes as ``StoredError``); this method does not fail on them.
+        """
+        cls = type(error)
+        try:
+            message = str(error)
+        except Exception:
+            message = f"<unprintable {cls.__name__} object>"
+        record: dict[str, object] = {
+            "type": _error_type_name(cls),
+            "message": message,
+            "traceback": _format_traceback(error),
+        }
+        args, state = _reduce(error)
+        if args is not None:
+            with contextlib.suppress(_Unencodable, RecursionError, ValueError):
+                record["args"] = self._walk_list(args)
+        if state:
+            encoded: dict[str, object] = {}
+            for key, attr in state.items():
+                try:
+                    encoded[key] = self._walk(attr)
+                except (_Unencodable, RecursionError, ValueError):
+                    continue
+            if encoded:
+                record["state"] = encoded
+        try:
+            return self._dump(record).encode()
+        except ValueError:  # an int too long to print: keep message and traceback
+            record.pop("args", None)
+            record.pop("state", None)
+            return self._dumps(record).encode()
+
+    def decode_error(self, data: bytes) -> BaseException:
+        """Rebuild an exception written by :meth:`encode_error`.
+
+        The original class is rebuilt as ``cls(*args)`` (attributes restored)
+        when it can be imported, is an ``Exception`` subclass and accepts its
+        args; otherwise the result is a :class:`StoredError` with the type
+        name, message and traceback. Either way, the stored traceback is
+        attached as a note (PEP 678) beginning with :data:`NOTE_PREFIX`, so
+        it prints below the new traceback. ``BaseException``-only types
+        (``CancelledError``, ``KeyboardInterrupt``, ...) always decode as
+        ``StoredError``: re-raising them would cancel or stop the caller.
+
+        Raises:
+            EncodingError: ``data`` is not an encoded error.
+        """
+        record = self.decode(data)
+        if not (
+            type(record) is dict
+            and type(record.get("type")) is str
+            and type(record.get("message")) is str
+            and type(record.get("traceback", "")) in (str, _NoneType)
+            and type(record.get("args", [])) is list
+            and type(record.get("state", {})) is dict
+        ):
+            raise EncodingError(f"cannot decode an error from {_short.repr(data)}")
+        name: str = record["type"]
+        tb: str | None = record.get("traceback")
+        error: BaseException | None = None
+        cls = self._error_class(name)
+        args = record.get("args")
+        if cls is not None and args is not None:
+            try:
+                error = cls(*args)
+            except Exception:
+                error = None
+            if isinstance(error, BaseException):
+                for key, attr in record.get("state", {}).items():
+                    try:
+                        setattr(error, key, attr)
+                    except Exception:
+                        continue
+            else:
+                error = None
+        if error is None:
+            error = StoredError(name, record["message"], tb)
+        if tb:
+            error.add_note(NOTE_PREFIX + tb)
+        return error
+
+    def _error_class(self, name: str) -> type[BaseException] | None:
+        if name in self._error_classes:
+            return self._error_classes[name]
+        cls: object = None
+        parts = name.split(".")
+        if len(parts) == 1:
+            parts.insert(0, "builtins")
+        for i in range(len(parts) - 1, 0, -1):
+            try:
+                cls = _import_attr(".".join(parts[:i]), ".".join(parts[i:]))
+                break
+            except Exception:
+                continue
+        found = cls if isinstance(cls, type) and issubclass(cls, Exception) else None
+        if len(self._error_classes) >= _MAX_CACHED:  # names come from data: stay bounded
+            self._error_classes.clear()
+        self._error_classes[name] = found
+        return found
+
+
+def _tag_nonfinite(obj: object) -> object:
+    """Copy a walked value, tagging nan and inf (which JSON cannot hold)."""
+    t = type(obj)
+    if t is float:
+        return obj if obj - obj == 0.0 else {"$": "float", "v": repr(obj)}  # type: ignore[operator]
+    if t is list:
+        return [_tag_nonfinite(x) for x in obj]  # type: ignore[attr-defined]
+    if t is dict:
+        return {k: _tag_nonfinite(x) for k, x in obj.items()}  # type: ignore[attr-defined]
+    return obj
+
+
+def _reduce(error: BaseException) -> tuple[tuple[object, ...] | None, dict[str, object]]:
+    """The constructor args and attributes that rebuild ``error``, as pickle would."""
+    try:
+        reduced = error.__reduce__()
+    except Exception:
+        return None, {}
+    if not (
+        isinstance(reduced, tuple)
+        and len(reduced) >= 2
+        and reduced[0] is type(error)
+        and type(reduced[1]) is tuple
+    ):
+        return None, {}
+    state = reduced[2] if len(reduced) > 2 and isinstance(reduced[2], dict) else {}
+    notes = state.get("__notes__")
+    if isinstance(notes, list):
+        # Our own note is already inside the traceback text; keep only the user's.
+        kept = [n for n in notes if not (isinstance(n, str) and n.startswith(NOTE_PREFIX))]
+        state = (
+            {**state, "__notes__": kept}
+            if kept
+            else {k: v for k, v in state.items() if k != "__notes__"}
+        )
+    return reduced[1], {k: v for k, v in state.items() if type(k) is str}
+
+
+def _format_traceback(error: BaseException) -> str:
+    text = "".join(traceback.format_exception(error))
+    if len(text) > _MAX_TRACEBACK:
+        # The innermost frames and the notes at the end matter most.
+        cut = len(text) - _MAX_TRACEBACK
+        text = f"[{cut} characters of traceback omitted]\n" + text[cut:]
+    return text
+
+
+def default_encoder() -> JSONEncoder:
+    """Return a new :class:`JSONEncoder`, the encoder ``Resonate`` uses by default."""
+    return JSONEncoder()

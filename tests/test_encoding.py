@@ -1,0 +1,449 @@
+"""The default JSON encoder: round trips, canonical bytes, errors that say where."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import enum
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from resonate_async import errors
+from resonate_async._command import Command
+from resonate_async._encoding import NOTE_PREFIX, Encoder, JSONEncoder, default_encoder
+from resonate_async.errors import EncodingError, StoredError
+
+# -- module-level types, so that decoding can import them ----------------------
+
+
+@dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+
+@dataclass
+class Box:
+    items: list[Any]
+    label: str = ""
+
+
+@dataclass
+class Holder:
+    value: Any
+
+
+@dataclass
+class InsertUser(Command[int]):
+    id: int
+
+
+@dataclass
+class Unregistered(Command):
+    name: str
+
+
+@dataclass
+class WithDerived:
+    base: int
+    double: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.double = self.base * 2
+
+
+class NotADataclass(Command[int]):
+    pass
+
+
+class Color(enum.Enum):
+    RED = 1
+    GREEN = "green"
+
+
+class Perm(enum.Flag):
+    READ = 1
+    WRITE = 2
+
+
+class PaymentDeclined(Exception):
+    """A custom error with positional args and an extra attribute."""
+
+    def __init__(self, order: str, amount: int) -> None:
+        super().__init__(order, amount)
+        self.order = order
+        self.amount = amount
+        self.retryable = False
+
+
+class KeywordOnly(Exception):
+    def __init__(self, *, code: int) -> None:
+        super().__init__(f"failed with code {code}")
+        self.code = code
+
+
+class BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+
+ENC = JSONEncoder()
+MOD = __name__  # "test_encoding", or "tests.test_encoding" under a package layout
+ENC.register_type("InsertUser", InsertUser)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equality that also requires equal types (1 == 1.0 == True, [1] != (1,))."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return repr(a) == repr(b)  # nan equals nan, -0.0 differs from 0.0
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if dataclasses.is_dataclass(a):
+        return all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    return bool(a == b)
+
+
+# -- round trips ---------------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text()
+    | st.binary(max_size=20)
+    | st.sampled_from(Color)
+)
+keys = st.text(max_size=5) | st.sampled_from(["$", "v", "tuple", "$type"])
+values = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.lists(children, max_size=4).map(tuple)
+        | st.dictionaries(keys, children, max_size=4)
+        | st.builds(Holder, children)
+        | st.builds(Box, st.lists(children, max_size=3), st.text(max_size=3))
+        | st.builds(Point, st.integers(), st.integers())
+        | st.builds(InsertUser, st.integers())
+        | st.builds(Unregistered, st.text(max_size=3))
+    ),
+    max_leaves=20,
+)
+
+
+@given(values)
+def test_round_trip_keeps_values_and_types(value: object) -> None:
+    assert same(ENC.decode(ENC.encode(value)), value)
+
+
+@given(values)
+def test_output_is_canonical_strict_json(value: object) -> None:
+    data = ENC.encode(value)
+    assert ENC.encode(ENC.decode(data)) == data
+    assert data.isascii()
+
+    def reject(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    json.loads(data, parse_constant=reject)
+
+
+@given(st.dictionaries(keys, values, min_size=2, max_size=6))
+def test_dict_insertion_order_does_not_change_the_bytes(d: dict[str, object]) -> None:
+    assert ENC.encode(dict(reversed(d.items()))) == ENC.encode(d)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (5, b"5"),
+        (None, b"null"),
+        (True, b"true"),
+        ("h\u00e9", b'"h\\u00e9"'),
+        (1.5, b"1.5"),
+        ({"b": 1, "a": [None]}, b'{"a":[null],"b":1}'),
+        ((1, 2), b'{"$":"tuple","v":[1,2]}'),
+        (b"x", b'{"$":"bytes","v":"eA=="}'),
+        (math.inf, b'{"$":"float","v":"inf"}'),
+        ([-math.inf], b'[{"$":"float","v":"-inf"}]'),
+        (InsertUser(5), b'{"$":"InsertUser","id":5}'),
+        (Point(1, 2), b'{"$":"%s:Point","x":1,"y":2}' % MOD.encode()),
+        (Color.GREEN, b'{"$":"%s:Color","value":"green"}' % MOD.encode()),
+        (Perm.READ | Perm.WRITE, b'{"$":"%s:Perm","value":3}' % MOD.encode()),
+        ({"$": "tuple", "v": [1]}, b'{"$":"dict","v":[["$","tuple"],["v",[1]]]}'),
+    ],
+)
+def test_stored_format(value: object, expected: bytes) -> None:
+    assert ENC.encode(value) == expected
+    assert same(ENC.decode(expected), value)
+
+
+def test_nan_round_trips() -> None:
+    decoded = ENC.decode(ENC.encode([math.nan]))
+    assert isinstance(decoded, list)
+    assert math.isnan(decoded[0])
+
+
+def test_init_false_fields_are_recomputed() -> None:
+    value = WithDerived(3)
+    assert ENC.encode(value) == f'{{"$":"{MOD}:WithDerived","base":3}}'.encode()
+    assert ENC.decode(ENC.encode(value)) == value
+
+
+def test_unregistered_command_uses_its_qualified_name() -> None:
+    assert ENC.encode(Unregistered("a")) == f'{{"$":"{MOD}:Unregistered","name":"a"}}'.encode()
+
+
+def test_registered_name_is_needed_to_decode() -> None:
+    data = ENC.encode(InsertUser(1))
+    with pytest.raises(EncodingError, match=r"'InsertUser'.*register"):
+        JSONEncoder().decode(data)
+
+
+def test_registering_renames_a_type_already_encoded() -> None:
+    enc = JSONEncoder()
+    old = enc.encode(Point(1, 2))
+    assert old == f'{{"$":"{MOD}:Point","x":1,"y":2}}'.encode()
+    enc.register_type("Point", Point)
+    assert enc.encode(Point(1, 2)) == b'{"$":"Point","x":1,"y":2}'
+    assert enc.decode(old) == Point(1, 2)  # values stored before still decode
+
+
+def test_register_type_rules() -> None:
+    enc = JSONEncoder()
+    enc.register_type("InsertUser", InsertUser)
+    enc.register_type("InsertUser", InsertUser)  # the same pair again is fine
+    with pytest.raises(ValueError, match=f"taken by {MOD}:InsertUser"):
+        enc.register_type("InsertUser", Point)
+    with pytest.raises(ValueError, match="already registered as 'InsertUser'"):
+        enc.register_type("Other", InsertUser)
+    with pytest.raises(ValueError, match="non-empty str other than"):
+        enc.register_type("tuple", Point)
+    with pytest.raises(TypeError, match="@dataclass"):
+        enc.register_type("NotADataclass", NotADataclass)
+
+
+def test_default_encoder_is_a_fresh_json_encoder() -> None:
+    first: Encoder = default_encoder()
+    assert isinstance(first, JSONEncoder)
+    assert first is not default_encoder()
+
+
+# -- values that cannot be encoded ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({1, 2}, "a value of type set at value:"),
+        ([Box([0, 1, 2, {3}])], "a value of type set at value[0].items[3]:"),
+        ({"a": (1, object())}, "a value of type object at value['a'][1]:"),
+        ({"$": [Holder(frozenset())]}, "type frozenset at value['$'][0].value:"),
+        (collections.OrderedDict(a=1), "type collections.OrderedDict at value:"),
+        ([{1: "a"}], "dict key 1 of type int at value[0]: JSON object keys must be str"),
+        (NotADataclass(), f"command {MOD}:NotADataclass at value: a Command must"),
+        (bytearray(b"x"), "type bytearray at value:"),
+    ],
+)
+def test_unencodable_values_name_type_and_path(value: object, message: str) -> None:
+    with pytest.raises(EncodingError) as info:
+        ENC.encode(value)
+    assert message in str(info.value)
+
+
+def test_unencodable_message_says_what_to_do() -> None:
+    with pytest.raises(EncodingError, match=r"handles None, bool, .*convert it"):
+        ENC.encode({1.5j})
+
+
+def test_local_classes_are_refused_at_encode_time() -> None:
+    @dataclass
+    class Local:
+        x: int
+
+    with pytest.raises(EncodingError, match=r"defined inside a function.*module level"):
+        ENC.encode([Local(1)])
+
+
+def test_cycles_are_refused() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(EncodingError, match="cycle"):
+        ENC.encode(loop)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"{",
+        b"[1,",
+        b"5 x",
+        b"\xff",
+        b'{"$":"tuple"}',
+        b'{"$":"tuple","v":[1],"w":2}',
+        b'{"$":"bytes","v":"e A=="}',
+        b'{"$":"float","v":"1.5"}',
+        b'{"$":"dict","v":[["a"]]}',
+        b'{"$":7}',
+        b'{"$":"NoSuchName","x":1}',
+        b'{"$":"no_such_module:Thing"}',
+        b'{"$":"json:dumps"}',
+        b'{"$":"%s:Point","x":1}' % MOD.encode(),
+        b'{"$":"%s:Color","value":3}' % MOD.encode(),
+    ],
+)
+def test_malformed_data_raises_encoding_error(data: bytes) -> None:
+    with pytest.raises(EncodingError, match="cannot"):
+        ENC.decode(data)
+
+
+def test_lone_surrogates_round_trip() -> None:
+    assert ENC.decode(ENC.encode(["\ud800"])) == ["\ud800"]
+
+
+def test_ints_too_long_to_print_are_refused() -> None:
+    with pytest.raises(EncodingError, match="digits"):
+        ENC.encode(10**5000)
+    with pytest.raises(EncodingError, match="digits"):
+        ENC.encode([10**5000])
+
+
+def test_decode_accepts_surrounding_whitespace() -> None:
+    assert ENC.decode(b" [1] \n") == [1]
+
+
+# -- errors --------------------------------------------------------------------
+
+
+def raise_and_catch(error: BaseException) -> BaseException:
+    try:
+        raise error
+    except BaseException as caught:
+        return caught
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("bad value"),
+        KeyError("missing"),
+        FileNotFoundError(2, "No such file", "x.txt"),
+        UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+        PaymentDeclined("order-1", 250),
+    ],
+    ids=type,
+)
+def test_errors_round_trip_as_their_type(error: BaseException) -> None:
+    decoded = ENC.decode_error(ENC.encode_error(raise_and_catch(error)))
+    assert type(decoded) is type(error)
+    assert decoded.args == error.args
+    assert str(decoded) == str(error)
+
+
+def test_error_attributes_are_restored() -> None:
+    decoded = ENC.decode_error(ENC.encode_error(PaymentDeclined("order-1", 250)))
+    assert isinstance(decoded, PaymentDeclined)
+    assert (decoded.order, decoded.amount, decoded.retryable) == ("order-1", 250, False)
+
+
+@pytest.mark.parametrize("name", errors.__all__)
+def test_sdk_errors_round_trip_as_themselves(name: str) -> None:
+    cls = getattr(errors, name)
+    error = cls("t.Type", "msg", "tb") if cls is StoredError else cls("what to do next")
+    decoded = ENC.decode_error(ENC.encode_error(error))
+    assert type(decoded) is cls
+    assert str(decoded) == str(error)
+    if isinstance(error, StoredError):
+        assert isinstance(decoded, StoredError)
+        assert (decoded.type, decoded.message, decoded.traceback) == ("t.Type", "msg", "tb")
+
+
+def test_store_error_keeps_its_message_not_its_cause() -> None:
+    try:
+        try:
+            raise OSError("disk full")
+        except OSError as exc:
+            raise errors.StoreError("write failed; retry when the disk has space") from exc
+    except errors.StoreError as caught:
+        decoded = ENC.decode_error(ENC.encode_error(caught))
+    assert isinstance(decoded, errors.StoreError)
+    assert "disk full" in decoded.__notes__[-1]  # the cause is in the stored traceback
+
+
+@pytest.mark.parametrize(
+    ("error", "type_name", "message"),
+    [
+        (KeywordOnly(code=7), f"{MOD}.KeywordOnly", "failed with code 7"),
+        (ValueError({1, 2}), "ValueError", "{1, 2}"),
+        (asyncio.CancelledError("stop"), "asyncio.exceptions.CancelledError", "stop"),
+        (KeyboardInterrupt(), "KeyboardInterrupt", ""),
+    ],
+    ids=["not-constructible", "unencodable-args", "cancelled", "keyboard-interrupt"],
+)
+def test_errors_that_cannot_be_rebuilt_become_stored_error(
+    error: BaseException, type_name: str, message: str
+) -> None:
+    decoded = ENC.decode_error(ENC.encode_error(raise_and_catch(error)))
+    assert isinstance(decoded, StoredError)
+    assert (decoded.type, decoded.message) == (type_name, message)
+    assert decoded.traceback is not None
+    assert "raise_and_catch" in decoded.traceback
+
+
+def test_local_exception_types_become_stored_error() -> None:
+    class Local(Exception):
+        pass
+
+    decoded = ENC.decode_error(ENC.encode_error(Local("x")))
+    assert isinstance(decoded, StoredError)
+    assert decoded.type.endswith("<locals>.Local")
+
+
+def test_stored_traceback_is_attached_as_one_note() -> None:
+    error = raise_and_catch(ValueError("boom"))
+    error.add_note("user note")
+    once = ENC.decode_error(ENC.encode_error(error))
+    twice = ENC.decode_error(ENC.encode_error(raise_and_catch(once)))
+    for decoded in (once, twice):
+        ours = [n for n in decoded.__notes__ if n.startswith(NOTE_PREFIX)]
+        assert len(ours) == 1
+        assert "raise_and_catch" in ours[0]
+        assert "ValueError: boom" in ours[0]
+        assert "user note" in decoded.__notes__
+    # The second hop's note holds the first traceback once, not once per hop.
+    assert twice.__notes__[-1].count(NOTE_PREFIX) == 2
+
+
+def test_error_args_with_nan_round_trip() -> None:
+    decoded = ENC.decode_error(ENC.encode_error(ValueError(math.inf, "x")))
+    assert type(decoded) is ValueError
+    assert decoded.args == (math.inf, "x")
+
+
+def test_error_with_an_unprintable_int_arg_keeps_its_message() -> None:
+    decoded = ENC.decode_error(ENC.encode_error(ValueError(10**5000)))
+    assert isinstance(decoded, StoredError)
+    assert decoded.type == "ValueError"
+
+
+def test_encode_error_survives_a_broken_str() -> None:
+    decoded = ENC.decode_error(ENC.encode_error(BadStr()))
+    assert isinstance(decoded, BadStr)
+
+
+@pytest.mark.parametrize("data", [b"5", b'{"type":"ValueError"}', b"{"])
+def test_decode_error_rejects_other_data(data: bytes) -> None:
+    with pytest.raises(EncodingError, match="cannot decode"):
+        ENC.decode_error(data)
