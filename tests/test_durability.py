@@ -1,0 +1,360 @@
+"""Timers, timeouts, external promises, recorded values, retries and cancellation.
+
+Every time-based test runs on the virtual clock: no test waits in wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from resonate_async import (
+    CanceledError,
+    Command,
+    Context,
+    Kind,
+    MemoryStore,
+    PromiseTimeoutError,
+    Resonate,
+    State,
+)
+from resonate_async.retry import constant, exponential, never
+from resonate_async.testing import VirtualClock, crash
+
+
+class Flaky(Exception):
+    pass
+
+
+class Fatal(Exception):
+    pass
+
+
+def make(clock: VirtualClock, store: MemoryStore | None = None) -> Resonate:
+    return Resonate(store or MemoryStore(), clock=clock)
+
+
+async def test_durable_sleep_wakes_after_its_time() -> None:
+    clock = VirtualClock()
+    resonate = make(clock)
+
+    @resonate.register(name="nap")
+    async def nap(ctx: Context) -> str:
+        await ctx.sleep(60)
+        return "awake"
+
+    async with resonate:
+        handle = resonate.run("nap", "nap")
+        await clock.advance(59)
+        assert not handle.done()
+        await clock.advance(1)
+        assert await handle == "awake"
+        sleep = await resonate.promises.get("nap.1")
+        assert sleep is not None and sleep.kind is Kind.SLEEP and sleep.state is State.RESOLVED
+
+
+async def test_a_run_resumed_after_a_crash_sleeps_only_what_remains() -> None:
+    clock = VirtualClock()
+    store = MemoryStore()
+
+    def build() -> Resonate:
+        resonate = make(clock, store)
+
+        @resonate.register(name="remind")
+        async def remind(ctx: Context) -> float:
+            await ctx.sleep(100)
+            return await ctx.now()
+
+        return resonate
+
+    first = build()
+    await first.start()
+    started = clock.now()
+    first.run("remind", "remind")
+    await clock.advance(40)
+    await crash(first)
+
+    async with build() as second:
+        handle = second.get("remind")
+        await clock.advance(59)
+        assert not handle.done()
+        await clock.advance(1)
+        assert await handle == started + 100
+
+
+async def test_step_timeout_rejects_as_timed_out() -> None:
+    clock = VirtualClock(autojump=True)
+    resonate = make(clock)
+
+    async def slow(ctx: Context) -> str:
+        await clock.sleep(10)
+        return "late"
+
+    @resonate.register(name="impatient")
+    async def impatient(ctx: Context) -> str:
+        try:
+            return await ctx.lfc(slow).with_options(timeout=5)
+        except PromiseTimeoutError:
+            return "timed out"
+
+    async with resonate:
+        assert await resonate.run("i", "impatient") == "timed out"
+        step = await resonate.promises.get("i.1")
+        assert step is not None and step.state is State.REJECTED_TIMEDOUT
+
+
+async def test_run_timeout_rejects_the_run() -> None:
+    clock = VirtualClock(autojump=True)
+    resonate = make(clock)
+
+    @resonate.register(name="forever", timeout=30)
+    async def forever(ctx: Context) -> None:
+        await ctx.sleep(3600)
+
+    async with resonate:
+        with pytest.raises(PromiseTimeoutError):
+            await resonate.run("f", "forever")
+        root = await resonate.promises.get("f")
+        assert root is not None and root.state is State.REJECTED_TIMEDOUT
+
+
+async def test_external_promise_resumes_the_workflow_and_settles_once() -> None:
+    clock = VirtualClock()
+    resonate = make(clock)
+
+    @resonate.register(name="approve")
+    async def approve(ctx: Context, amount: int) -> str:
+        decision = await ctx.promise(id=f"approval-{ctx.id}")
+        return f"{amount}:{decision}"
+
+    async with resonate:
+        handle = resonate.run("order-1", "approve", 50)
+        while await resonate.promises.get("approval-order-1") is None:
+            await asyncio.sleep(0)
+        first = await resonate.promises.resolve("approval-order-1", "yes")
+        second = await resonate.promises.resolve("approval-order-1", "no")
+        assert first.state is State.RESOLVED
+        assert second.value == first.value  # the first outcome stands
+        assert await handle == "50:yes"
+
+
+async def test_external_promise_settled_by_another_process_is_seen_by_polling() -> None:
+    clock = VirtualClock()
+    store = MemoryStore()
+    resonate = Resonate(store, clock=clock, poll_seconds=2)
+
+    @resonate.register(name="wait")
+    async def wait(ctx: Context) -> str:
+        return await ctx.promise(id="ext")
+
+    async with resonate:
+        handle = resonate.run("w", "wait")
+        while not await store.get_many(["ext"]):
+            await asyncio.sleep(0)
+        # Another process writes straight to the shared store: no in-process wake-up.
+        from resonate_async import JSONEncoder
+        from resonate_async.stores._base import Settle
+
+        await store.write([Settle("ext", State.RESOLVED, JSONEncoder().encode("hi"), 0.0)])
+        await clock.advance(1)
+        assert not handle.done()
+        await clock.advance(1)
+        assert await handle == "hi"
+
+
+async def test_external_promise_timeout() -> None:
+    clock = VirtualClock(autojump=True)
+    resonate = make(clock)
+
+    @resonate.register(name="wait")
+    async def wait(ctx: Context) -> str:
+        return await ctx.promise(timeout=60)
+
+    async with resonate:
+        with pytest.raises(PromiseTimeoutError):
+            await resonate.run("w", "wait")
+        record = await resonate.promises.get("w.1")
+        assert record is not None and record.state is State.REJECTED_TIMEDOUT
+
+
+async def test_recorded_values_replay_after_a_crash() -> None:
+    clock = VirtualClock()
+    store = MemoryStore()
+    gate = asyncio.Event()
+
+    async def block(ctx: Context) -> None:
+        await gate.wait()
+
+    def build() -> Resonate:
+        resonate = make(clock, store)
+
+        @resonate.register(name="stamp")
+        async def stamp(ctx: Context) -> tuple[float, float]:
+            now = await ctx.now()
+            r = await ctx.random()
+            await ctx.lfc(block)
+            return (now, r)
+
+        return resonate
+
+    first = build()
+    await first.start()
+    first.run("s", "stamp")
+    while len(await store.get_many(["s.1", "s.2"])) < 2:
+        await asyncio.sleep(0)
+    stored = await store.get_many(["s.1", "s.2"])
+    await crash(first)
+    await clock.advance(1000)
+    gate.set()
+    async with build() as second:
+        now, r = await second.get("s")
+    enc = second._encoder
+    assert (now, r) == (enc.decode(stored["s.1"].value or b""), enc.decode(stored["s.2"].value or b""))
+
+
+async def test_step_retries_honour_policy_and_non_retryable() -> None:
+    clock = VirtualClock(autojump=True)
+    resonate = make(clock)
+    calls: list[str] = []
+
+    async def flaky(ctx: Context, fail_times: int) -> int:
+        calls.append(f"flaky{ctx.attempt}")
+        if ctx.attempt <= fail_times:
+            raise Flaky()
+        return ctx.attempt
+
+    async def fatal(ctx: Context) -> None:
+        calls.append("fatal")
+        raise Fatal()
+
+    @resonate.register(name="wf")
+    async def wf(ctx: Context) -> int:
+        policy = exponential(delay=1, factor=2, max_delay=30, max_retries=5, non_retryable=(Fatal,))
+        attempts = await ctx.lfc(flaky, 3).with_options(retry_policy=policy)
+        try:
+            await ctx.lfc(fatal).with_options(retry_policy=policy)
+        except Fatal:
+            pass
+        return attempts
+
+    async with resonate:
+        start = clock.now()
+        assert await resonate.run("r", "wf") == 4
+        assert clock.now() - start == pytest.approx(1 + 2 + 4)
+        step = await resonate.promises.get("r.1")
+        assert step is not None and step.attempt == 4
+    assert calls == ["flaky1", "flaky2", "flaky3", "flaky4", "fatal"]
+
+
+async def test_cancelling_a_run_settles_it_canceled() -> None:
+    clock = VirtualClock()
+    resonate = make(clock)
+
+    @resonate.register(name="long")
+    async def long(ctx: Context) -> None:
+        await ctx.sleep(1000)
+
+    async with resonate:
+        handle = resonate.run("a", "long")
+        await handle.created()
+        await clock.advance(1)
+        assert handle.cancel()
+        with pytest.raises(CanceledError):
+            await handle
+        other = resonate.run("b", "long")
+        await other.created()
+        await resonate.promises.cancel("b")
+        with pytest.raises(CanceledError):
+            await other
+        for id in ("a", "b"):
+            record = await resonate.promises.get(id)
+            assert record is not None and record.state is State.REJECTED_CANCELED
+        with pytest.raises(CanceledError):  # the stored outcome, for anyone attaching later
+            await resonate.run("a", "long")
+
+
+@dataclass
+class Job(Command[int]):
+    n: int
+
+
+async def test_options_are_checked() -> None:
+    resonate = Resonate(MemoryStore())
+
+    async def handler(ctx: Context, jobs: list[Job]) -> list[int]:
+        return [j.n for j in jobs]
+
+    resonate.register_command_handler(Job, handler)
+
+    async def step(ctx: Context) -> None:
+        return None
+
+    @resonate.register(name="wf")
+    async def wf(ctx: Context) -> str:
+        with pytest.raises(RuntimeError, match="handler's retry_policy"):
+            ctx.lfi(Job(1)).with_options(retry_policy=never())
+        promise = ctx.lfi(step)
+        await promise
+        with pytest.raises(RuntimeError, match="before the call starts"):
+            promise.with_options(timeout=1)
+        return "checked"
+
+    async with resonate:
+        assert await resonate.run("o", "wf") == "checked"
+
+
+async def test_blog_generator_workflow_runs_and_batches() -> None:
+    """The blog's example, unchanged but for imports: generators and a plain def handler."""
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:", check_same_thread=False)
+    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, value INTEGER)")
+    batches: list[int] = []
+    resonate = Resonate(MemoryStore())
+
+    @dataclass
+    class InsertUser(Command):
+        id: int
+
+    def _batch_handler(_: Context, users: list[InsertUser]) -> None:
+        for user in users:
+            conn.execute("INSERT INTO users (value) VALUES (?)", (user.id,))
+        conn.commit()
+        batches.append(len(users))
+
+    def create_user_batching(ctx: Context, u: int):  # type: ignore[no-untyped-def]
+        p = yield ctx.lfi(InsertUser(u))
+        yield p
+
+    resonate.register(create_user_batching, retry_policy=never())
+    resonate.register_command_handler(InsertUser, _batch_handler, retry_policy=never())
+
+    async with resonate:
+        promises = []
+        for u in range(1000):
+            p = resonate.run(f"insert-value-{u}", create_user_batching, u)
+            promises.append(p)
+        for p in promises:
+            await p.result()
+    (count,) = conn.execute("SELECT COUNT(*) FROM users").fetchone()
+    conn.close()
+    assert count == 1000
+    assert sum(batches) == 1000 and len(batches) < 1000 // 10
+
+
+async def test_constant_retry_of_whole_run_uses_clock() -> None:
+    clock = VirtualClock(autojump=True)
+    resonate = make(clock)
+
+    @resonate.register(name="r", retry_policy=constant(delay=5, max_retries=1))
+    async def r(ctx: Context) -> int:
+        if ctx.attempt == 1:
+            raise Flaky()
+        return ctx.attempt
+
+    async with resonate:
+        start = clock.now()
+        assert await resonate.run("x", "r") == 2
+        assert clock.now() - start == pytest.approx(5)
