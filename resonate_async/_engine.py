@@ -317,7 +317,12 @@ class Engine:
         while True:
             ctx = Context(self, run, id, root_id, attempt, leaf=style is CallStyle.SYNC)
             try:
-                call = invoke(style, fn, ctx, args, kwargs)
+                # An async function is awaited directly: no wrapper coroutine on the hot path.
+                call = (
+                    fn(ctx, *args, **kwargs)
+                    if style is CallStyle.ASYNC
+                    else invoke(style, fn, ctx, args, kwargs)
+                )
                 value = await (call if deadline is None else with_deadline(call, deadline, clock))
                 await ctx._join_children()
             except asyncio.CancelledError:
