@@ -34,7 +34,7 @@ T = TypeVar("T")
 log = logging.getLogger("resonate_async")
 
 # What a Promise stands for.
-_STEP, _COMMAND, _SLEEP, _EXTERNAL = range(4)
+_STEP, _COMMAND, _SLEEP, _EXTERNAL, _REMOTE = range(5)
 _NOT_STARTED, _STARTED, _INLINE_DONE = range(3)
 
 
@@ -151,6 +151,44 @@ class Context:
         call_style(target)  # fail now if not callable
         return Promise(self, self._next_id(), _STEP, target, args, kwargs)
 
+    def rfi(self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Promise[Any]:
+        """Start a *remote* function invocation; any worker that registered it may run it.
+
+        Creates a PENDING remote promise in the store; a worker (this one
+        included) that registered ``target`` claims it, runs it and settles
+        it. Arguments and the result must be encodable.
+
+        Args:
+            target: a registered function, or its registered name.
+        """
+        promise = self._remote(target, args, kwargs)
+        if self._children is None:
+            self._children = []
+        self._children.append(promise)
+        asyncio.get_running_loop().call_soon(promise._start)
+        return promise
+
+    def rfc(self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Promise[Any]:
+        """``rfi`` and await: ``value = await ctx.rfc("charge", order_id)``."""
+        promise = self._remote(target, args, kwargs)
+        promise._inline = True
+        return promise
+
+    def _remote(
+        self, target: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Promise[Any]:
+        registry = self._engine.registry
+        if isinstance(target, str):
+            name = target
+            entry = registry.lookup_newest(target)
+        else:
+            entry = registry.lookup_fn(target)
+            name = entry.name if entry is not None else function_name(target)
+        promise: Promise[Any] = Promise(self, self._next_id(), _REMOTE, name, args, kwargs)
+        promise._version = entry.version if entry is not None else 1
+        promise._param = self._engine.encode_for([list(args), kwargs], promise.id)
+        return promise
+
     def sleep(self, seconds: float) -> Promise[None]:
         """A durable timer: ``await ctx.sleep(60)``.
 
@@ -239,6 +277,7 @@ class Promise(Generic[T]):
         "_timeout",
         "_type",
         "_value",
+        "_version",
         "_yielded",
         "id",
     )
@@ -269,6 +308,7 @@ class Promise(Generic[T]):
         self._yielded = False
         self._value: Any = None
         self._error: BaseException | None = None
+        self._version = 1
 
     def __repr__(self) -> str:
         return f"Promise(id={self.id!r})"
@@ -376,6 +416,8 @@ class Promise(Generic[T]):
             future = loop.create_task(self._execute_step())
         elif self._type == _EXTERNAL:
             future = loop.create_task(self._execute_external())
+        elif self._type == _REMOTE:
+            future = loop.create_task(self._execute_remote())
         else:  # sleeps are always inline
             future = cast("asyncio.Future[T]", loop.create_task(self._execute_sleep()))
         self._future = future
@@ -409,6 +451,8 @@ class Promise(Generic[T]):
             return function_name(self._target)
         if self._type == _SLEEP:
             return "resonate.sleep"
+        if self._type == _REMOTE:
+            return str(self._target)
         return None
 
     async def _run_inline(self) -> T:
@@ -420,6 +464,8 @@ class Promise(Generic[T]):
         if self._type == _SLEEP:
             await self._execute_sleep()
             return cast(T, None)
+        if self._type == _REMOTE:
+            return await self._execute_remote()
         return await self._execute_external()
 
     # -- executions ------------------------------------------------------------
@@ -502,3 +548,28 @@ class Promise(Generic[T]):
         settled = await engine.wait_settled(stored)
         return cast(T, engine.settled_child(run, settled))
 
+    async def _execute_remote(self) -> T:
+        ctx = self._ctx
+        engine = ctx._engine
+        now = engine.clock.now()
+        record = PromiseRecord(
+            id=self.id,
+            state=State.PENDING,
+            kind=Kind.REMOTE,
+            # A remote call is the root of its own tree: whoever claims it
+            # replays its children from there.
+            root_id=self.id,
+            created_at=now,
+            func=str(self._target),
+            version=self._version,
+            param=self._param,
+            parent_id=ctx.id,
+            timeout_at=None if self._timeout is None else now + self._timeout,
+        )
+        stored = await engine.writer.write(Create(record))
+        if stored is None:  # pragma: no cover - a create always leaves a row
+            raise NotFoundError(self.id)
+        if stored is record:
+            engine.remote_created()
+        settled = await engine.wait_settled(stored)
+        return cast(T, engine.settled_child(ctx._run, settled))

@@ -160,6 +160,7 @@ class Engine:
         self._waiters: dict[str, list[asyncio.Future[PromiseRecord]]] = {}
         # Runs stopped by nondeterminism: PENDING in the store, not retried here.
         self.stuck: dict[str, NondeterminismError] = {}
+        self._claim_wakeup = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -169,7 +170,9 @@ class Engine:
         for entry in self.registry.handlers():
             self.add_batcher(entry)
         self._services.append(self._spawn_service(self._heartbeat(), "heartbeat"))
+        await self._release_dead_owners(at_start=True)
         await self.recover()
+        self._services.append(self._spawn_service(self._claim_loop(), "claims"))
 
     def _spawn_service(self, coro: Any, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = self._loop.create_task(coro, name=f"resonate-{name}")
@@ -591,40 +594,65 @@ class Engine:
     # -- recovery and leases -----------------------------------------------------
 
     async def recover(self, keys: Sequence[tuple[str, int]] | None = None) -> int:
-        """Claim and resume PENDING runs of registered functions; return how many."""
+        """Claim and resume PENDING runs and remote calls of registered functions.
+
+        Free promises (no owner, an expired lease, or a dead owner on this
+        host) are claimed in chunks; returns how many were resumed.
+        """
         keys = list(self.registry.keys() if keys is None else keys)
         if not keys or self.closing:
             return 0
-        await self._release_dead_owners()
-        now = self.clock.now()
-        claimed = await self.store.claim(
-            self.worker_id, now=now, lease_until=now + self.lease_seconds, funcs=keys
-        )
         resumed = 0
-        for record in claimed:
-            if record.id in self.runs or record.id in self.stuck or record.func is None:
-                continue
-            entry = self.registry.lookup(record.func, record.version)
-            if entry is None or record.param is None:
-                continue
-            try:
-                decoded = self.encoder.decode(record.param)
-                args, kwargs = cast("tuple[list[Any], dict[str, Any]]", decoded)
-            except Exception as exc:
-                log.error("cannot resume run %s: its arguments do not decode: %s", record.id, exc)
-                continue
-            self.start_run(record.id, entry, record.param, args, kwargs, stored=record)
-            resumed += 1
+        while True:
+            now = self.clock.now()
+            claimed = await self.store.claim(
+                self.worker_id,
+                now=now,
+                lease_until=now + self.lease_seconds,
+                funcs=keys,
+                kinds=(Kind.RUN, Kind.REMOTE),
+                limit=_CLAIM_CHUNK,
+            )
+            fresh = [r for r in claimed if r.id not in self.runs and r.id not in self.stuck]
+            for record in fresh:
+                resumed += self._resume(record)
+            if len(claimed) < _CLAIM_CHUNK or not fresh or self.closing:
+                break
         if resumed:
             log.info("resumed %d pending runs", resumed)
         return resumed
 
-    async def _release_dead_owners(self) -> None:
-        pending = await self.store.search(state=State.PENDING, kind=Kind.RUN, limit=None)
+    def _resume(self, record: PromiseRecord) -> int:
+        entry = None if record.func is None else self.registry.lookup(record.func, record.version)
+        if entry is None or record.param is None:
+            return 0
+        try:
+            decoded = self.encoder.decode(record.param)
+            args, kwargs = cast("tuple[list[Any], dict[str, Any]]", decoded)
+        except Exception as exc:
+            log.error("cannot resume %s: its arguments do not decode: %s", record.id, exc)
+            return 0
+        self.start_run(record.id, entry, record.param, args, kwargs, stored=record)
+        return 1
+
+    def remote_created(self) -> None:
+        """A remote call was created here: look for work now, not at the next poll."""
+        self._claim_wakeup.set()
+
+    async def _release_dead_owners(self, *, at_start: bool = False) -> None:
+        """Free leases whose owner is a dead process of this host.
+
+        At start, leases held under this very ``worker_id`` belong to a
+        previous incarnation (a restart with a stable id), so they are freed too.
+        """
         dead: dict[str, list[str]] = {}
-        for record in pending:
-            if record.owner and record.owner != self.worker_id and _dead_local_owner(record.owner):
-                dead.setdefault(record.owner, []).append(record.id)
+        for kind in (Kind.RUN, Kind.REMOTE):
+            for record in await self.store.search(state=State.PENDING, kind=kind, limit=None):
+                owner = record.owner
+                if owner is None or record.id in self.runs:
+                    continue
+                if (at_start and owner == self.worker_id) or _dead_local_owner(owner):
+                    dead.setdefault(owner, []).append(record.id)
         for owner, ids in dead.items():
             await self.store.release(owner, ids)
 
@@ -634,9 +662,29 @@ class Engine:
             await clock.sleep(self.heartbeat_seconds)
             try:
                 await self.store.renew(self.worker_id, lease_until=clock.now() + self.lease_seconds)
-                await self.recover()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("lease heartbeat failed: %s", exc)
 
+    async def _claim_loop(self) -> None:
+        """Every ``poll_seconds`` (or at once when woken), claim free runs and remote calls."""
+        clock = self.clock
+        polls = 0
+        while True:
+            self._claim_wakeup.clear()
+            try:
+                await with_deadline(self._claim_wakeup.wait(), clock.now() + self.poll_seconds, clock)
+            except TimeoutError:
+                polls += 1
+            try:
+                if polls % 30 == 29:  # now and then, free the leases of dead local processes
+                    await self._release_dead_owners()
+                await self.recover()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("claiming pending runs failed: %s", exc)
+
+
+_CLAIM_CHUNK = 1000

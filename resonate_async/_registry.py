@@ -123,6 +123,14 @@ class Registry:
             )
         return entry
 
+    def lookup_newest(self, name: str) -> FunctionEntry | None:
+        """The newest version registered under ``name``, if any."""
+        return self._newest.get(name)
+
+    def lookup_fn(self, fn: Callable[..., Any]) -> FunctionEntry | None:
+        """The entry of a registered function object, if any."""
+        return self._by_fn.get(fn)
+
     def lookup(self, name: str, version: int) -> FunctionEntry | None:
         """The entry registered under exactly ``(name, version)``, if any."""
         return self._by_key.get((name, version))
