@@ -1,0 +1,45 @@
+"""Remote invocation: any worker that registered a function may run it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from resonate_async import Context, Kind, MemoryStore, Resonate, State
+
+
+async def test_rfc_runs_on_a_worker_that_registered_the_function() -> None:
+    store = MemoryStore()
+    caller = Resonate(store, poll_seconds=0.01)
+    worker = Resonate(store, poll_seconds=0.01)
+    ran_on: list[str] = []
+
+    @worker.register(name="double")
+    async def double(ctx: Context, x: int) -> int:
+        ran_on.append("worker")
+        return x * 2
+
+    @caller.register(name="parent")
+    async def parent(ctx: Context, x: int) -> int:
+        return await ctx.rfc("double", x) + 1
+
+    async with caller, worker:
+        assert await caller.run("p", "parent", 20) == 41
+        remote = await caller.promises.get("p.1")
+        assert remote is not None and remote.kind is Kind.REMOTE
+        assert remote.state is State.RESOLVED
+    assert ran_on == ["worker"]
+
+
+async def test_rfi_fans_out_and_runs_locally_when_registered_here() -> None:
+    resonate = Resonate(MemoryStore(), poll_seconds=60)  # no polling needed: woken at once
+
+    @resonate.register(name="square")
+    async def square(ctx: Context, x: int) -> int:
+        return x * x
+
+    @resonate.register(name="fan")
+    async def fan(ctx: Context) -> list[int]:
+        return list(await asyncio.gather(*(ctx.rfi(square, x) for x in range(5))))
+
+    async with resonate:
+        assert await resonate.run("f", "fan") == [0, 1, 4, 9, 16]
