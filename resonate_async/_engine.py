@@ -10,6 +10,7 @@ writer once drained), so no task outlives ``async with resonate``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -161,6 +162,7 @@ class Engine:
         # Runs stopped by nondeterminism: PENDING in the store, not retried here.
         self.stuck: dict[str, NondeterminismError] = {}
         self._claim_wakeup = asyncio.Event()
+        self._listening = False
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -170,6 +172,10 @@ class Engine:
         for entry in self.registry.handlers():
             self.add_batcher(entry)
         self._services.append(self._spawn_service(self._heartbeat(), "heartbeat"))
+        listen = getattr(self.store, "listen", None)
+        if listen is not None:  # PostgreSQL: woken by NOTIFY instead of polling
+            await listen(self._on_settled_notice)
+            self._listening = True
         await self._release_dead_owners(at_start=True)
         await self.recover()
         self._services.append(self._spawn_service(self._claim_loop(), "claims"))
@@ -211,6 +217,10 @@ class Engine:
             for waiter in waiters:
                 waiter.cancel()
         self._waiters.clear()
+        if self._listening:
+            self._listening = False
+            with contextlib.suppress(Exception):
+                await self.store.unlisten(self._on_settled_notice)  # type: ignore[attr-defined]
 
     async def abandon(self) -> None:
         """Drop everything at once, as a crash would: nothing settled, nothing flushed."""
@@ -514,6 +524,16 @@ class Engine:
             for waiter in self._waiters.pop(record.id, ()):
                 if not waiter.done():
                     waiter.set_result(record)
+
+    def _on_settled_notice(self, id: str) -> None:
+        """NOTIFY from the store: a promise settled somewhere; wake its local waiters."""
+        if id in self._waiters and not self.closing:
+            self.spawn_other(self._refresh(id))
+
+    async def _refresh(self, id: str) -> None:
+        record = (await self.store.get_many([id])).get(id)
+        if record is not None and record.state is not State.PENDING:
+            self._wake(record)
 
     def wake(self, record: PromiseRecord) -> None:
         """Tell local waiters that ``record`` settled (after a durable settle here)."""
