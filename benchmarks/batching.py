@@ -71,7 +71,9 @@ def build(store: str) -> Resonate:
     return resonate
 
 
-async def bench(users: int, batch: bool, store: str, log_batches: bool, progress: bool) -> dict[str, Any]:
+async def bench(
+    users: int, batch: bool, store: str, log_batches: bool, progress: bool
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         users_db = os.path.join(tmp, "users.db")
         resonate = build(store or os.path.join(tmp, "resonate.db"))
@@ -116,8 +118,11 @@ async def bench(users: int, batch: bool, store: str, log_batches: bool, progress
 @click.command()
 @click.option("--batch/--no-batch", default=True, help="Batch the inserts (default) or not.")
 @click.option("--users", type=click.IntRange(0, 100_000), default=10_000, show_default=True)
-@click.option("--store", default="", help="Promise store: a SQLite path or a postgresql:// URL "
-              "(default: a fresh SQLite file).")
+@click.option(
+    "--store",
+    default="",
+    help="Promise store: a SQLite path or a postgresql:// URL (default: a fresh SQLite file).",
+)
 @click.option("--log-batches", is_flag=True, help="Print one line per batch.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def main(batch: bool, users: int, store: str, log_batches: bool, progress: bool) -> None:

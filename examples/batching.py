@@ -33,9 +33,7 @@ class InsertUser(Command[None]):
 async def insert_users(ctx: Context, users: list[InsertUser]) -> None:
     db: aiosqlite.Connection = ctx.get_dependency("db")
     # Idempotent: a batch may run again after a crash, so re-inserting is a no-op.
-    await db.executemany(
-        "INSERT OR IGNORE INTO users (id) VALUES (?)", [(u.id,) for u in users]
-    )
+    await db.executemany("INSERT OR IGNORE INTO users (id) VALUES (?)", [(u.id,) for u in users])
     await db.commit()  # one commit per batch
 
 

@@ -15,16 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random as _random
-from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 from ._command import Command
-from ._invoke import invoke
-from ._registry import CallStyle, call_style, function_name
+from ._registry import call_style, function_name
 from .errors import NondeterminismError, NotFoundError
 from .stores._base import Create, Kind, PromiseRecord, Settle, State
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Generator
+
     from ._engine import Engine, RunState
     from .retry import RetryPolicy
 
@@ -235,7 +235,9 @@ class Context:
                 raise
             except Exception as exc:
                 if not child._awaited:
-                    log.warning("%s: error of child %s that was never awaited: %r", self.id, child.id, exc)
+                    log.warning(
+                        "%s: error of child %s that was never awaited: %r", self.id, child.id, exc
+                    )
 
     def _cancel_children(self) -> None:
         for child in self._children or ():
@@ -369,7 +371,7 @@ class Promise(Generic[T]):
                 self._state = _INLINE_DONE
                 raise
             self._state = _INLINE_DONE
-            return cast(T, self._value)
+            return cast("T", self._value)
         future = self._start()
         if self._type == _COMMAND and not future.done() and not self._in_queue:
             yield from self._ctx._engine.batchers[type(self._target)].put(self).__await__()
@@ -378,7 +380,7 @@ class Promise(Generic[T]):
     def _outcome(self) -> T:
         if self._error is not None:
             raise self._error
-        return cast(T, self._value)
+        return cast("T", self._value)
 
     def _cancel(self) -> None:
         if self._future is not None and not self._future.done():
@@ -458,12 +460,12 @@ class Promise(Generic[T]):
     async def _run_inline(self) -> T:
         stored = self._replayed()
         if stored is not None:
-            return cast(T, self._ctx._engine.outcome(stored))
+            return cast("T", self._ctx._engine.outcome(stored))
         if self._type == _STEP:
             return await self._execute_step()
         if self._type == _SLEEP:
             await self._execute_sleep()
-            return cast(T, None)
+            return cast("T", None)
         if self._type == _REMOTE:
             return await self._execute_remote()
         return await self._execute_external()
@@ -477,7 +479,15 @@ class Promise(Generic[T]):
         policy = self._retry_policy or engine.step_retry_policy
         deadline = None if self._timeout is None else engine.clock.now() + self._timeout
         state, data, attempt = await engine.attempts(
-            ctx._run, self.id, ctx.root_id, call_style(fn), fn, self._args, self._kwargs, policy, deadline
+            ctx._run,
+            self.id,
+            ctx.root_id,
+            call_style(fn),
+            fn,
+            self._args,
+            self._kwargs,
+            policy,
+            deadline,
         )
         now = engine.clock.now()
         record = PromiseRecord(
@@ -494,7 +504,7 @@ class Promise(Generic[T]):
             attempt=attempt,
         )
         stored = await engine.writer.write(Create(record))
-        return cast(T, engine.settled_child(ctx._run, stored or record))
+        return cast("T", engine.settled_child(ctx._run, stored or record))
 
     async def _execute_sleep(self) -> None:
         ctx = self._ctx
@@ -546,7 +556,7 @@ class Promise(Generic[T]):
             if stored is None:  # pragma: no cover - a create always leaves a row
                 raise NotFoundError(self.id)
         settled = await engine.wait_settled(stored)
-        return cast(T, engine.settled_child(run, settled))
+        return cast("T", engine.settled_child(run, settled))
 
     async def _execute_remote(self) -> T:
         ctx = self._ctx
@@ -572,4 +582,4 @@ class Promise(Generic[T]):
         if stored is record:
             engine.remote_created()
         settled = await engine.wait_settled(stored)
-        return cast(T, engine.settled_child(ctx._run, settled))
+        return cast("T", engine.settled_child(ctx._run, settled))

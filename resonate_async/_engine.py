@@ -16,7 +16,6 @@ import os
 import socket
 import uuid
 from dataclasses import replace
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from ._batcher import Batcher
@@ -42,6 +41,8 @@ from .retry import Never
 from .stores._base import Create, Kind, PromiseRecord, Settle, State
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from ._clock import Clock
     from ._encoding import Encoder
     from .retry import RetryPolicy
@@ -188,7 +189,9 @@ class Engine:
     @staticmethod
     def _service_done(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("resonate background task %s crashed", task.get_name(), exc_info=task.exception())
+            log.error(
+                "resonate background task %s crashed", task.get_name(), exc_info=task.exception()
+            )
 
     def add_batcher(self, entry: HandlerEntry) -> None:
         """Create the batcher of a handler registered before or after start."""
@@ -469,7 +472,11 @@ class Engine:
             return record
         if stored is None:  # pragma: no cover - a create always leaves a row
             raise StoreError(f"run {run.id!r} was not stored")
-        if stored.func != entry.name or stored.version != entry.version or stored.param != run.param:
+        if (
+            stored.func != entry.name
+            or stored.version != entry.version
+            or stored.param != run.param
+        ):
             raise ConflictError(
                 f"run id {run.id!r} is already used by {stored.func!r} version {stored.version} "
                 "with other arguments; runs are idempotent by id, so use a new id (or the same "
@@ -694,7 +701,9 @@ class Engine:
         while True:
             self._claim_wakeup.clear()
             try:
-                await with_deadline(self._claim_wakeup.wait(), clock.now() + self.poll_seconds, clock)
+                await with_deadline(
+                    self._claim_wakeup.wait(), clock.now() + self.poll_seconds, clock
+                )
             except TimeoutError:
                 polls += 1
             try:

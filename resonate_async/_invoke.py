@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -13,6 +12,8 @@ import anyio.to_thread
 from ._registry import CallStyle
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Generator
+
     from ._context import Context
 
 __all__ = ("invoke",)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -11,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import NotRegisteredError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .retry import RetryPolicy
 
 

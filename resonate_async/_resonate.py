@@ -7,8 +7,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
-from ._engine import Engine, default_worker_id
 from ._encoding import JSONEncoder
+from ._engine import Engine, default_worker_id
 from ._handle import Handle
 from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry, call_style, function_name
 from ._stats import Stats
@@ -331,8 +331,12 @@ class Resonate:
         **kwargs: P.kwargs,
     ) -> Handle[R]: ...
     @overload
-    def run(self, id: str, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Handle[Any]: ...
-    def run(self, id: str, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Handle[Any]:
+    def run(
+        self, id: str, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any
+    ) -> Handle[Any]: ...
+    def run(
+        self, id: str, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any
+    ) -> Handle[Any]:
         """Start (or attach to) the durable run ``id``; return its handle at once.
 
         Synchronous, like ``asyncio.create_task``: a loop of ``run`` calls
@@ -432,7 +436,7 @@ class Promises:
         id: str,
         *,
         param: Any = None,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the promise's timeout, not the call's
         tags: dict[str, str] | None = None,
     ) -> PromiseRecord:
         """Create an external PENDING promise (idempotent: an existing id is returned)."""

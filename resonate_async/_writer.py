@@ -16,12 +16,13 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .errors import ShutdownError, StoreError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ._stats import StoreStats
     from .stores._base import Op, PromiseRecord, Store
 

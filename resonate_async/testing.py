@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from ._resonate import Resonate
     from ._store_suite import StoreConformance as StoreConformance
 
@@ -38,6 +39,7 @@ def __getattr__(name: str) -> object:
 
         return StoreConformance
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ("MemoryStore", "StoreConformance", "VirtualClock", "crash", "quiesce")
 

@@ -6,6 +6,7 @@ Every time-based test runs on the virtual clock: no test waits in wall time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -211,7 +212,10 @@ async def test_recorded_values_replay_after_a_crash() -> None:
     async with build() as second:
         now, r = await second.get("s")
     enc = second._encoder
-    assert (now, r) == (enc.decode(stored["s.1"].value or b""), enc.decode(stored["s.2"].value or b""))
+    assert (now, r) == (
+        enc.decode(stored["s.1"].value or b""),
+        enc.decode(stored["s.2"].value or b""),
+    )
 
 
 async def test_step_retries_honour_policy_and_non_retryable() -> None:
@@ -233,10 +237,8 @@ async def test_step_retries_honour_policy_and_non_retryable() -> None:
     async def wf(ctx: Context) -> int:
         policy = exponential(delay=1, factor=2, max_delay=30, max_retries=5, non_retryable=(Fatal,))
         attempts = await ctx.lfc(flaky, 3).with_options(retry_policy=policy)
-        try:
+        with contextlib.suppress(Fatal):
             await ctx.lfc(fatal).with_options(retry_policy=policy)
-        except Fatal:
-            pass
         return attempts
 
     async with resonate:

@@ -14,9 +14,11 @@ it to resolve the rare conflicting rows after their fast path.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = (
     "Create",
@@ -30,7 +32,7 @@ __all__ = (
 )
 
 
-class State(str, enum.Enum):
+class State(str, enum.Enum):  # noqa: UP042 - str() must stay the member name
     """The state of a durable promise. Values are the names, as strings."""
 
     PENDING = "PENDING"
@@ -45,7 +47,7 @@ class State(str, enum.Enum):
         return self is not State.PENDING
 
 
-class Kind(str, enum.Enum):
+class Kind(str, enum.Enum):  # noqa: UP042
     """What a promise stands for."""
 
     RUN = "run"
@@ -201,8 +203,10 @@ class Store(Protocol):
     ) -> list[PromiseRecord]:
         """Take the leases of PENDING promises of ``kinds`` that are free.
 
-        Free means: no owner, an expired lease (``lease_expires_at <= now``), or
-        already owned by ``owner`` (a restarted worker takes its own back).
+        Free means: no owner, or an expired lease (``lease_expires_at <= now``).
+        Promises whose live lease ``owner`` already holds are not returned
+        (they run already); a restarted worker frees its previous leases with
+        :meth:`release` first.
         Only promises whose ``(func, version)`` is in ``funcs`` are claimed
         when ``funcs`` is given. Sets ``owner`` and ``lease_expires_at`` and
         returns the claimed records, atomically, so two workers never claim

@@ -1,0 +1,98 @@
+"""Durable promise stores: the protocol, its backends, and picking one by name.
+
+``PostgresStore`` is loaded on first use, so importing this package never
+needs asyncpg.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from ._base import Create, Kind, PromiseRecord, Settle, State, Store
+from .memory import MemoryStore
+from .sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from .postgres import PostgresStore
+
+__all__ = (
+    "Create",
+    "Kind",
+    "MemoryStore",
+    "PostgresStore",
+    "PromiseRecord",
+    "SQLiteStore",
+    "Settle",
+    "State",
+    "Store",
+    "store_from_spec",
+)
+
+DEFAULT_STORE = "resonate.db"
+_ACCEPTED = (
+    'a Store instance, ":memory:", a file path, "sqlite:///relative/path", '
+    '"sqlite:////absolute/path" or "postgresql://user@host/db"'
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PostgresStore":
+        from .postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def store_from_spec(spec: str | os.PathLike[str] | Store | None) -> Store:
+    """The store that ``spec`` names.
+
+    Args:
+        spec: one of
+
+            * ``None``: the ``RESONATE_STORE`` environment variable (any form
+              below), else the file ``resonate.db``;
+            * a :class:`Store` instance: itself;
+            * ``":memory:"``: a :class:`MemoryStore` (no durability);
+            * ``"sqlite:///relative/path"`` or ``"sqlite:////absolute/path"``:
+              a :class:`SQLiteStore`;
+            * ``"postgresql://..."`` or ``"postgres://..."``: a
+              :class:`PostgresStore` (needs the ``postgres`` extra);
+            * any other string without ``://``, or a path object: a
+              :class:`SQLiteStore` on that file.
+
+    Returns:
+        A store, not yet opened.
+
+    Raises:
+        ValueError: ``spec`` is none of the accepted forms.
+        ImportError: a PostgreSQL URL was given but asyncpg is not installed.
+
+    Example:
+        >>> store_from_spec(":memory:")
+        MemoryStore(<0 promises>)
+    """
+    if spec is None:
+        spec = os.environ.get("RESONATE_STORE") or DEFAULT_STORE
+    if isinstance(spec, Store):
+        return spec
+    if isinstance(spec, os.PathLike):
+        return SQLiteStore(spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"cannot make a store of {spec!r}; pass {_ACCEPTED}")
+    if spec == ":memory:":
+        return MemoryStore()
+    scheme, sep, rest = spec.partition("://")
+    if not sep:
+        return SQLiteStore(spec)
+    scheme = scheme.lower()
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        return PostgresStore(spec)
+    if scheme == "sqlite":
+        # sqlite:///app.db -> "app.db"; sqlite:////var/app.db -> "/var/app.db"
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError(f"{spec!r} has no file path; write {_ACCEPTED}")
+        return SQLiteStore(rest[1:])
+    raise ValueError(f"unknown store URL scheme {scheme!r} in {spec!r}; pass {_ACCEPTED}")

@@ -1,0 +1,420 @@
+"""SQL shared by the SQLite and PostgreSQL stores.
+
+Both backends keep the same table, the same columns in the same order and the
+same write strategy; they differ only where their dialects do (column types,
+placeholders, ``WITHOUT ROWID``, ``COLLATE "C"``). This module holds what they
+share:
+
+* the schema and its migrations, tracked in a ``schema_version`` table;
+* conversion between a :class:`PromiseRecord` and a row;
+* the write plan: :func:`fast_plan` decides whether a batch can be applied
+  with bulk statements and no reads, and :func:`resolve_exactly` computes the
+  results of any batch from the rows it touches, with :func:`apply_op`
+  semantics, for the rare batch that cannot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._base import Create, Kind, Op, PromiseRecord, Settle, State, apply_op
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+__all__ = (
+    "COLUMNS",
+    "COLUMN_LIST",
+    "POSTGRES",
+    "SCHEMA_VERSION",
+    "SCHEMA_VERSION_DDL",
+    "SQLITE",
+    "Dialect",
+    "FastPathMiss",
+    "check_limit",
+    "chunked",
+    "fast_plan",
+    "fast_results",
+    "migrations",
+    "prefix_upper_bound",
+    "record_to_row",
+    "resolve_exactly",
+    "row_to_record",
+    "search_query",
+    "touched_ids",
+    "upsert_sql",
+)
+
+_T = TypeVar("_T")
+
+#: Column order is the field order of :class:`PromiseRecord`, so a row maps to
+#: a record positionally.
+COLUMNS = (
+    "id",
+    "state",
+    "kind",
+    "root_id",
+    "created_at",
+    "func",
+    "version",
+    "param",
+    "value",
+    "parent_id",
+    "timeout_at",
+    "settled_at",
+    "attempt",
+    "owner",
+    "lease_expires_at",
+    "tags",
+)
+COLUMN_LIST = ", ".join(COLUMNS)
+
+#: The version :func:`migrations` brings a database to.
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """The few places where SQLite and PostgreSQL SQL differ."""
+
+    name: str
+    key: str
+    text: str
+    real: str
+    integer: str
+    blob: str
+    table_options: str
+    placeholder: str
+
+    def param(self, n: int) -> str:
+        """The placeholder of the ``n``-th parameter (1-based)."""
+        return "?" if self.placeholder == "?" else f"${n}"
+
+
+SQLITE = Dialect(
+    name="sqlite",
+    key="TEXT NOT NULL",
+    text="TEXT",
+    real="REAL",
+    integer="INTEGER",
+    blob="BLOB",
+    # One b-tree keyed by id instead of a rowid table plus a unique index:
+    # one insert per row instead of two. Rows are small (encoded arguments and
+    # values); a large blob just spills to overflow pages.
+    table_options=" WITHOUT ROWID",
+    placeholder="?",
+)
+
+POSTGRES = Dialect(
+    name="postgresql",
+    # "C" collation makes ordering and prefix ranges compare code points, as
+    # SQLite's BINARY collation and Python's str do, whatever the database's
+    # locale, so every backend sorts search results the same way.
+    key='text COLLATE "C" NOT NULL',
+    text="text",
+    real="double precision",
+    integer="bigint",
+    blob="bytea",
+    table_options="",
+    placeholder="$",
+)
+
+SCHEMA_VERSION_DDL = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+
+
+def migrations(d: Dialect) -> tuple[tuple[str, ...], ...]:
+    """Statements to migrate a database, one tuple per version step.
+
+    ``migrations(d)[i]`` brings a database at version ``i`` to ``i + 1``.
+    Append new steps; never edit a released one.
+    """
+    version_1 = (
+        f"""CREATE TABLE promises (
+            id {d.key} PRIMARY KEY,
+            state {d.text} NOT NULL,
+            kind {d.text} NOT NULL,
+            root_id {d.text} NOT NULL,
+            created_at {d.real} NOT NULL,
+            func {d.text},
+            version {d.integer} NOT NULL,
+            param {d.blob},
+            value {d.blob},
+            parent_id {d.text},
+            timeout_at {d.real},
+            settled_at {d.real},
+            attempt {d.integer} NOT NULL,
+            owner {d.text},
+            lease_expires_at {d.real},
+            tags {d.text}
+        ){d.table_options}""",
+        # A resumed run loads its whole tree in one query.
+        "CREATE INDEX promises_root ON promises (root_id)",
+        # Recovery and claims scan pending promises only; settled rows (almost
+        # all of them) stay out of this index.
+        "CREATE INDEX promises_pending ON promises (kind, created_at, id) WHERE state = 'PENDING'",
+        # Heartbeats renew and release by owner.
+        "CREATE INDEX promises_owner ON promises (owner) WHERE owner IS NOT NULL",
+    )
+    return (version_1,)
+
+
+_STATES = {s.value: s for s in State}
+_KINDS = {k.value: k for k in Kind}
+_dump_tags = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def record_to_row(r: PromiseRecord) -> tuple[Any, ...]:
+    """The row of ``r``, in :data:`COLUMNS` order.
+
+    ``state`` and ``kind`` are passed as the enum members themselves: they are
+    ``str`` subclasses whose text is their value, which both drivers bind as
+    text, and that skips an attribute lookup per field on the hot path.
+    """
+    tags = r.tags
+    return (
+        r.id,
+        r.state,
+        r.kind,
+        r.root_id,
+        r.created_at,
+        r.func,
+        r.version,
+        r.param,
+        r.value,
+        r.parent_id,
+        r.timeout_at,
+        r.settled_at,
+        r.attempt,
+        r.owner,
+        r.lease_expires_at,
+        None if tags is None else _dump_tags(tags),
+    )
+
+
+def row_to_record(row: Sequence[Any]) -> PromiseRecord:
+    """The record of a row selected as :data:`COLUMN_LIST`."""
+    tags = row[15]
+    return PromiseRecord(
+        row[0],
+        _STATES[row[1]],
+        _KINDS[row[2]],
+        row[3],
+        row[4],
+        row[5],
+        row[6],
+        row[7],
+        row[8],
+        row[9],
+        row[10],
+        row[11],
+        row[12],
+        row[13],
+        row[14],
+        None if tags is None else json.loads(tags),
+    )
+
+
+def chunked(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    """Consecutive slices of ``items`` of at most ``size`` items."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def prefix_upper_bound(prefix: str) -> str | None:
+    """The least string greater than every string that starts with ``prefix``.
+
+    ``prefix <= id < bound`` then selects exactly the ids starting with
+    ``prefix`` under code-point order, and uses the primary key index (unlike
+    ``LIKE``, which is case-insensitive in SQLite and needs escaping).
+    ``None`` means there is no upper bound.
+    """
+    chars = list(prefix)
+    while chars:
+        code = ord(chars.pop()) + 1
+        if 0xD800 <= code <= 0xDFFF:
+            # Surrogates cannot be stored as UTF-8; the next code point is the
+            # next storable one.
+            code = 0xE000
+        if code <= 0x10FFFF:
+            return "".join(chars) + chr(code)
+    return None
+
+
+def search_query(
+    d: Dialect,
+    *,
+    state: State | None,
+    kind: Kind | None,
+    prefix: str | None,
+    limit: int | None,
+) -> tuple[str, list[object]]:
+    """The ``SELECT`` of ``Store.search`` and its parameters."""
+    where: list[str] = []
+    args: list[object] = []
+
+    def bind(value: object) -> str:
+        args.append(value)
+        return d.param(len(args))
+
+    if state is not None:
+        where.append(f"state = {bind(state.value)}")
+    if kind is not None:
+        where.append(f"kind = {bind(kind.value)}")
+    if prefix:
+        where.append(f"id >= {bind(prefix)}")
+        upper = prefix_upper_bound(prefix)
+        if upper is not None:
+            where.append(f"id < {bind(upper)}")
+    sql = f"SELECT {COLUMN_LIST} FROM promises"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at, id"
+    if limit is not None:
+        sql += f" LIMIT {bind(limit)}"
+    return sql, args
+
+
+def check_limit(limit: int | None) -> None:
+    """Reject a negative limit (each database reads one differently)."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+
+
+class FastPathMiss(Exception):
+    """A bulk statement changed fewer rows than it had ops: redo the write exactly."""
+
+
+def _op_id(op: Op) -> str:
+    if isinstance(op, Create):
+        return op.record.id
+    if isinstance(op, Settle):
+        return op.id
+    raise TypeError(f"Store.write takes Create and Settle ops, got {type(op).__name__}")
+
+
+def fast_plan(ops: Sequence[Op]) -> tuple[list[PromiseRecord], list[Settle]] | None:
+    """Split ``ops`` into the creates and the settles of the bulk path.
+
+    Running every create before every settle is equivalent to running the ops
+    in order when each id is touched by one create, one settle, or a create
+    followed by a settle (ops on different ids commute). Then, if every insert
+    inserts and every update updates, each op's result is known without
+    reading anything. Any other shape (a duplicate create, a settle before a
+    create, two settles) returns ``None``: it is rare and goes to the exact
+    path directly.
+
+    Raises:
+        TypeError: an op is neither ``Create`` nor ``Settle``.
+    """
+    settled: dict[str, bool] = {}
+    creates: list[PromiseRecord] = []
+    settles: list[Settle] = []
+    for op in ops:
+        if isinstance(op, Create):
+            key = op.record.id
+            if key in settled:
+                return None
+            settled[key] = False
+            creates.append(op.record)
+        elif isinstance(op, Settle):
+            if settled.get(op.id):
+                return None
+            settled[op.id] = True
+            settles.append(op)
+        else:
+            _op_id(op)  # raises the TypeError
+    return creates, settles
+
+
+def fast_results(
+    ops: Sequence[Op], read: Callable[[str], PromiseRecord]
+) -> list[PromiseRecord | None]:
+    """The results of ops applied by the bulk path.
+
+    ``read(id)`` is the stored record of a settled id that was not created in
+    this batch. A create returns its own record (the very object).
+    """
+    created: dict[str, PromiseRecord] = {}
+    results: list[PromiseRecord | None] = []
+    for op in ops:
+        if isinstance(op, Create):
+            created[op.record.id] = op.record
+            results.append(op.record)
+        else:
+            own = created.get(op.id)
+            results.append(read(op.id) if own is None else _settled(own, op))
+    return results
+
+
+def _settled(r: PromiseRecord, op: Settle) -> PromiseRecord:
+    """``apply_op(r, op)`` for a pending ``r``, built directly.
+
+    ``dataclasses.replace`` costs a few microseconds a record, a large share
+    of a bulk write; on the fast path the row is known to have been pending
+    (its update counted), so this is exactly what :func:`apply_op` returns.
+    """
+    return PromiseRecord(
+        r.id,
+        op.state,
+        r.kind,
+        r.root_id,
+        r.created_at,
+        r.func,
+        r.version,
+        r.param,
+        op.value,
+        r.parent_id,
+        r.timeout_at,
+        op.settled_at,
+        r.attempt,
+        None,
+        None,
+        r.tags,
+    )
+
+
+def touched_ids(ops: Sequence[Op]) -> list[str]:
+    """The distinct ids ``ops`` touch, in first-touch order."""
+    return list(dict.fromkeys(_op_id(op) for op in ops))
+
+
+def resolve_exactly(
+    ops: Sequence[Op], before: dict[str, PromiseRecord]
+) -> tuple[list[PromiseRecord | None], list[PromiseRecord], list[str]]:
+    """Apply ``ops`` in order, with :func:`apply_op`, to the rows they touch.
+
+    Args:
+        ops: the batch.
+        before: the stored rows of :func:`touched_ids` (missing ids absent),
+            read inside the transaction that will write the outcome.
+
+    Returns:
+        The result of each op, the records to upsert (new or changed rows),
+        and the ids that this batch moved from pending to settled.
+    """
+    current: dict[str, PromiseRecord] = dict(before)
+    results: list[PromiseRecord | None] = []
+    newly_settled: list[str] = []
+    for op in ops:
+        key = _op_id(op)
+        prior = current.get(key)
+        after = apply_op(prior, op)
+        results.append(after)
+        if after is not None:
+            current[key] = after
+            if isinstance(op, Settle) and after is not prior:
+                newly_settled.append(key)
+    changed = [rec for key, rec in current.items() if before.get(key) is not rec]
+    return results, changed, newly_settled
+
+
+def upsert_sql(d: Dialect) -> str:
+    """An ``INSERT`` that overwrites every column of an existing row."""
+    values = ", ".join(d.param(i) for i in range(1, len(COLUMNS) + 1))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
+    return (
+        f"INSERT INTO promises ({COLUMN_LIST}) VALUES ({values}) "
+        f"ON CONFLICT (id) DO UPDATE SET {updates}"
+    )

@@ -1,0 +1,444 @@
+"""``PostgresStore``: the distributed engine, PostgreSQL through asyncpg.
+
+Every worker of a deployment points at the same database and coordinates only
+through it (DESIGN §7): leases on pending runs are taken with
+``FOR UPDATE SKIP LOCKED``, and each transaction that settles promises sends
+``NOTIFY resonate_settled, '<id>'`` so waiters elsewhere wake up without
+polling (:meth:`PostgresStore.listen`).
+
+asyncpg is imported when a store is created, so the package imports without
+it; a missing driver is an ``ImportError`` that names the extra to install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Self
+
+from ..errors import StoreError
+from ._base import Kind, Op, PromiseRecord, Settle, State
+from ._sql import (
+    COLUMN_LIST,
+    COLUMNS,
+    POSTGRES,
+    SCHEMA_VERSION_DDL,
+    FastPathMiss,
+    check_limit,
+    fast_plan,
+    fast_results,
+    migrations,
+    record_to_row,
+    resolve_exactly,
+    row_to_record,
+    search_query,
+    touched_ids,
+    upsert_sql,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Sequence
+    from types import TracebackType
+
+__all__ = ("SETTLED_CHANNEL", "PostgresStore")
+
+logger = logging.getLogger("resonate_async")
+
+#: The channel on which the ids of newly settled promises are announced.
+SETTLED_CHANNEL = "resonate_settled"
+# PostgreSQL refuses a NOTIFY payload of 8000 bytes or more; a longer id is
+# not announced and its waiters fall back to polling.
+_MAX_PAYLOAD = 7999
+
+_PG_TYPES = dict(
+    id="text",
+    state="text",
+    kind="text",
+    root_id="text",
+    created_at="float8",
+    func="text",
+    version="int8",
+    param="bytea",
+    value="bytea",
+    parent_id="text",
+    timeout_at="float8",
+    settled_at="float8",
+    attempt="int8",
+    owner="text",
+    lease_expires_at="float8",
+    tags="text",
+)
+_ARRAYS = ", ".join(f"${i}::{_PG_TYPES[c]}[]" for i, c in enumerate(COLUMNS, 1))
+_RETURNING = ", ".join(f"p.{c}" for c in COLUMNS)
+
+# One statement per batch whatever its size: each column travels as an array.
+_INSERT = (
+    f"INSERT INTO promises ({COLUMN_LIST}) SELECT * FROM unnest({_ARRAYS}) "
+    "ON CONFLICT (id) DO NOTHING"
+)
+_SETTLE = (
+    "UPDATE promises AS p SET state = v.state, value = v.value, settled_at = v.settled_at, "
+    "owner = NULL, lease_expires_at = NULL "
+    "FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[]) "
+    "AS v (id, state, value, settled_at) "
+    f"WHERE p.id = v.id AND p.state = 'PENDING' RETURNING {_RETURNING}"
+)
+_UPSERT = upsert_sql(POSTGRES)
+_SELECT = f"SELECT {COLUMN_LIST} FROM promises WHERE id = ANY($1::text[])"
+_TREE = f"SELECT {COLUMN_LIST} FROM promises WHERE root_id = $1 ORDER BY created_at, id"
+_NOTIFY = "SELECT pg_notify($2, i) FROM unnest($1::text[]) AS i"
+_RENEW = "UPDATE promises SET lease_expires_at = $1 WHERE owner = $2 AND state = 'PENDING'"
+_RELEASE = (
+    "UPDATE promises SET owner = NULL, lease_expires_at = NULL "
+    "WHERE owner = $1 AND id = ANY($2::text[])"
+)
+_FUNCS = " AND (func, version) IN (SELECT * FROM unnest($6::text[], $7::int8[]))"
+_CLAIM = (
+    "UPDATE promises AS p SET owner = $1, lease_expires_at = $2 FROM ("
+    "SELECT id FROM promises WHERE state = 'PENDING' AND kind = ANY($3::text[]) "
+    "AND (owner IS NULL OR lease_expires_at <= $4){funcs} "
+    "ORDER BY created_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) AS c "
+    f"WHERE p.id = c.id RETURNING {_RETURNING}"
+)
+
+
+def _import_asyncpg() -> Any:
+    try:
+        import asyncpg
+    except ImportError as exc:
+        raise ImportError(
+            'PostgresStore needs asyncpg: pip install "resonate-async[postgres]"'
+        ) from exc
+    return asyncpg
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _count(status: str) -> int:
+    # asyncpg returns the command tag, e.g. "INSERT 0 42" or "UPDATE 42".
+    return int(status.rsplit(" ", 1)[1])
+
+
+class PostgresStore:
+    """A durable promise store in PostgreSQL, shared by many workers.
+
+    Args:
+        dsn: a ``postgresql://`` URL, as accepted by asyncpg.
+        schema: the schema holding the tables (created if missing); the
+            connection's ``search_path`` is set to it. ``None`` uses the
+            server's default ``search_path``.
+        min_connections: connections the pool keeps open.
+        max_connections: connections the pool may open.
+        notify: send ``NOTIFY resonate_settled`` for settled promises.
+
+    Raises:
+        ImportError: asyncpg is not installed.
+
+    Example:
+        >>> async with PostgresStore("postgresql://app@db/app") as store:  # doctest: +SKIP
+        ...     await store.listen(print)
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        min_connections: int = 1,
+        max_connections: int = 10,
+        notify: bool = True,
+    ) -> None:
+        if not 0 <= min_connections <= max_connections or max_connections < 1:
+            raise ValueError(
+                "need 0 <= min_connections <= max_connections and max_connections >= 1, "
+                f"got {min_connections} and {max_connections}"
+            )
+        self._asyncpg = _import_asyncpg()
+        self._errors: tuple[type[BaseException], ...] = (
+            self._asyncpg.PostgresError,
+            self._asyncpg.InterfaceError,
+            # What asyncpg raises on a connection the server dropped mid-use.
+            self._asyncpg.InternalClientError,
+            OSError,
+            OverflowError,
+        )
+        self._dsn = dsn
+        self._schema = schema
+        self._settings = {} if schema is None else {"search_path": _quote_ident(schema)}
+        self._min = min_connections
+        self._max = max_connections
+        self._notify = notify
+        self._pool: Any = None
+        self._opening = asyncio.Lock()
+        self._listener: Any = None
+        self._callbacks: list[Callable[[str], None]] = []
+
+    @property
+    def schema(self) -> str | None:
+        """The schema holding the tables, if one was given."""
+        return self._schema
+
+    def __repr__(self) -> str:
+        return f"PostgresStore(schema={self._schema!r})"
+
+    @property
+    def channel(self) -> str:
+        """The NOTIFY channel of this store: one per schema, so stores never wake each other."""
+        return SETTLED_CHANNEL if self._schema is None else f"{SETTLED_CHANNEL}:{self._schema}"
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Create the pool and create or migrate the schema. Idempotent.
+
+        Raises:
+            StoreError: the server cannot be reached or the schema migrated.
+        """
+        async with self._opening:
+            if self._pool is not None:
+                return
+            try:
+                pool = await self._asyncpg.create_pool(
+                    self._dsn,
+                    min_size=self._min,
+                    max_size=self._max,
+                    server_settings=self._settings,
+                )
+            except self._errors as exc:
+                raise StoreError(
+                    f"cannot connect to PostgreSQL: {exc}; check the DSN and that the "
+                    "server is running"
+                ) from exc
+            try:
+                async with pool.acquire() as conn:
+                    await self._migrate(conn)
+            except BaseException as exc:
+                await pool.close()
+                if isinstance(exc, self._errors):
+                    raise StoreError(f"cannot prepare the PostgreSQL schema: {exc}") from exc
+                raise
+            self._pool = pool
+
+    async def _migrate(self, conn: Any) -> None:
+        async with conn.transaction():
+            # Workers starting together migrate once: the others wait here.
+            key = f"resonate_async.migrate:{self._schema or ''}"
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
+            if self._schema is not None:
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(self._schema)}")
+            await conn.execute(SCHEMA_VERSION_DDL)
+            current = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
+            steps = migrations(POSTGRES)
+            if current > len(steps):
+                raise StoreError(
+                    f"the database has schema version {current}, newer than this "
+                    f"resonate_async knows ({len(steps)}); upgrade resonate_async"
+                )
+            for step in steps[current:]:
+                for statement in step:
+                    await conn.execute(statement)
+            if current < len(steps):
+                await conn.execute("DELETE FROM schema_version")
+                await conn.execute("INSERT INTO schema_version VALUES ($1)", len(steps))
+
+    async def close(self) -> None:
+        """Close the listener connection and the pool. Idempotent."""
+        listener, self._listener = self._listener, None
+        self._callbacks.clear()
+        pool, self._pool = self._pool, None
+        try:
+            if listener is not None:
+                await listener.close()
+            if pool is not None:
+                await pool.close()
+        except self._errors as exc:
+            raise StoreError(f"closing the PostgreSQL connections failed: {exc}") from exc
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection, with driver errors as ``StoreError``."""
+        if self._pool is None:
+            raise StoreError(f"{self!r} is not open: call `await store.open()` first")
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except self._errors as exc:
+            raise StoreError(f"PostgreSQL operation failed: {exc}") from exc
+
+    async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+        """Apply ``ops`` in order in one transaction; see :meth:`Store.write`.
+
+        Raises:
+            StoreError: the transaction failed and was rolled back.
+            TypeError: an op is neither ``Create`` nor ``Settle``.
+        """
+        if not ops:
+            return []
+        plan = fast_plan(ops)
+        async with self._connection() as conn:
+            if plan is not None:
+                try:
+                    async with conn.transaction():
+                        return await self._write_fast(conn, ops, *plan)
+                except FastPathMiss:
+                    pass
+            async with conn.transaction():
+                return await self._write_exact(conn, ops)
+
+    async def _write_fast(
+        self, conn: Any, ops: Sequence[Op], creates: list[PromiseRecord], settles: list[Settle]
+    ) -> list[PromiseRecord | None]:
+        if creates:
+            columns = list(zip(*(record_to_row(r) for r in creates), strict=True))
+            if _count(await conn.execute(_INSERT, *columns)) != len(creates):
+                raise FastPathMiss
+        if not settles:
+            return [*creates]  # the ops are exactly these creates, in order
+        rows = await conn.fetch(
+            _SETTLE,
+            [s.id for s in settles],
+            [s.state for s in settles],
+            [s.value for s in settles],
+            [s.settled_at for s in settles],
+        )
+        if len(rows) != len(settles):
+            raise FastPathMiss
+        await self._announce(conn, [s.id for s in settles])
+        stored = {row[0]: row_to_record(row) for row in rows}
+        return fast_results(ops, stored.__getitem__)
+
+    async def _write_exact(self, conn: Any, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+        # Rows that do not exist yet cannot be locked one by one, so the rare
+        # exact path locks out other writers for its (short) duration; the
+        # rows read are then the rows the ops apply to.
+        await conn.execute("LOCK TABLE promises IN SHARE ROW EXCLUSIVE MODE")
+        rows = await conn.fetch(_SELECT, touched_ids(ops))
+        before = {row[0]: row_to_record(row) for row in rows}
+        results, changed, settled = resolve_exactly(ops, before)
+        if changed:
+            await conn.executemany(_UPSERT, [record_to_row(r) for r in changed])
+        await self._announce(conn, settled)
+        return results
+
+    async def _announce(self, conn: Any, ids: list[str]) -> None:
+        # Inside the transaction: PostgreSQL delivers the notifications at
+        # commit, and drops them on rollback.
+        if self._notify and ids:
+            small = [i for i in ids if len(i.encode()) <= _MAX_PAYLOAD]
+            await conn.execute(_NOTIFY, small, self.channel)
+
+    async def _query(self, sql: str, *args: object) -> list[PromiseRecord]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(sql, *args)
+        return [row_to_record(row) for row in rows]
+
+    async def get_many(self, ids: Sequence[str]) -> dict[str, PromiseRecord]:
+        """The stored records among ``ids``; see :meth:`Store.get_many`."""
+        if not ids:
+            return {}
+        return {r.id: r for r in await self._query(_SELECT, list(dict.fromkeys(ids)))}
+
+    async def tree(self, root_id: str) -> list[PromiseRecord]:
+        """Every record of the tree of ``root_id``, ordered by ``created_at`` then id."""
+        return await self._query(_TREE, root_id)
+
+    async def search(
+        self,
+        *,
+        state: State | None = None,
+        kind: Kind | None = None,
+        prefix: str | None = None,
+        limit: int | None = 100,
+    ) -> list[PromiseRecord]:
+        """Records matching every filter; see :meth:`Store.search`."""
+        check_limit(limit)
+        sql, args = search_query(POSTGRES, state=state, kind=kind, prefix=prefix, limit=limit)
+        return await self._query(sql, *args)
+
+    async def claim(
+        self,
+        owner: str,
+        *,
+        now: float,
+        lease_until: float,
+        funcs: Sequence[tuple[str, int]] | None = None,
+        kinds: Sequence[Kind] = (Kind.RUN,),
+        limit: int = 1000,
+    ) -> list[PromiseRecord]:
+        """Lease free pending promises to ``owner``, oldest first; see :meth:`Store.claim`.
+
+        Rows another worker is claiming at the same moment are skipped, not
+        waited for (``FOR UPDATE SKIP LOCKED``).
+        """
+        check_limit(limit)
+        if not kinds or limit == 0 or (funcs is not None and not funcs):
+            return []
+        args: list[object] = [owner, lease_until, [k.value for k in kinds], now, limit]
+        if funcs is not None:
+            args += [[f for f, _ in funcs], [v for _, v in funcs]]
+        sql = _CLAIM.format(funcs="" if funcs is None else _FUNCS)
+        claimed = await self._query(sql, *args)
+        return sorted(claimed, key=lambda r: (r.created_at, r.id))
+
+    async def renew(self, owner: str, *, lease_until: float) -> int:
+        """Extend ``owner``'s pending leases; return how many."""
+        async with self._connection() as conn:
+            return _count(await conn.execute(_RENEW, lease_until, owner))
+
+    async def release(self, owner: str, ids: Sequence[str]) -> None:
+        """Free ``owner``'s leases on ``ids``; others' leases are untouched."""
+        if ids:
+            async with self._connection() as conn:
+                await conn.execute(_RELEASE, owner, list(ids))
+
+    async def listen(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(id)`` for each promise settled by any worker, from now on.
+
+        The first listener opens a dedicated connection (outside the pool)
+        that receives ``NOTIFY resonate_settled``. Callbacks run on the event
+        loop and must not block; an exception in one is logged and ignored.
+
+        Raises:
+            StoreError: the store is closed or the connection failed.
+        """
+        async with self._opening:
+            if self._pool is None:
+                raise StoreError(f"{self!r} is not open: call `await store.open()` first")
+            if self._listener is None:
+                try:
+                    conn = await self._asyncpg.connect(self._dsn, server_settings=self._settings)
+                    await conn.add_listener(self.channel, self._dispatch)
+                except self._errors as exc:
+                    raise StoreError(f"cannot LISTEN on PostgreSQL: {exc}") from exc
+                self._listener = conn
+            self._callbacks.append(callback)
+
+    async def unlisten(self, callback: Callable[[str], None]) -> None:
+        """Stop calling ``callback``; the last one closes the listening connection."""
+        async with self._opening:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+            if not self._callbacks and self._listener is not None:
+                conn, self._listener = self._listener, None
+                await conn.close()
+
+    def _dispatch(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback(payload)
+            except Exception:
+                # One faulty listener must not starve the others.
+                logger.exception("settlement listener %r failed for %r", callback, payload)

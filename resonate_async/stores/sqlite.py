@@ -1,0 +1,435 @@
+"""``SQLiteStore``: the embedded default, one SQLite file through aiosqlite.
+
+aiosqlite runs every call on one thread per connection, so each awaited call
+is a thread hop. The store keeps that count small and independent of the
+batch size: a write is ``BEGIN IMMEDIATE``, one ``executemany`` for its
+creates, one for its settles, a read of the settled rows, ``COMMIT``.
+
+Several processes may share one file (DESIGN §7): WAL lets readers run beside
+the writer, ``busy_timeout`` makes a writer wait for the lock instead of
+failing, and ``BEGIN IMMEDIATE`` takes the write lock before reading, so a
+claim's read-then-update is atomic across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import sqlite3
+from contextlib import asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Any, Literal, Self
+
+import aiosqlite
+
+from ..errors import StoreError
+from ._base import Kind, Op, PromiseRecord, Settle, State
+from ._sql import (
+    COLUMN_LIST,
+    COLUMNS,
+    SCHEMA_VERSION_DDL,
+    SQLITE,
+    FastPathMiss,
+    check_limit,
+    chunked,
+    fast_plan,
+    fast_results,
+    migrations,
+    record_to_row,
+    resolve_exactly,
+    row_to_record,
+    search_query,
+    touched_ids,
+    upsert_sql,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+    from types import TracebackType
+
+__all__ = ("SQLiteStore",)
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+# OverflowError: an int beyond 64 bits cannot be bound; like any driver error
+# it fails the whole transaction.
+_DRIVER_ERRORS = (sqlite3.Error, OverflowError)
+
+_INSERT = (
+    f"INSERT INTO promises ({COLUMN_LIST}) VALUES ({', '.join(['?'] * len(COLUMNS))}) "
+    "ON CONFLICT (id) DO NOTHING"
+)
+_SETTLE = (
+    "UPDATE promises SET state = ?, value = ?, settled_at = ?, owner = NULL, "
+    "lease_expires_at = NULL WHERE id = ? AND state = 'PENDING'"
+)
+_UPSERT = upsert_sql(SQLITE)
+_TREE = f"SELECT {COLUMN_LIST} FROM promises WHERE root_id = ? ORDER BY created_at, id"
+_RENEW = "UPDATE promises SET lease_expires_at = ? WHERE owner = ? AND state = 'PENDING'"
+
+
+@functools.cache
+def _max_params() -> int:
+    """How many ``?`` one statement may hold (999 in old builds, 32766+ now)."""
+    probe = sqlite3.connect(":memory:")
+    try:
+        return min(probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), 32766)
+    finally:
+        probe.close()
+
+
+def _marks(n: int) -> str:
+    return ", ".join(["?"] * n)
+
+
+@functools.lru_cache(maxsize=64)
+def _select_in(n: int) -> str:
+    return f"SELECT {COLUMN_LIST} FROM promises WHERE id IN ({_marks(n)})"
+
+
+@functools.lru_cache(maxsize=64)
+def _release(n: int) -> str:
+    return (
+        "UPDATE promises SET owner = NULL, lease_expires_at = NULL "
+        f"WHERE owner = ? AND id IN ({_marks(n)})"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _claim(n_kinds: int, n_funcs: int | None) -> str:
+    funcs = ""
+    if n_funcs is not None:
+        funcs = f" AND (func, version) IN (VALUES {', '.join(['(?, ?)'] * n_funcs)})"
+    return (
+        "UPDATE promises SET owner = ?, lease_expires_at = ? WHERE id IN ("
+        f"SELECT id FROM promises WHERE state = 'PENDING' AND kind IN ({_marks(n_kinds)}) "
+        f"AND (owner IS NULL OR lease_expires_at <= ?){funcs} "
+        # RETURNING only the ids: SQLite returns REAL columns holding whole
+        # numbers as ints there, so the rows are read back with a SELECT.
+        "ORDER BY created_at, id LIMIT ?) RETURNING id"
+    )
+
+
+class SQLiteStore:
+    """A durable promise store in one SQLite file.
+
+    Args:
+        path: the database file (created if missing), or ``":memory:"`` for a
+            private in-memory database.
+        synchronous: SQLite's ``synchronous`` setting. ``"FULL"`` (default)
+            makes every commit survive power loss; ``"NORMAL"`` is faster and
+            in WAL mode loses at most the last commits on power loss (never on
+            a process crash).
+        busy_timeout: seconds to wait for another process's write lock
+            before a write fails with :class:`StoreError`.
+
+    Example:
+        >>> async with SQLiteStore("app.db") as store:  # doctest: +SKIP
+        ...     await store.write([Create(record)])
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] | str = "FULL",
+        busy_timeout: float = 5.0,
+    ) -> None:
+        level = synchronous.upper()
+        if level not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {_SYNCHRONOUS}, got {synchronous!r}")
+        if busy_timeout < 0:
+            raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout}")
+        self._path = os.fspath(path)
+        self._synchronous = level
+        self._busy_timeout = busy_timeout
+        self._conn: aiosqlite.Connection | None = None
+        # One connection serves every caller; the lock keeps one caller's
+        # statements (a transaction) from interleaving with another's.
+        self._lock = asyncio.Lock()
+
+    @property
+    def path(self) -> str:
+        """The database file."""
+        return self._path
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self._path!r}, synchronous={self._synchronous!r})"
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Connect, apply the settings and create or migrate the schema. Idempotent.
+
+        Raises:
+            StoreError: the file cannot be opened or migrated.
+        """
+        async with self._lock:
+            if self._conn is not None:
+                return
+            conn = aiosqlite.connect(self._path, isolation_level=None, timeout=self._busy_timeout)
+            try:
+                await conn
+            except sqlite3.Error as exc:
+                await _stopped(conn)
+                raise StoreError(
+                    f"cannot open SQLite database {self._path!r}: {exc}; "
+                    "check that the directory exists and is writable"
+                ) from exc
+            try:
+                await conn.execute(f"PRAGMA busy_timeout = {round(self._busy_timeout * 1000)}")
+                await conn.execute("PRAGMA journal_mode = WAL")
+                await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+                await self._migrate(conn)
+            except BaseException as exc:
+                await conn.close()
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(
+                        f"cannot prepare SQLite database {self._path!r}: {exc}"
+                    ) from exc
+                raise
+            self._conn = conn
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        # Under the write lock, so processes opening one file at once migrate it once.
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            await conn.execute(SCHEMA_VERSION_DDL)
+            rows = list(await conn.execute_fetchall("SELECT max(version) FROM schema_version"))
+            current = rows[0][0] or 0
+            steps = migrations(SQLITE)
+            if current > len(steps):
+                raise StoreError(
+                    f"{self._path!r} has schema version {current}, newer than this "
+                    f"resonate_async knows ({len(steps)}); upgrade resonate_async"
+                )
+            for step in steps[current:]:
+                for statement in step:
+                    await conn.execute(statement)
+            if current < len(steps):
+                await conn.execute("DELETE FROM schema_version")
+                await conn.execute("INSERT INTO schema_version VALUES (?)", (len(steps),))
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.rollback()
+            raise
+
+    async def close(self) -> None:
+        """Wait for the call in progress, then close the connection. Idempotent."""
+        async with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                try:
+                    await conn.close()
+                except sqlite3.Error as exc:
+                    raise StoreError(f"closing {self._path!r} failed: {exc}") from exc
+
+    async def pragmas(self) -> dict[str, Any]:
+        """The connection's ``journal_mode``, ``synchronous`` and ``busy_timeout`` (ms)."""
+        names = ("journal_mode", "synchronous", "busy_timeout")
+        found: dict[str, Any] = {}
+        async with self._connection() as conn:
+            for name in names:
+                rows = list(await conn.execute_fetchall(f"PRAGMA {name}"))
+                found[name] = rows[0][0]
+        found["synchronous"] = _SYNCHRONOUS[found["synchronous"]]
+        return found
+
+    def _require_open(self) -> aiosqlite.Connection:
+        if self._conn is None:
+            raise StoreError(f"{self!r} is not open: call `await store.open()` first")
+        return self._conn
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection, held by this caller, with driver errors as ``StoreError``."""
+        async with self._lock:
+            conn = self._require_open()
+            try:
+                yield conn
+            except _DRIVER_ERRORS as exc:
+                raise StoreError(
+                    f"SQLite operation on {self._path!r} failed: {exc}; nothing was written"
+                ) from exc
+
+    @asynccontextmanager
+    async def _transaction(self, mode: str = "IMMEDIATE") -> AsyncIterator[aiosqlite.Connection]:
+        """One transaction: commit on success, roll back on any error.
+
+        This is the single transaction boundary of the store; the rollback
+        leaves the connection usable, so the next call succeeds once the
+        fault (a lock, a full disk) clears.
+        """
+        async with self._connection() as conn:
+            try:
+                await conn.execute(f"BEGIN {mode}")
+                yield conn
+                await conn.execute("COMMIT")
+            except BaseException:
+                await _rollback(conn)
+                raise
+
+    async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+        """Apply ``ops`` in order in one transaction; see :meth:`Store.write`.
+
+        Raises:
+            StoreError: the transaction failed and was rolled back.
+            TypeError: an op is neither ``Create`` nor ``Settle``.
+        """
+        if not ops:
+            return []
+        plan = fast_plan(ops)
+        if plan is not None:
+            try:
+                async with self._transaction() as conn:
+                    return await self._write_fast(conn, ops, *plan)
+            except FastPathMiss:
+                pass
+        async with self._transaction() as conn:
+            return await self._write_exact(conn, ops)
+
+    async def _write_fast(
+        self,
+        conn: aiosqlite.Connection,
+        ops: Sequence[Op],
+        creates: list[PromiseRecord],
+        settles: list[Settle],
+    ) -> list[PromiseRecord | None]:
+        # Change counts stand in for reads: if every insert inserted and every
+        # update updated, each op's result is known without looking.
+        if creates:
+            cursor = await conn.executemany(_INSERT, [record_to_row(r) for r in creates])
+            if cursor.rowcount != len(creates):
+                raise FastPathMiss
+        if not settles:
+            return [*creates]  # the ops are exactly these creates, in order
+        args = [(s.state, s.value, s.settled_at, s.id) for s in settles]
+        cursor = await conn.executemany(_SETTLE, args)
+        if cursor.rowcount != len(settles):
+            raise FastPathMiss
+        created = {r.id for r in creates}
+        stored = await self._select(conn, [s.id for s in settles if s.id not in created])
+        return fast_results(ops, stored.__getitem__)
+
+    async def _write_exact(
+        self, conn: aiosqlite.Connection, ops: Sequence[Op]
+    ) -> list[PromiseRecord | None]:
+        # BEGIN IMMEDIATE holds the write lock, so the rows read here are the
+        # rows the ops apply to.
+        before = await self._select(conn, touched_ids(ops))
+        results, changed, _ = resolve_exactly(ops, before)
+        if changed:
+            await conn.executemany(_UPSERT, [record_to_row(r) for r in changed])
+        return results
+
+    async def _select(
+        self, conn: aiosqlite.Connection, ids: Sequence[str]
+    ) -> dict[str, PromiseRecord]:
+        found: dict[str, PromiseRecord] = {}
+        for chunk in chunked(ids, _max_params()):
+            for row in await conn.execute_fetchall(_select_in(len(chunk)), chunk):
+                found[row[0]] = row_to_record(row)
+        return found
+
+    async def get_many(self, ids: Sequence[str]) -> dict[str, PromiseRecord]:
+        """The stored records among ``ids``; see :meth:`Store.get_many`."""
+        unique = list(dict.fromkeys(ids))
+        if len(unique) <= _max_params():
+            async with self._connection() as conn:
+                return await self._select(conn, unique)
+        # Several statements: read them in one snapshot.
+        async with self._transaction("DEFERRED") as conn:
+            return await self._select(conn, unique)
+
+    async def _query(self, sql: str, args: Sequence[object]) -> list[PromiseRecord]:
+        async with self._connection() as conn:
+            rows = await conn.execute_fetchall(sql, args)
+        return [row_to_record(row) for row in rows]
+
+    async def tree(self, root_id: str) -> list[PromiseRecord]:
+        """Every record of the tree of ``root_id``, ordered by ``created_at`` then id."""
+        return await self._query(_TREE, (root_id,))
+
+    async def search(
+        self,
+        *,
+        state: State | None = None,
+        kind: Kind | None = None,
+        prefix: str | None = None,
+        limit: int | None = 100,
+    ) -> list[PromiseRecord]:
+        """Records matching every filter; see :meth:`Store.search`."""
+        check_limit(limit)
+        sql, args = search_query(SQLITE, state=state, kind=kind, prefix=prefix, limit=limit)
+        return await self._query(sql, args)
+
+    async def claim(
+        self,
+        owner: str,
+        *,
+        now: float,
+        lease_until: float,
+        funcs: Sequence[tuple[str, int]] | None = None,
+        kinds: Sequence[Kind] = (Kind.RUN,),
+        limit: int = 1000,
+    ) -> list[PromiseRecord]:
+        """Lease free pending promises to ``owner``, oldest first; see :meth:`Store.claim`."""
+        check_limit(limit)
+        if not kinds or limit == 0 or (funcs is not None and not funcs):
+            return []
+        args: list[object] = [owner, lease_until, *(k.value for k in kinds), now]
+        if funcs is not None:
+            args.extend(x for name_version in funcs for x in name_version)
+        args.append(limit)
+        sql = _claim(len(kinds), None if funcs is None else len(funcs))
+        async with self._transaction() as conn:
+            ids = [row[0] for row in await conn.execute_fetchall(sql, args)]
+            claimed = await self._select(conn, ids)
+        return sorted(claimed.values(), key=_age)
+
+    async def renew(self, owner: str, *, lease_until: float) -> int:
+        """Extend ``owner``'s pending leases; return how many."""
+        async with self._transaction() as conn:
+            cursor = await conn.execute(_RENEW, (lease_until, owner))
+            return cursor.rowcount
+
+    async def release(self, owner: str, ids: Sequence[str]) -> None:
+        """Free ``owner``'s leases on ``ids``; others' leases are untouched."""
+        unique = list(dict.fromkeys(ids))
+        if not unique:
+            return
+        async with self._transaction() as conn:
+            for chunk in chunked(unique, _max_params() - 1):
+                await conn.execute(_release(len(chunk)), (owner, *chunk))
+
+
+def _age(record: PromiseRecord) -> tuple[float, str]:
+    return record.created_at, record.id
+
+
+async def _stopped(conn: aiosqlite.Connection) -> None:
+    """Wait until a connection that failed to connect has stopped its thread.
+
+    On a failed connect aiosqlite stops its worker thread, which then reports
+    to the event loop; waiting for it keeps that report from reaching a loop
+    that has since closed.
+    """
+    thread = getattr(conn, "_thread", None)
+    if thread is not None:
+        await asyncio.to_thread(thread.join, 5.0)
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    # The rollback is best effort: if it fails too, the connection is broken
+    # and the original error is the one worth reporting.
+    with suppress(sqlite3.Error):
+        await conn.rollback()
