@@ -19,6 +19,9 @@ POSTGRES_DSN_ENV = "RESONATE_TEST_POSTGRES_DSN"
 def postgres_dsn() -> str:
     """The DSN of a PostgreSQL server to test against; skips when none is set."""
     dsn = os.environ.get(POSTGRES_DSN_ENV)
+    if not dsn and os.environ.get("RESONATE_REQUIRE_POSTGRES"):
+        # CI sets this: there the PostgreSQL tests must run, never skip.
+        pytest.fail(f"RESONATE_REQUIRE_POSTGRES is set but {POSTGRES_DSN_ENV} is not")
     if not dsn:
         pytest.skip(
             f"PostgreSQL tests need {POSTGRES_DSN_ENV}, "
