@@ -486,19 +486,25 @@ class Engine:
         if self.effectively_settled(stored):
             self._finish_run(run, stored)
             return None
-        if not self._may_take(stored):
-            # A live worker elsewhere owns it: wait for its outcome instead.
-            self._finish_run(run, await self.wait_settled(stored))
+        # PENDING but not running here (a crashed run, or one another worker
+        # runs): take it over only through an atomic claim, never by
+        # assumption, so two workers never execute it at once.
+        del self.runs[run.id]
+        self.stuck.pop(run.id, None)  # an explicit run() retries a stuck run
+        if stored.owner is not None and _dead_local_owner(stored.owner):
+            await self.store.release(stored.owner, [run.id])
+        await self.recover([(entry.name, entry.version)])
+        owner = self.runs.get(run.id)
+        if owner is not None:  # claimed here: answer with that execution's outcome
+            try:
+                run.handle._set_result(await owner.handle)
+            except Exception as exc:
+                run.handle._set_exception(exc)
             return None
-        await self._load_history(run)
-        return stored
-
-    def _may_take(self, stored: PromiseRecord) -> bool:
-        if stored.owner in (None, self.worker_id):
-            return True
-        if stored.lease_expires_at is not None and stored.lease_expires_at <= self.clock.now():
-            return True
-        return _dead_local_owner(stored.owner)
+        # A live worker elsewhere owns it: wait for its outcome (and should
+        # that worker die, our claim loop takes the run over once its lease expires).
+        self._finish_run(run, await self.wait_settled(stored))
+        return None
 
     def _finish_run(self, run: RunState, settled: PromiseRecord | None) -> None:
         if settled is None:

@@ -43,3 +43,41 @@ async def test_rfi_fans_out_and_runs_locally_when_registered_here() -> None:
 
     async with resonate:
         assert await resonate.run("f", "fan") == [0, 1, 4, 9, 16]
+
+
+async def test_a_run_owned_by_a_vanished_worker_is_taken_over_when_its_lease_expires() -> None:
+    from resonate_async._engine import abandoned_workers
+    from resonate_async.testing import VirtualClock, crash
+
+    clock = VirtualClock()
+    store = MemoryStore()
+    executions: list[str] = []
+    gate = asyncio.Event()
+
+    def build(worker_id: str) -> Resonate:
+        resonate = Resonate(store, clock=clock, worker_id=worker_id, lease_seconds=15)
+
+        @resonate.register(name="job")
+        async def job(ctx: Context) -> str:
+            executions.append(worker_id)
+            await gate.wait()
+            return worker_id
+
+        return resonate
+
+    first = build("host-a:1:x")
+    await first.start()
+    first.run("job-1", "job")
+    while not executions:
+        await asyncio.sleep(0)
+    await crash(first)
+    abandoned_workers.discard("host-a:1:x")  # as if on another host: only the lease tells
+    gate.set()
+
+    async with build("host-b:2:y") as second:
+        handle = second.run("job-1", "job")
+        await clock.advance(10)
+        assert not handle.done() and executions == ["host-a:1:x"]  # lease still live
+        await clock.advance(10)
+        assert await handle == "host-b:2:y"
+    assert executions == ["host-a:1:x", "host-b:2:y"]
