@@ -1,0 +1,338 @@
+"""The blog workload through four pipelines, side by side, in one process.
+
+    python benchmarks/compare.py                      # --sizes 10000,100000
+    python benchmarks/compare.py --sizes 200 --loop uvloop --json out.json
+    python benchmarks/compare.py --store postgresql://postgres@127.0.0.1/test
+
+The workload: N "create user" operations, each inserting one row into a fresh
+SQLite ``users`` table. Pipelines:
+
+* ``raw``: one ``executemany`` and one commit over aiosqlite (the ceiling).
+* ``dataloader``: N coroutines gathered, each ``await loader.load(u)`` on an
+  ``aiodataloader.DataLoader`` whose batch function does executemany + commit.
+  Batched, but not durable: the asyncio floor that batching can be held to.
+* ``resonate``: N durable workflows, each ``await ctx.lfc(InsertUser(u))``,
+  served by an async batch handler (executemany + commit).
+* ``resonate --no-batch``: N durable workflows, each one ``lfc`` of a plain
+  ``def`` that inserts and commits one row (sqlite3, worker thread, a lock).
+  Slow, so it runs at the smallest size only.
+
+Every measurement is preceded by a warm-up of the same pipeline at a small
+size, and every run checks that the table holds exactly N rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import resource
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+import click
+from aiodataloader import DataLoader
+from rich.console import Console
+from rich.table import Table
+
+from resonate_async import Command, Context, Resonate
+from resonate_async.retry import never
+
+WARMUP_USERS = 200
+SCHEMA = "CREATE TABLE users (id INTEGER PRIMARY KEY, value INTEGER UNIQUE)"
+INSERT = "INSERT OR IGNORE INTO users (value) VALUES (?)"
+
+PIPELINES = ("raw", "dataloader", "resonate", "resonate-no-batch")
+LABELS = {
+    "raw": "(a) raw executemany",
+    "dataloader": "(b) aiodataloader floor",
+    "resonate": "(c) resonate batched",
+    "resonate-no-batch": "(d) resonate --no-batch",
+}
+
+
+# -- the durable pieces (as in benchmarks/batching.py) -------------------------
+
+
+@dataclass
+class InsertUser(Command[None]):
+    id: int
+
+
+async def insert_users(ctx: Context, users: list[InsertUser]) -> None:
+    """Batch handler: one executemany and one commit per batch."""
+    db: aiosqlite.Connection = ctx.get_dependency("db")
+    await db.executemany(INSERT, [(u.id,) for u in users])
+    await db.commit()
+
+
+def insert_user(ctx: Context, user: int) -> None:
+    """One-by-one step: one INSERT and one commit (plain def, worker thread)."""
+    conn: sqlite3.Connection = ctx.get_dependency("conn")
+    with ctx.get_dependency("conn_lock"):
+        conn.execute(INSERT, (user,))
+        conn.commit()
+
+
+async def create_user_batching(ctx: Context, user: int) -> None:
+    await ctx.lfc(InsertUser(user))
+
+
+async def create_user(ctx: Context, user: int) -> None:
+    await ctx.lfc(insert_user, user)
+
+
+def build(store: str) -> Resonate:
+    resonate = Resonate(store)
+    resonate.register(create_user_batching, retry_policy=never())
+    resonate.register(create_user, retry_policy=never())
+    resonate.register_command_handler(InsertUser, insert_users, retry_policy=never())
+    return resonate
+
+
+# -- the pipelines -------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """Process-wide peak RSS so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def count_rows(path: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        (rows,) = conn.execute("SELECT COUNT(*) FROM users").fetchone()
+    finally:
+        conn.close()
+    return int(rows)
+
+
+def fresh_users_db(tmp: str) -> str:
+    path = os.path.join(tmp, "users.db")
+    conn = sqlite3.connect(path)
+    conn.execute(SCHEMA)
+    conn.commit()
+    conn.close()
+    return path
+
+
+async def run_raw(users: int, tmp: str, store: str) -> dict[str, Any]:
+    path = fresh_users_db(tmp)
+    async with aiosqlite.connect(path) as db:
+        started = time.perf_counter()
+        await db.executemany(INSERT, [(u,) for u in range(users)])
+        await db.commit()
+        elapsed = time.perf_counter() - started
+    return {"seconds": elapsed, "rows": count_rows(path), "transactions": 1, "batches": 1}
+
+
+async def run_dataloader(users: int, tmp: str, store: str) -> dict[str, Any]:
+    path = fresh_users_db(tmp)
+    batches = 0
+    async with aiosqlite.connect(path) as db:
+
+        async def load(keys: list[int]) -> list[None]:
+            nonlocal batches
+            batches += 1
+            await db.executemany(INSERT, [(k,) for k in keys])
+            await db.commit()
+            return [None] * len(keys)
+
+        loader: DataLoader[int, None] = DataLoader(load, cache=False)
+
+        async def create(u: int) -> None:
+            await loader.load(u)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(create(u) for u in range(users)))
+        elapsed = time.perf_counter() - started
+    return {
+        "seconds": elapsed,
+        "rows": count_rows(path),
+        "transactions": batches,
+        "batches": batches,
+    }
+
+
+async def run_resonate(users: int, tmp: str, store: str, *, batch: bool) -> dict[str, Any]:
+    path = fresh_users_db(tmp)
+    resonate = build(store or os.path.join(tmp, "resonate.db"))
+    conn = sqlite3.connect(path, check_same_thread=False)
+    try:
+        async with aiosqlite.connect(path) as db, resonate:
+            resonate.set_dependency("db", db)
+            resonate.set_dependency("conn", conn)
+            resonate.set_dependency("conn_lock", threading.Lock())
+            fn = create_user_batching if batch else create_user
+            prefix = f"compare-{time.time_ns()}-{'b' if batch else 'n'}"
+            started = time.perf_counter()
+            handles = [resonate.run(f"{prefix}-{u}", fn, u) for u in range(users)]
+            await asyncio.gather(*handles)
+            elapsed = time.perf_counter() - started
+            stats = resonate.stats()
+    finally:
+        conn.close()
+    batcher = stats.batchers.get("InsertUser")
+    return {
+        "seconds": elapsed,
+        "rows": count_rows(path),
+        "transactions": stats.store.transactions,
+        "store_rows": stats.store.rows,
+        "batches": batcher.batches if batcher and batch else None,
+        "rows_per_transaction": stats.store.mean_rows_per_transaction,
+    }
+
+
+async def run_pipeline(pipeline: str, users: int, store: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        if pipeline == "raw":
+            result = await run_raw(users, tmp, store)
+        elif pipeline == "dataloader":
+            result = await run_dataloader(users, tmp, store)
+        else:
+            batch = pipeline == "resonate"
+            result = await run_resonate(users, tmp, store, batch=batch)
+    if result["rows"] != users:
+        raise click.ClickException(f"{pipeline}: expected {users} rows, found {result['rows']}")
+    if "rows_per_transaction" not in result:
+        result["rows_per_transaction"] = users / result["transactions"]
+    result.update(
+        pipeline=pipeline,
+        users=users,
+        us_per_run=result["seconds"] / users * 1e6 if users else 0.0,
+        peak_rss_mb=peak_rss_mb(),
+    )
+    return result
+
+
+async def bench(sizes: list[int], store: str, progress: Console | None) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    smallest = min(sizes)
+    for users in sizes:
+        by_pipeline: dict[str, dict[str, Any]] = {}
+        for pipeline in PIPELINES:
+            if pipeline == "resonate-no-batch" and users != smallest:
+                continue
+            await run_pipeline(pipeline, min(WARMUP_USERS, users), store)  # warm-up
+            result = await run_pipeline(pipeline, users, store)
+            by_pipeline[pipeline] = result
+            if progress is not None:
+                progress.print(
+                    f"[dim]{LABELS[pipeline]} @ {users:,}: {result['seconds']:.3f}s[/dim]"
+                )
+        for result in by_pipeline.values():
+            raw = by_pipeline["raw"]["seconds"]
+            floor = by_pipeline["dataloader"]["seconds"]
+            result["ratio_raw"] = result["seconds"] / raw if raw else None
+            result["ratio_dataloader"] = result["seconds"] / floor if floor else None
+            results.append(result)
+    return results
+
+
+def render(results: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for name, justify in (
+        ("users", "right"),
+        ("pipeline", "left"),
+        ("seconds", "right"),
+        ("µs/run", "right"),
+        ("vs raw (a)", "right"),
+        ("vs floor (b)", "right"),
+        ("txns", "right"),
+        ("rows/txn", "right"),
+        ("batches", "right"),
+        ("peak RSS MiB", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+
+    def ratio(value: float | None) -> str:
+        return "—" if value is None else f"{value:.1f}"
+
+    for r in results:
+        table.add_row(
+            f"{r['users']:,}",
+            LABELS[r["pipeline"]],
+            f"{r['seconds']:.3f}",
+            f"{r['us_per_run']:.1f}",
+            ratio(r["ratio_raw"]),
+            ratio(r["ratio_dataloader"]),
+            f"{r['transactions']:,}",
+            f"{r['rows_per_transaction']:.1f}",
+            "—" if r["batches"] is None else f"{r['batches']:,}",
+            f"{r['peak_rss_mb']:.0f}",
+        )
+    return table
+
+
+def run_with_loop(loop: str, coro: Any) -> Any:
+    if loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    return asyncio.run(coro)
+
+
+@click.command()
+@click.option(
+    "--sizes",
+    default="10000,100000",
+    show_default=True,
+    help="Comma-separated user counts; --no-batch runs at the smallest only.",
+)
+@click.option(
+    "--store",
+    default="",
+    help="Promise store: a SQLite path or a postgresql:// URL (default: a fresh SQLite file).",
+)
+@click.option("--loop", type=click.Choice(["asyncio", "uvloop"]), default="asyncio")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+@click.option("--progress/--no-progress", default=True, help="Print each result as it lands.")
+def main(sizes: str, store: str, loop: str, json_path: str | None, progress: bool) -> None:
+    """Compare raw SQLite, an aiodataloader floor, and resonate_async (batched / not)."""
+    try:
+        counts = [int(s.replace("_", "")) for s in sizes.split(",") if s.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"not a list of integers: {sizes!r}") from exc
+    if not counts or min(counts) < 1:
+        raise click.BadParameter("sizes must be positive integers")
+    console = Console()
+    if console.width < 132:  # keep the table readable when piped or in a narrow terminal
+        console = Console(width=132)
+    status = Console(stderr=True) if progress else None
+    results = run_with_loop(loop, bench(counts, store, status))
+    store_name = "postgres" if store.startswith("postgres") else "sqlite"
+    if store and store_name == "sqlite":
+        store_name = f"sqlite ({store})"
+    title = (
+        f"Blog workload, loop={loop}, promise store={store_name}, "
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs"
+    )
+    console.print(render(results, title))
+    console.print(
+        "txns: promise-store transactions for resonate rows; users-db commits for (a)/(b). "
+        "Peak RSS is the process-wide high-water mark up to that run."
+    )
+    if json_path:
+        meta = {
+            "loop": loop,
+            "store": store_name,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "sizes": counts,
+        }
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The benchmark scripts run end to end at a tiny size (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+pytest.importorskip("aiodataloader")
+pytest.importorskip("aiosqlite")
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_compare_runs_every_pipeline_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    proc = run_script("compare.py", "--sizes", "200", "--no-progress", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    for heading in ("pipeline", "µs/run", "rows/txn", "peak RSS MiB"):
+        assert heading in proc.stdout
+    for label in ("raw executemany", "aiodataloader floor", "resonate batched", "--no-batch"):
+        assert label in proc.stdout
+    data = json.loads(out.read_text())
+    pipelines = {r["pipeline"] for r in data["results"]}
+    assert pipelines == {"raw", "dataloader", "resonate", "resonate-no-batch"}
+    assert all(r["rows"] == 200 for r in data["results"])
+
+
+def test_compare_runs_no_batch_only_at_the_smallest_size(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    proc = run_script("compare.py", "--sizes", "50,100", "--no-progress", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    no_batch = [r["users"] for r in results if r["pipeline"] == "resonate-no-batch"]
+    assert no_batch == [50]
+
+
+def test_compare_rejects_bad_sizes() -> None:
+    proc = run_script("compare.py", "--sizes", "ten")
+    assert proc.returncode != 0
+
+
+def test_compare_on_uvloop() -> None:
+    pytest.importorskip("uvloop")
+    proc = run_script("compare.py", "--sizes", "100", "--no-progress", "--loop", "uvloop")
+    assert proc.returncode == 0, proc.stderr
+    assert "loop=uvloop" in proc.stdout
+
+
+def test_latency_prints_percentiles() -> None:
+    proc = run_script("latency.py", "--runs", "20", "--warmup", "2")
+    assert proc.returncode == 0, proc.stderr
+    for text in ("p50 µs", "p99 µs", "call → handler", "handler → resume", "memory", "sqlite"):
+        assert text in proc.stdout
