@@ -148,8 +148,8 @@ class Constant:
 
     Example:
         >>> p = constant(delay=2.0, max_retries=2)
-        >>> [p.next_delay(a) for a in (2, 3, 4)]
-        [2.0, 2.0, None]
+        >>> tuple(p.next_delay(a) for a in (2, 3, 4))
+        (2.0, 2.0, None)
     """
 
     delay: float = 1.0
@@ -185,8 +185,8 @@ class Linear:
 
     Example:
         >>> p = linear(delay=1.5, max_retries=3)
-        >>> [p.next_delay(a) for a in (2, 3, 4, 5)]
-        [1.5, 3.0, 4.5, None]
+        >>> tuple(p.next_delay(a) for a in (2, 3, 4, 5))
+        (1.5, 3.0, 4.5, None)
     """
 
     delay: float = 1.0
@@ -222,8 +222,8 @@ class Exponential:
 
     Example:
         >>> p = exponential(delay=1.0, factor=2.0, max_delay=5.0, max_retries=4)
-        >>> [p.next_delay(a) for a in (2, 3, 4, 5, 6)]
-        [1.0, 2.0, 4.0, 5.0, None]
+        >>> tuple(p.next_delay(a) for a in (2, 3, 4, 5, 6))
+        (1.0, 2.0, 4.0, 5.0, None)
     """
 
     delay: float = 1.0
