@@ -199,7 +199,16 @@ class Resonate:
     # -- registration ----------------------------------------------------------
 
     @overload
-    def register(self, fn: F, /) -> F: ...
+    def register(
+        self,
+        fn: F,
+        /,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        retry_policy: RetryPolicy | None = None,
+        timeout: float | None = None,
+    ) -> F: ...
     @overload
     def register(
         self,
