@@ -231,3 +231,38 @@ async def test_a_command_cancelled_before_dispatch_leaves_the_queue() -> None:
         gate.set()
         assert await busy == 0
     assert calls == [[0]]  # the cancelled command never reached the handler
+
+
+async def test_shutdown_lets_the_batch_in_hand_finish_and_records_it_whole() -> None:
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(ctx: Context, cmds: list[Add]) -> list[int]:
+        entered.set()
+        await release.wait()
+        return [c.n for c in cmds]
+
+    store = MemoryStore()
+    resonate = Resonate(store, grace_seconds=5)
+    resonate.register_command_handler(Add, handler, retry_policy=never())
+
+    @resonate.register(name="wf")
+    async def wf(ctx: Context, n: int) -> int:
+        return await ctx.lfc(Add(n))
+
+    await resonate.start()
+    handles = [resonate.run(f"w{i}", "wf", i) for i in range(3)]
+    await entered.wait()
+    closing = asyncio.ensure_future(resonate.aclose())
+    await asyncio.sleep(0)
+    release.set()
+    await closing
+    commands = await store.get_many([f"w{i}.1" for i in range(3)])
+    roots = await store.get_many([f"w{i}" for i in range(3)])
+    # The batch finished and all of its commands were recorded, in one piece;
+    # the runs themselves were interrupted and stay PENDING for the next start.
+    assert sorted(commands) == ["w0.1", "w1.1", "w2.1"]
+    assert all(r.state.value == "RESOLVED" for r in commands.values())
+    assert all(r.state.value == "PENDING" for r in roots.values())
+    for handle in handles:
+        assert handle.done()
