@@ -92,12 +92,20 @@ def default_worker_id() -> str:
 abandoned_workers: set[str] = set()
 
 
-def _dead_local_owner(owner: str | None) -> bool:
-    """Whether ``owner`` names a process of this host that no longer exists."""
+def _dead_local_owner(owner: str | None, *, check_pids: bool = True) -> bool:
+    """Whether ``owner`` names a process of this host that no longer exists.
+
+    Workers abandoned by ``testing.crash`` are dead whatever the store. The pid
+    check only holds where every worker shares this host's pid space (SQLite,
+    DESIGN §7): on a networked store, a worker in another container with the
+    same host name would be taken for dead while it still runs.
+    """
     if not owner:
         return False
     if owner in abandoned_workers:
         return True
+    if not check_pids:
+        return False
     parts = owner.split(":")
     if len(parts) < 3 or parts[0] != socket.gethostname():
         return False
@@ -164,6 +172,9 @@ class Engine:
         self.stuck: dict[str, NondeterminismError] = {}
         self._claim_wakeup = asyncio.Event()
         self._listening = False
+        # Stores that only processes of this host can open (SQLite) let a dead
+        # pid free its leases at once; networked stores wait for the lease.
+        self._single_host = bool(getattr(store, "single_host", False))
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -491,7 +502,7 @@ class Engine:
         # assumption, so two workers never execute it at once.
         del self.runs[run.id]
         self.stuck.pop(run.id, None)  # an explicit run() retries a stuck run
-        if stored.owner is not None and _dead_local_owner(stored.owner):
+        if stored.owner is not None and self._dead(stored.owner):
             await self.store.release(stored.owner, [run.id])
         await self.recover([(entry.name, entry.version)])
         owner = self.runs.get(run.id)
@@ -672,6 +683,9 @@ class Engine:
         """A remote call was created here: look for work now, not at the next poll."""
         self._claim_wakeup.set()
 
+    def _dead(self, owner: str) -> bool:
+        return _dead_local_owner(owner, check_pids=self._single_host)
+
     async def _release_dead_owners(self, *, at_start: bool = False) -> None:
         """Free leases whose owner is a dead process of this host.
 
@@ -684,7 +698,7 @@ class Engine:
                 owner = record.owner
                 if owner is None or record.id in self.runs:
                     continue
-                if (at_start and owner == self.worker_id) or _dead_local_owner(owner):
+                if (at_start and owner == self.worker_id) or self._dead(owner):
                     dead.setdefault(owner, []).append(record.id)
         for owner, ids in dead.items():
             await self.store.release(owner, ids)

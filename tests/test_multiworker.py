@@ -16,10 +16,10 @@ taken over by a restarted process at once, or by a peer that was waiting on
 them within ~30 polls, in both cases long before its lease expires (the owner
 is a dead pid of this host), and again nothing runs in two live processes.
 
-Two strict xfails document store/engine bugs found here (see their reasons):
-opening a new SQLite file from two processes at once can fail, and a live
-worker whose pid is not visible here (another PID namespace, same host name)
-is taken for dead on PostgreSQL.
+Two regression tests pin bugs found here (now fixed): opening a new SQLite
+file from two processes at once could fail, and a live worker whose pid is
+not visible here (another PID namespace, same host name) was taken for dead
+on PostgreSQL.
 
 What is measured (see ``multiworker_workload.py``): each body records an
 execution row *before* doing anything durable, and the batch handler records
@@ -510,10 +510,7 @@ def _sqlite_evidence(store: Path, users_db: Path, log: Path) -> Evidence:
 async def _sqlite_fleet(tmp_path: Path, lease: float) -> tuple[Fleet, Path, Path, Path]:
     store, users_db, log = tmp_path / "store.db", tmp_path / "users.db", tmp_path / "exec.log"
     setup_sqlite_users(str(users_db))
-    # Create the store file before the workers share it: two processes opening a
-    # new file at the same moment can fail (see the xfail test at the end).
-    async with SQLiteStore(store):
-        pass
+    # No pre-created store file: the workers open a new file at the same moment.
     fleet = Fleet(
         tmp_path,
         [
@@ -642,15 +639,6 @@ async def test_a_killed_process_on_sqlite_is_taken_over_without_waiting_for_its_
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "SQLiteStore.open switches a new file to WAL with `PRAGMA journal_mode = WAL`, which "
-        "SQLite answers with SQLITE_BUSY at once, without the busy timeout, while another "
-        "connection holds a lock on a file still in rollback mode; so two processes opening a "
-        "new file at the same moment fail now and then with StoreError 'database is locked'"
-    ),
-)
 async def test_opening_a_new_sqlite_file_waits_for_another_processs_lock(tmp_path: Path) -> None:
     """Another process's lock on a new file delays ``open`` (busy timeout) instead of failing it.
 
@@ -691,16 +679,6 @@ async def test_opening_a_new_sqlite_file_waits_for_another_processs_lock(tmp_pat
 
 @pytest.mark.postgres
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the dead-pid shortcut (_dead_local_owner) also runs on PostgreSQL and trusts the "
-        "host name alone: a live worker whose default id host:pid:rand names a pid that this "
-        "process cannot see (another container with the same host name, e.g. host networking, "
-        "and its own PID namespace) is judged dead, its leases are released and its runs "
-        "executed a second time while it still runs them"
-    ),
-)
 async def test_a_live_worker_in_another_pid_namespace_keeps_its_leases(
     postgres_dsn: str, postgres_schema: str
 ) -> None:

@@ -33,6 +33,9 @@ class MemoryStore:
         >>> resonate = Resonate(store)  # doctest: +SKIP
     """
 
+    #: Only processes of this host share this store, so a dead pid means a dead worker.
+    single_host = True
+
     def __init__(self) -> None:
         self._rows: dict[str, PromiseRecord] = {}
         # root id -> ids of its tree, so resuming a run does not scan every row.

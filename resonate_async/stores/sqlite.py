@@ -17,6 +17,7 @@ import asyncio
 import functools
 import os
 import sqlite3
+import time
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -127,6 +128,9 @@ class SQLiteStore:
         ...     await store.write([Create(record)])
     """
 
+    #: Only processes of this host share this store, so a dead pid means a dead worker.
+    single_host = True
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -187,7 +191,7 @@ class SQLiteStore:
                 ) from exc
             try:
                 await conn.execute(f"PRAGMA busy_timeout = {round(self._busy_timeout * 1000)}")
-                await conn.execute("PRAGMA journal_mode = WAL")
+                await self._switch_to_wal(conn)
                 await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
                 await self._migrate(conn)
             except BaseException as exc:
@@ -198,6 +202,28 @@ class SQLiteStore:
                     ) from exc
                 raise
             self._conn = conn
+
+    async def _switch_to_wal(self, conn: aiosqlite.Connection) -> None:
+        # While another connection holds a lock on a file still in rollback
+        # mode (two processes opening a new file at once), SQLite answers the
+        # switch with SQLITE_BUSY at once, ignoring busy_timeout: retry it
+        # ourselves for as long as busy_timeout allows.
+        deadline = time.monotonic() + self._busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                async with conn.execute("PRAGMA journal_mode = WAL") as cursor:
+                    row = await cursor.fetchone()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            else:
+                mode = "" if row is None else str(row[0]).lower()
+                # An in-memory database answers "memory": WAL is not for it.
+                if mode == "wal" or mode == "memory" or time.monotonic() >= deadline:
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
         # Under the write lock, so processes opening one file at once migrate it once.
