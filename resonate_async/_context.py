@@ -36,6 +36,7 @@ log = logging.getLogger("resonate_async")
 # What a Promise stands for.
 _STEP, _COMMAND, _SLEEP, _EXTERNAL, _REMOTE = range(5)
 _NOT_STARTED, _STARTED, _INLINE_DONE = range(3)
+_NO_KWARGS: dict[str, Any] = {}  # shared by every command; never mutated
 
 
 class Context:
@@ -145,7 +146,7 @@ class Context:
             if args or kwargs:
                 raise TypeError("a Command carries its own arguments; pass only the instance")
             self._engine.registry.handler(type(target))  # fail now if no handler
-            promise: Promise[Any] = Promise(self, self._next_id(), _COMMAND, target, (), {})
+            promise: Promise[Any] = Promise(self, self._next_id(), _COMMAND, target, (), _NO_KWARGS)
             promise._param = self._engine.encode_for(target, promise.id)  # fail now if unencodable
             return promise
         call_style(target)  # fail now if not callable

@@ -278,6 +278,10 @@ class Engine:
 
     def outcome(self, record: PromiseRecord) -> Any:
         """The decoded value of a settled record, or raise its decoded error."""
+        state = record.state
+        if state is State.RESOLVED:  # the hot path: no clock, no timeout rule
+            value = record.value
+            return None if value is None else self.encoder.decode(value)
         state = self.effective_state(record)
         if state is State.RESOLVED:
             return None if record.value is None else self.encoder.decode(record.value)
@@ -351,7 +355,8 @@ class Engine:
                     else invoke(style, fn, ctx, args, kwargs)
                 )
                 value = await (call if deadline is None else with_deadline(call, deadline, clock))
-                await ctx._join_children()
+                if ctx._children:
+                    await ctx._join_children()
             except asyncio.CancelledError:
                 ctx._cancel_children()
                 raise
@@ -359,7 +364,8 @@ class Engine:
                 ctx._cancel_children()
                 raise
             except Exception as exc:
-                await ctx._join_children()
+                if ctx._children:
+                    await ctx._join_children()
                 if run is not None and run.fatal is not None:
                     raise run.fatal from None
                 if deadline is not None and clock.now() >= deadline:
@@ -397,7 +403,7 @@ class Engine:
         self.runs[id] = run
         task = self._loop.create_task(self._drive(run, stored))
         run.task = task
-        handle._canceller = task.cancel
+        handle._task = task
         self.run_stats.started += 1
         return run
 
@@ -417,6 +423,7 @@ class Engine:
             if run.replay is None and entry.retry_policy.__class__ is not Never:
                 run.replay = {}  # a retried body replays what its first attempt settled
             deadline = root.timeout_at
+            root = None  # not needed while the body runs: keep in-flight runs small
             state, data, _ = await self.attempts(
                 run,
                 run.id,

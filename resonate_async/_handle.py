@@ -24,14 +24,14 @@ class Handle(Generic[T]):
         id: the run's id.
     """
 
-    __slots__ = ("_canceller", "_created", "_created_waiter", "_future", "id")
+    __slots__ = ("_created", "_created_waiter", "_future", "_task", "id")
 
     def __init__(self, id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.id = id
         self._future: asyncio.Future[T] = loop.create_future()
         self._created = False
         self._created_waiter: asyncio.Future[None] | None = None
-        self._canceller: Any = None
+        self._task: asyncio.Task[Any] | None = None  # the run's task, when it executes here
 
     def __repr__(self) -> str:
         state = "done" if self._future.done() else "pending"
@@ -77,9 +77,9 @@ class Handle(Generic[T]):
         Returns ``False`` when the run is already done or not executing here
         (use ``resonate.promises.cancel(id)`` to cancel it wherever it runs).
         """
-        if self._future.done() or self._canceller is None:
+        if self._future.done() or self._task is None or self._task.done():
             return False
-        self._canceller()
+        self._task.cancel()
         return True
 
     # -- engine side -----------------------------------------------------------

@@ -65,3 +65,12 @@ def test_latency_prints_percentiles() -> None:
     assert proc.returncode == 0, proc.stderr
     for text in ("p50 µs", "p99 µs", "call → handler", "handler → resume", "memory", "sqlite"):
         assert text in proc.stdout
+
+
+def test_memory_benchmarks_run_at_a_tiny_size() -> None:
+    inflight = run_script("memory.py", "inflight", "--runs", "300")
+    assert inflight.returncode == 0, inflight.stderr
+    assert "300 runs in flight" in inflight.stdout and "bytes per run" in inflight.stdout
+    stream = run_script("memory.py", "stream", "--runs", "500", "--in-flight", "50")
+    assert stream.returncode == 0, stream.stderr
+    assert "500 runs streamed, at most 50 in flight" in stream.stdout
