@@ -734,7 +734,9 @@ class Engine:
             except TimeoutError:
                 polls += 1
             try:
-                if polls % 30 == 29:  # now and then, free the leases of dead local processes
+                if self._single_host and polls % 30 == 29:
+                    # Now and then, free the leases of dead processes of this host
+                    # (elsewhere only an expired lease frees a run).
                     await self._release_dead_owners()
                 await self.recover()
             except asyncio.CancelledError:
