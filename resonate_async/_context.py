@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 from ._command import Command
 from ._registry import call_style, function_name
-from .errors import NondeterminismError, NotFoundError
+from .errors import NondeterminismError, NotFoundError, ShutdownError, StoreError
 from .stores._base import Create, Kind, PromiseRecord, Settle, State
 
 if TYPE_CHECKING:
@@ -37,6 +37,18 @@ log = logging.getLogger("resonate_async")
 _STEP, _COMMAND, _SLEEP, _EXTERNAL, _REMOTE = range(5)
 _NOT_STARTED, _STARTED, _INLINE_DONE = range(3)
 _NO_KWARGS: dict[str, Any] = {}  # shared by every command; never mutated
+
+
+class ReplayNow(BaseException):
+    """Replay-every-step mode: unwind the workflow so it re-runs from the store.
+
+    A ``BaseException`` so that a workflow's own ``except Exception`` never
+    swallows it.
+    """
+
+
+# Outcomes that are not settled promises: nothing to replay from.
+_NOT_SETTLED = (asyncio.CancelledError, NondeterminismError, StoreError, ShutdownError)
 
 
 class Context:
@@ -269,6 +281,7 @@ class Promise(Generic[T]):
         "_awaited",
         "_ctx",
         "_error",
+        "_fresh",
         "_future",
         "_in_queue",
         "_inline",
@@ -307,6 +320,7 @@ class Promise(Generic[T]):
         self._state = _NOT_STARTED
         self._inline = False
         self._in_queue = False
+        self._fresh = False  # executed now, not replayed from the store
         self._awaited = False
         self._yielded = False
         self._value: Any = None
@@ -370,13 +384,30 @@ class Promise(Generic[T]):
             except BaseException as exc:
                 self._error = exc
                 self._state = _INLINE_DONE
+                self._replay_now(exc)
                 raise
             self._state = _INLINE_DONE
+            self._replay_now(None)
             return cast("T", self._value)
         future = self._start()
         if self._type == _COMMAND and not future.done() and not self._in_queue:
             yield from self._ctx._engine.batchers[type(self._target)].put(self).__await__()
-        return (yield from future.__await__())
+        try:
+            value = yield from future.__await__()
+        except Exception as exc:
+            self._replay_now(exc)
+            raise
+        self._replay_now(None)
+        return value
+
+    def _replay_now(self, error: BaseException | None) -> None:
+        """In replay-every-step mode, restart the workflow once this fresh call settled."""
+        if not self._fresh or not self._ctx._engine.replay_every_step or self._ctx._run is None:
+            return
+        if error is not None and isinstance(error, _NOT_SETTLED):
+            return
+        self._fresh = False
+        raise ReplayNow
 
     def _outcome(self) -> T:
         if self._error is not None:
@@ -404,6 +435,7 @@ class Promise(Generic[T]):
         engine = self._ctx._engine
         loop = asyncio.get_running_loop()
         stored = self._replayed()
+        self._fresh = stored is None
         if stored is not None:
             future = loop.create_future()
             try:
@@ -460,6 +492,7 @@ class Promise(Generic[T]):
 
     async def _run_inline(self) -> T:
         stored = self._replayed()
+        self._fresh = stored is None
         if stored is not None:
             return cast("T", self._ctx._engine.outcome(stored))
         if self._type == _STEP:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ._batcher import Batcher
 from ._clock import with_deadline
-from ._context import Context
+from ._context import Context, ReplayNow
 from ._handle import Handle
 from ._invoke import invoke
 from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry
@@ -142,7 +142,9 @@ class Engine:
         poll_seconds: float,
         grace_seconds: float,
         max_rows_per_transaction: int,
+        replay_every_step: bool = False,
     ) -> None:
+        self.replay_every_step = replay_every_step
         self.store = store
         self.registry = registry
         self.encoder = encoder
@@ -357,6 +359,15 @@ class Engine:
                 value = await (call if deadline is None else with_deadline(call, deadline, clock))
                 if ctx._children:
                     await ctx._join_children()
+            except ReplayNow:
+                # Replay-every-step mode: a fresh call settled; re-run from the store.
+                if ctx._children:
+                    for child in ctx._children:
+                        child._fresh = False  # the restart replays them all at once
+                    await ctx._join_children()
+                if run is not None:
+                    run.replay = {r.id: r for r in await self.store.tree(run.id)}
+                continue
             except asyncio.CancelledError:
                 ctx._cancel_children()
                 raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 from typing import TYPE_CHECKING, Any
@@ -67,8 +66,8 @@ async def drive_generator(gen: Generator[Any, Any, Any]) -> Any:
             continue
         try:
             send = await yielded
-        except asyncio.CancelledError:
-            gen.close()
-            raise
         except Exception as exc:
             error = exc
+        except BaseException:  # cancellation, or a replay: the generator is done
+            gen.close()
+            raise

@@ -54,6 +54,11 @@ class Resonate:
             by other processes.
         grace_seconds: how long ``aclose()`` lets in-flight batches finish.
         max_rows_per_transaction: the group-commit writer's transaction size bound.
+        replay_every_step: a testing mode: after every durable call settles
+            for the first time, the workflow is re-run from the top against
+            the store, so code that is not deterministic raises
+            ``NondeterminismError`` and effects made outside steps show up
+            as repeated. Slow; for tests only.
 
     Example:
         ```python
@@ -82,6 +87,7 @@ class Resonate:
         poll_seconds: float = 1.0,
         grace_seconds: float = 5.0,
         max_rows_per_transaction: int = 5000,
+        replay_every_step: bool = False,
     ) -> None:
         from ._clock import SystemClock
 
@@ -97,6 +103,7 @@ class Resonate:
         self._poll = poll_seconds
         self._grace = grace_seconds
         self._max_rows = max_rows_per_transaction
+        self._replay_every_step = replay_every_step
         self._registry = Registry()
         self._dependencies: dict[str, Any] = {}
         self._engine: Engine | None = None
@@ -143,6 +150,7 @@ class Resonate:
                 poll_seconds=self._poll,
                 grace_seconds=self._grace,
                 max_rows_per_transaction=self._max_rows,
+                replay_every_step=self._replay_every_step,
             )
             self._engine = engine
             await engine.start()
