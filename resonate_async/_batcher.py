@@ -140,7 +140,13 @@ class Batcher:
         stats.batch_size.add(len(batch))
         started = time.perf_counter()
         try:
-            outcomes = await self._outcomes(batch)
+            tracing = engine.tracing
+            if tracing.enabled:
+                attributes = {"resonate.command": self.entry.name, "resonate.size": len(batch)}
+                with tracing.span("resonate.batch", attributes, [p._span for p in batch]):
+                    outcomes = await self._outcomes(batch)
+            else:
+                outcomes = await self._outcomes(batch)
             stats.handler_seconds.add(time.perf_counter() - started)
             now = engine.clock.now()
             name = self.entry.name

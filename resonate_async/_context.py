@@ -160,6 +160,8 @@ class Context:
             self._engine.registry.handler(type(target))  # fail now if no handler
             promise: Promise[Any] = Promise(self, self._next_id(), _COMMAND, target, (), _NO_KWARGS)
             promise._param = self._engine.encode_for(target, promise.id)  # fail now if unencodable
+            if self._engine.tracing.enabled:  # the batch span links to this run's span
+                promise._span = self._engine.tracing.current()
             return promise
         call_style(target)  # fail now if not callable
         return Promise(self, self._next_id(), _STEP, target, args, kwargs)
@@ -288,6 +290,7 @@ class Promise(Generic[T]):
         "_kwargs",
         "_param",
         "_retry_policy",
+        "_span",
         "_state",
         "_target",
         "_timeout",
@@ -314,6 +317,7 @@ class Promise(Generic[T]):
         self._args = args
         self._kwargs = kwargs
         self._param: bytes | None = None
+        self._span: Any = None
         self._retry_policy: RetryPolicy | None = None
         self._timeout: float | None = target if type == _EXTERNAL else None
         self._future: asyncio.Future[T] | None = None
@@ -512,7 +516,7 @@ class Promise(Generic[T]):
         fn = self._target
         policy = self._retry_policy or engine.step_retry_policy
         deadline = None if self._timeout is None else engine.clock.now() + self._timeout
-        state, data, attempt = await engine.attempts(
+        call = engine.attempts(
             ctx._run,
             self.id,
             ctx.root_id,
@@ -523,6 +527,12 @@ class Promise(Generic[T]):
             policy,
             deadline,
         )
+        if engine.tracing.enabled:
+            attributes = {"resonate.id": self.id, "resonate.func": function_name(fn)}
+            with engine.tracing.span("resonate.step", attributes):
+                state, data, attempt = await call
+        else:
+            state, data, attempt = await call
         now = engine.clock.now()
         record = PromiseRecord(
             id=self.id,

@@ -25,6 +25,7 @@ from ._handle import Handle
 from ._invoke import invoke
 from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry
 from ._stats import RunStats, StoreStats
+from ._telemetry import Tracing
 from ._writer import GroupCommitWriter
 from .errors import (
     CanceledError,
@@ -143,8 +144,11 @@ class Engine:
         grace_seconds: float,
         max_rows_per_transaction: int,
         replay_every_step: bool = False,
+        tracing: bool = False,
+        tracer_provider: Any = None,
     ) -> None:
         self.replay_every_step = replay_every_step
+        self.tracing = Tracing(tracing, tracer_provider)
         self.store = store
         self.registry = registry
         self.encoder = encoder
@@ -159,7 +163,10 @@ class Engine:
         self.store_stats = StoreStats()
         self.run_stats = RunStats()
         self.writer = GroupCommitWriter(
-            store, self.store_stats, max_rows_per_transaction=max_rows_per_transaction
+            store,
+            self.store_stats,
+            max_rows_per_transaction=max_rows_per_transaction,
+            tracing=self.tracing,
         )
         self.batchers: dict[type, Batcher] = {}
         self.runs: dict[str, RunState] = {}
@@ -435,7 +442,7 @@ class Engine:
                 run.replay = {}  # a retried body replays what its first attempt settled
             deadline = root.timeout_at
             root = None  # not needed while the body runs: keep in-flight runs small
-            state, data, _ = await self.attempts(
+            call = self.attempts(
                 run,
                 run.id,
                 run.id,
@@ -446,6 +453,12 @@ class Engine:
                 entry.retry_policy,
                 deadline,
             )
+            if self.tracing.enabled:
+                attributes = {"resonate.id": run.id, "resonate.func": entry.name}
+                with self.tracing.span("resonate.run", attributes):
+                    state, data, _ = await call
+            else:
+                state, data, _ = await call
             settled = await self.writer.write(Settle(run.id, state, data, self.clock.now()))
             self._finish_run(run, settled)
         except asyncio.CancelledError:

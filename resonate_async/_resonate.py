@@ -59,6 +59,11 @@ class Resonate:
             the store, so code that is not deterministic raises
             ``NondeterminismError`` and effects made outside steps show up
             as repeated. Slow; for tests only.
+        tracing: emit OpenTelemetry spans (``resonate.run``, ``resonate.step``,
+            ``resonate.batch``, ``resonate.store.commit``) through the global
+            tracer provider; needs the ``[otel]`` extra.
+        tracer_provider: an OpenTelemetry ``TracerProvider`` to use instead of
+            the global one (implies ``tracing=True``).
 
     Example:
         ```python
@@ -88,6 +93,8 @@ class Resonate:
         grace_seconds: float = 5.0,
         max_rows_per_transaction: int = 5000,
         replay_every_step: bool = False,
+        tracing: bool = False,
+        tracer_provider: Any = None,
     ) -> None:
         from ._clock import SystemClock
 
@@ -104,6 +111,12 @@ class Resonate:
         self._grace = grace_seconds
         self._max_rows = max_rows_per_transaction
         self._replay_every_step = replay_every_step
+        if tracing or tracer_provider is not None:
+            from ._telemetry import Tracing
+
+            Tracing(True, tracer_provider)  # fail here, not at start, if otel is missing
+        self._tracing = tracing
+        self._tracer_provider = tracer_provider
         self._registry = Registry()
         self._dependencies: dict[str, Any] = {}
         self._engine: Engine | None = None
@@ -151,6 +164,8 @@ class Resonate:
                 grace_seconds=self._grace,
                 max_rows_per_transaction=self._max_rows,
                 replay_every_step=self._replay_every_step,
+                tracing=self._tracing,
+                tracer_provider=self._tracer_provider,
             )
             self._engine = engine
             await engine.start()

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ._stats import StoreStats
+    from ._telemetry import Tracing
     from .stores._base import Op, PromiseRecord, Store
 
 __all__ = ("GroupCommitWriter",)
@@ -66,13 +67,19 @@ class GroupCommitWriter:
     """
 
     def __init__(
-        self, store: Store, stats: StoreStats, *, max_rows_per_transaction: int = 5000
+        self,
+        store: Store,
+        stats: StoreStats,
+        *,
+        max_rows_per_transaction: int = 5000,
+        tracing: Tracing | None = None,
     ) -> None:
         if max_rows_per_transaction < 1:
             raise ValueError("max_rows_per_transaction must be at least 1")
         self._store = store
         self._stats = stats
         self._max_rows = max_rows_per_transaction
+        self._tracing = tracing
         self._queue: deque[_Transaction] = deque()
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -141,7 +148,12 @@ class GroupCommitWriter:
     async def _commit(self, txn: _Transaction) -> None:
         started = time.perf_counter()
         try:
-            results = await self._store.write(txn.ops)
+            tracing = self._tracing
+            if tracing is not None and tracing.enabled:
+                with tracing.span("resonate.store.commit", {"resonate.rows": len(txn.ops)}):
+                    results = await self._store.write(txn.ops)
+            else:
+                results = await self._store.write(txn.ops)
         except asyncio.CancelledError:
             txn.future.set_exception(ShutdownError("shut down while writing; nothing is lost"))
             txn.future.exception()  # retrieved: waiters may be gone already

@@ -1,0 +1,60 @@
+"""Optional OpenTelemetry spans (the ``[otel]`` extra; opt in with ``Resonate(tracing=True)``).
+
+Spans, only for fresh executions (a replayed step is not executed, so it has
+no span): ``resonate.run``, ``resonate.step``, ``resonate.batch`` (linked to
+the span of each run whose command it serves: a batch is a fan-in) and
+``resonate.store.commit``. Attributes are namespaced ``resonate.*`` and carry
+ids, counts and kinds, never payloads. The tracer comes from the global
+provider the application configured; this module never installs one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+__all__ = ("Tracing",)
+
+
+class Tracing:
+    """Span factory; every method is a no-op when tracing is off."""
+
+    __slots__ = ("_links", "_trace", "_tracer", "enabled")
+
+    def __init__(self, enabled: bool, provider: Any = None) -> None:
+        enabled = enabled or provider is not None
+        self.enabled = enabled
+        self._tracer: Any = None
+        if enabled:
+            try:
+                from opentelemetry import trace
+            except ImportError:
+                raise ImportError(
+                    'tracing=True needs opentelemetry-api: pip install "resonate-async[otel]"'
+                ) from None
+            self._trace = trace
+            self._tracer = (
+                trace.get_tracer("resonate_async")
+                if provider is None
+                else provider.get_tracer("resonate_async")
+            )
+
+    def current(self) -> Any:
+        """The current span's context, to link a batch to the runs it serves."""
+        return self._trace.get_current_span().get_span_context() if self.enabled else None
+
+    @contextlib.contextmanager
+    def span(
+        self, name: str, attributes: dict[str, Any], links: Sequence[Any] = ()
+    ) -> Iterator[None]:
+        """A span named ``name`` around the block (nothing when tracing is off)."""
+        if not self.enabled:
+            yield
+            return
+        link = self._trace.Link
+        valid = [link(c) for c in links if c is not None and c.is_valid]
+        with self._tracer.start_as_current_span(name, attributes=attributes, links=valid):
+            yield
