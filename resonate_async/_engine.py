@@ -1,4 +1,4 @@
-"""The engine: runs, their replay and recovery, leases, and the owned background tasks.
+"""The engine: runs and their replay, waiting on promises, and the owned background tasks.
 
 ``Resonate`` is the public face; the engine is what exists between
 ``start()`` and ``aclose()``. It owns every task it starts: one per run, the
@@ -12,17 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
-import uuid
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from ._batcher import Batcher
 from ._clock import with_deadline
 from ._context import Context, ReplayNow
 from ._handle import Handle
 from ._invoke import invoke
+from ._leases import LeaseKeeper, abandoned_workers
 from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry
 from ._stats import RunStats, StoreStats
 from ._telemetry import Tracing
@@ -84,48 +82,7 @@ class RunState:
         self.task: asyncio.Task[None] | None = None
 
 
-def default_worker_id() -> str:
-    """``host:pid:random``; the host and pid let a restart on one host take over at once."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-# Worker ids abandoned in this process by ``testing.crash``: as dead as a killed pid.
-abandoned_workers: set[str] = set()
-
-
-def _dead_local_owner(owner: str | None, *, check_pids: bool = True) -> bool:
-    """Whether ``owner`` names a process of this host that no longer exists.
-
-    Workers abandoned by ``testing.crash`` are dead whatever the store. The pid
-    check only holds where every worker shares this host's pid space (SQLite,
-    DESIGN §7): on a networked store, a worker in another container with the
-    same host name would be taken for dead while it still runs.
-    """
-    if not owner:
-        return False
-    if owner in abandoned_workers:
-        return True
-    if not check_pids:
-        return False
-    parts = owner.split(":")
-    if len(parts) < 3 or parts[0] != socket.gethostname():
-        return False
-    try:
-        pid = int(parts[1])
-    except ValueError:
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-class Engine:
+class Engine(LeaseKeeper):
     """Everything that lives between start and shutdown."""
 
     def __init__(
@@ -667,106 +624,3 @@ class Engine:
             handle._set_exception(exc)
 
     # -- recovery and leases -----------------------------------------------------
-
-    async def recover(self, keys: Sequence[tuple[str, int]] | None = None) -> int:
-        """Claim and resume PENDING runs and remote calls of registered functions.
-
-        Free promises (no owner, an expired lease, or a dead owner on this
-        host) are claimed in chunks; returns how many were resumed.
-        """
-        keys = list(self.registry.keys() if keys is None else keys)
-        if not keys or self.closing:
-            return 0
-        resumed = 0
-        while True:
-            now = self.clock.now()
-            claimed = await self.store.claim(
-                self.worker_id,
-                now=now,
-                lease_until=now + self.lease_seconds,
-                funcs=keys,
-                kinds=(Kind.RUN, Kind.REMOTE),
-                limit=_CLAIM_CHUNK,
-            )
-            fresh = [r for r in claimed if r.id not in self.runs and r.id not in self.stuck]
-            for record in fresh:
-                resumed += self._resume(record)
-            if len(claimed) < _CLAIM_CHUNK or not fresh or self.closing:
-                break
-        if resumed:
-            log.info("resumed %d pending runs", resumed)
-        return resumed
-
-    def _resume(self, record: PromiseRecord) -> int:
-        entry = None if record.func is None else self.registry.lookup(record.func, record.version)
-        if entry is None or record.param is None:
-            return 0
-        try:
-            decoded = self.encoder.decode(record.param)
-            args, kwargs = cast("tuple[list[Any], dict[str, Any]]", decoded)
-        except Exception as exc:
-            log.error("cannot resume %s: its arguments do not decode: %s", record.id, exc)
-            return 0
-        self.start_run(record.id, entry, record.param, args, kwargs, stored=record)
-        return 1
-
-    def remote_created(self) -> None:
-        """A remote call was created here: look for work now, not at the next poll."""
-        self._claim_wakeup.set()
-
-    def _dead(self, owner: str) -> bool:
-        return _dead_local_owner(owner, check_pids=self._single_host)
-
-    async def _release_dead_owners(self, *, at_start: bool = False) -> None:
-        """Free leases whose owner is a dead process of this host.
-
-        At start, leases held under this very ``worker_id`` belong to a
-        previous incarnation (a restart with a stable id), so they are freed too.
-        """
-        dead: dict[str, list[str]] = {}
-        for kind in (Kind.RUN, Kind.REMOTE):
-            for record in await self.store.search(state=State.PENDING, kind=kind, limit=None):
-                owner = record.owner
-                if owner is None or record.id in self.runs:
-                    continue
-                if (at_start and owner == self.worker_id) or self._dead(owner):
-                    dead.setdefault(owner, []).append(record.id)
-        for owner, ids in dead.items():
-            await self.store.release(owner, ids)
-
-    async def _heartbeat(self) -> None:
-        clock = self.clock
-        while True:
-            await clock.sleep(self.heartbeat_seconds)
-            try:
-                await self.store.renew(self.worker_id, lease_until=clock.now() + self.lease_seconds)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("lease heartbeat failed: %s", exc)
-
-    async def _claim_loop(self) -> None:
-        """Every ``poll_seconds`` (or at once when woken), claim free runs and remote calls."""
-        clock = self.clock
-        polls = 0
-        while True:
-            self._claim_wakeup.clear()
-            try:
-                await with_deadline(
-                    self._claim_wakeup.wait(), clock.now() + self.poll_seconds, clock
-                )
-            except TimeoutError:
-                polls += 1
-            try:
-                if self._single_host and polls % 30 == 29:
-                    # Now and then, free the leases of dead processes of this host
-                    # (elsewhere only an expired lease frees a run).
-                    await self._release_dead_owners()
-                await self.recover()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("claiming pending runs failed: %s", exc)
-
-
-_CLAIM_CHUNK = 1000

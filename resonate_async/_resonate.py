@@ -8,8 +8,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from ._encoding import JSONEncoder
-from ._engine import Engine, default_worker_id
+from ._engine import Engine
 from ._handle import Handle
+from ._leases import default_worker_id
 from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry, call_style, function_name
 from ._stats import Stats
 from .errors import ConflictError, EncodingError, NotFoundError

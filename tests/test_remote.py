@@ -46,7 +46,7 @@ async def test_rfi_fans_out_and_runs_locally_when_registered_here() -> None:
 
 
 async def test_a_run_owned_by_a_vanished_worker_is_taken_over_when_its_lease_expires() -> None:
-    from resonate_async._engine import abandoned_workers
+    from resonate_async._leases import abandoned_workers
     from resonate_async.testing import VirtualClock, crash
 
     clock = VirtualClock()
