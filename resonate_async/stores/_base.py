@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from types import TracebackType
 
 __all__ = (
     "Create",
@@ -28,6 +29,7 @@ __all__ = (
     "Settle",
     "State",
     "Store",
+    "StoreLifecycle",
     "apply_op",
 )
 
@@ -149,6 +151,30 @@ def apply_op(existing: PromiseRecord | None, op: Op) -> PromiseRecord | None:
         owner=None,
         lease_expires_at=None,
     )
+
+
+class StoreLifecycle:
+    """``async with store:`` opens the store and closes it, for every backend."""
+
+    __slots__ = ()
+
+    async def open(self) -> None:  # pragma: no cover - every store defines it
+        raise NotImplementedError
+
+    async def close(self) -> None:  # pragma: no cover - every store defines it
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
 
 @runtime_checkable

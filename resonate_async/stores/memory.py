@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
-from ._base import Create, Kind, Op, PromiseRecord, Settle, State, apply_op
+from ._base import Create, Kind, Op, PromiseRecord, Settle, State, StoreLifecycle, apply_op
 from ._sql import check_limit
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from types import TracebackType
 
 __all__ = ("MemoryStore",)
 
@@ -19,7 +18,7 @@ def _age(record: PromiseRecord) -> tuple[float, str]:
     return record.created_at, record.id
 
 
-class MemoryStore:
+class MemoryStore(StoreLifecycle):
     """A promise store held in memory: fast, and gone with the process.
 
     Operations are :func:`apply_op` applied to a dict, so this store is the
@@ -43,18 +42,6 @@ class MemoryStore:
 
     def __repr__(self) -> str:
         return f"MemoryStore(<{len(self._rows)} promises>)"
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Nothing to connect to. Idempotent."""

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StoreError
-from ._base import Kind, Op, PromiseRecord, Settle, State
+from ._base import Kind, Op, PromiseRecord, Settle, State, StoreLifecycle
 from ._sql import (
     COLUMN_LIST,
     COLUMNS,
@@ -39,7 +39,6 @@ from ._sql import (
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
-    from types import TracebackType
 
 __all__ = ("SETTLED_CHANNEL", "PostgresStore")
 
@@ -122,7 +121,7 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[1])
 
 
-class PostgresStore:
+class PostgresStore(StoreLifecycle):
     """A durable promise store in PostgreSQL, shared by many workers.
 
     Args:
@@ -188,18 +187,6 @@ class PostgresStore:
     def channel(self) -> str:
         """The NOTIFY channel of this store: one per schema, so stores never wake each other."""
         return SETTLED_CHANNEL if self._schema is None else f"{SETTLED_CHANNEL}:{self._schema}"
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Create the pool and create or migrate the schema. Idempotent.

@@ -19,12 +19,12 @@ import os
 import sqlite3
 import time
 from contextlib import asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiosqlite
 
 from ..errors import StoreError
-from ._base import Kind, Op, PromiseRecord, Settle, State
+from ._base import Kind, Op, PromiseRecord, Settle, State, StoreLifecycle
 from ._sql import (
     COLUMN_LIST,
     COLUMNS,
@@ -46,7 +46,6 @@ from ._sql import (
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
-    from types import TracebackType
 
 __all__ = ("SQLiteStore",)
 
@@ -110,7 +109,7 @@ def _claim(n_kinds: int, n_funcs: int | None) -> str:
     )
 
 
-class SQLiteStore:
+class SQLiteStore(StoreLifecycle):
     """A durable promise store in one SQLite file.
 
     Args:
@@ -158,18 +157,6 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self._path!r}, synchronous={self._synchronous!r})"
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Connect, apply the settings and create or migrate the schema. Idempotent.
