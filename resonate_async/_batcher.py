@@ -140,13 +140,12 @@ class Batcher:
         stats.batch_size.add(len(batch))
         started = time.perf_counter()
         try:
-            tracing = engine.tracing
-            if tracing.enabled:
+            call = self._outcomes(batch)
+            if engine.tracing.enabled:
                 attributes = {"resonate.command": self.entry.name, "resonate.size": len(batch)}
-                with tracing.span("resonate.batch", attributes, [p._span for p in batch]):
-                    outcomes = await self._outcomes(batch)
-            else:
-                outcomes = await self._outcomes(batch)
+                links = [p._span for p in batch]
+                call = engine.tracing.traced(call, "resonate.batch", attributes, links)
+            outcomes = await call
             stats.handler_seconds.add(time.perf_counter() - started)
             now = engine.clock.now()
             name = self.entry.name

@@ -529,10 +529,8 @@ class Promise(Generic[T]):
         )
         if engine.tracing.enabled:
             attributes = {"resonate.id": self.id, "resonate.func": function_name(fn)}
-            with engine.tracing.span("resonate.step", attributes):
-                state, data, attempt = await call
-        else:
-            state, data, attempt = await call
+            call = engine.tracing.traced(call, "resonate.step", attributes)
+        state, data, attempt = await call
         now = engine.clock.now()
         record = PromiseRecord(
             id=self.id,

@@ -412,10 +412,8 @@ class Engine(LeaseKeeper):
             )
             if self.tracing.enabled:
                 attributes = {"resonate.id": run.id, "resonate.func": entry.name}
-                with self.tracing.span("resonate.run", attributes):
-                    state, data, _ = await call
-            else:
-                state, data, _ = await call
+                call = self.tracing.traced(call, "resonate.run", attributes)
+            state, data, _ = await call
             settled = await self.writer.write(Settle(run.id, state, data, self.clock.now()))
             self._finish_run(run, settled)
         except asyncio.CancelledError:

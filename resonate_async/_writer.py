@@ -148,12 +148,13 @@ class GroupCommitWriter:
     async def _commit(self, txn: _Transaction) -> None:
         started = time.perf_counter()
         try:
+            write = self._store.write(txn.ops)
             tracing = self._tracing
             if tracing is not None and tracing.enabled:
-                with tracing.span("resonate.store.commit", {"resonate.rows": len(txn.ops)}):
-                    results = await self._store.write(txn.ops)
-            else:
-                results = await self._store.write(txn.ops)
+                write = tracing.traced(
+                    write, "resonate.store.commit", {"resonate.rows": len(txn.ops)}
+                )
+            results = await write
         except asyncio.CancelledError:
             txn.future.set_exception(ShutdownError("shut down while writing; nothing is lost"))
             txn.future.exception()  # retrieved: waiters may be gone already
