@@ -30,6 +30,8 @@ from .errors import BatchResultError, EncodingError, ShutdownError
 from .stores._base import Create, Kind, PromiseRecord, State
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from ._context import Promise
     from ._engine import Engine
     from ._registry import HandlerEntry
@@ -194,20 +196,16 @@ class Batcher:
 
     async def _outcomes(self, batch: list[Promise[Any]]) -> list[Outcome]:
         """Call the handler with retries; once exhausted, bisect to isolate poison."""
-        try:
-            result = await self._call_with_retries(batch)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if len(batch) == 1:
-                return [(State.REJECTED, self._engine.encoder.encode_error(exc))]
-            half = len(batch) // 2
-            return await self._bisect(batch[:half]) + await self._bisect(batch[half:])
-        return self._map_results(batch, result)
+        return await self._try(batch, self._call_with_retries(batch))
 
-    async def _bisect(self, part: list[Promise[Any]]) -> list[Outcome]:
+    async def _try(self, part: list[Promise[Any]], call: Awaitable[Any]) -> list[Outcome]:
+        """Map ``call``'s result onto ``part``; if it fails, try each half once more.
+
+        Halving goes down to single commands, so a poison command is rejected
+        alone with the handler's error and the others still succeed.
+        """
         try:
-            result = await self._call_handler(part, attempt=1)
+            result = await call
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -216,6 +214,9 @@ class Batcher:
             half = len(part) // 2
             return await self._bisect(part[:half]) + await self._bisect(part[half:])
         return self._map_results(part, result)
+
+    async def _bisect(self, part: list[Promise[Any]]) -> list[Outcome]:
+        return await self._try(part, self._call_handler(part, attempt=1))
 
     async def _call_with_retries(self, batch: list[Promise[Any]]) -> Any:
         policy = self.entry.retry_policy
