@@ -133,11 +133,7 @@ class Context:
         iteration unless the child is already settled in the store.
         """
         promise = self._make(target, args, kwargs)
-        if self._children is None:
-            self._children = []
-        self._children.append(promise)
-        asyncio.get_running_loop().call_soon(promise._start)
-        return promise
+        return self._start_child(promise)
 
     @overload
     def lfc(self, target: Command[T], /) -> Promise[T]: ...
@@ -151,6 +147,14 @@ class Context:
         """
         promise = self._make(target, args, kwargs)
         promise._inline = True
+        return promise
+
+    def _start_child(self, promise: Promise[T]) -> Promise[T]:
+        """Track an ``lfi``/``rfi`` child (awaited at the end) and start it next iteration."""
+        if self._children is None:
+            self._children = []
+        self._children.append(promise)
+        asyncio.get_running_loop().call_soon(promise._start)
         return promise
 
     def _make(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Promise[Any]:
@@ -177,11 +181,7 @@ class Context:
             target: a registered function, or its registered name.
         """
         promise = self._remote(target, args, kwargs)
-        if self._children is None:
-            self._children = []
-        self._children.append(promise)
-        asyncio.get_running_loop().call_soon(promise._start)
-        return promise
+        return self._start_child(promise)
 
     def rfc(self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Promise[Any]:
         """``rfi`` and await: ``value = await ctx.rfc("charge", order_id)``."""
@@ -462,12 +462,14 @@ class Promise(Generic[T]):
         self._future = future
         return future
 
+    def _stored(self) -> PromiseRecord | None:
+        """This call's row in the run's replay table, settled or not."""
+        run = self._ctx._run
+        return run.replay.get(self.id) if run is not None and run.replay else None
+
     def _replayed(self) -> PromiseRecord | None:
         """The stored, settled record of this call, checking it is the same call."""
-        run = self._ctx._run
-        if run is None or not run.replay:
-            return None
-        stored = run.replay.get(self.id)
+        stored = self._stored()
         if stored is None:
             return None
         expected = self._func_name()
@@ -477,7 +479,9 @@ class Promise(Generic[T]):
                 f"recorded {stored.func!r}; deploy code compatible with the history or register "
                 "the changed workflow under a new version"
             )
-            run.fatal = error
+            run = self._ctx._run
+            if run is not None:  # fatal for the run, even if the workflow catches it
+                run.fatal = error
             raise error
         if stored.state is State.PENDING and not self._ctx._engine.effectively_settled(stored):
             return None
@@ -552,7 +556,7 @@ class Promise(Generic[T]):
         ctx = self._ctx
         engine = ctx._engine
         run = ctx._run
-        stored = run.replay.get(self.id) if run is not None and run.replay else None
+        stored = self._stored()
         if stored is not None and stored.timeout_at is not None:
             wake = stored.timeout_at
         else:
@@ -582,7 +586,7 @@ class Promise(Generic[T]):
         ctx = self._ctx
         engine = ctx._engine
         run = ctx._run
-        stored = run.replay.get(self.id) if run is not None and run.replay else None
+        stored = self._stored()
         if stored is None:
             now = engine.clock.now()
             record = PromiseRecord(

@@ -507,7 +507,7 @@ class Engine(LeaseKeeper):
         if settled is None:
             run.handle._set_exception(NotFoundError(f"run {run.id!r} disappeared from the store"))
             return
-        self._wake(settled)
+        self.wake(settled)
         try:
             value = self.outcome(settled)
         except Exception as exc:
@@ -529,7 +529,8 @@ class Engine(LeaseKeeper):
 
     # -- waiting on promises settled elsewhere -------------------------------
 
-    def _wake(self, record: PromiseRecord) -> None:
+    def wake(self, record: PromiseRecord) -> None:
+        """Tell local waiters that ``record`` settled (after a durable settle)."""
         if self._waiters:
             for waiter in self._waiters.pop(record.id, ()):
                 if not waiter.done():
@@ -543,11 +544,7 @@ class Engine(LeaseKeeper):
     async def _refresh(self, id: str) -> None:
         record = (await self.store.get_many([id])).get(id)
         if record is not None and record.state is not State.PENDING:
-            self._wake(record)
-
-    def wake(self, record: PromiseRecord) -> None:
-        """Tell local waiters that ``record`` settled (after a durable settle here)."""
-        self._wake(record)
+            self.wake(record)
 
     async def wait_settled(self, record: PromiseRecord) -> PromiseRecord:
         """Wait until ``record`` settles: woken in-process, else by polling the store.
@@ -561,7 +558,7 @@ class Engine(LeaseKeeper):
                 error = self.encoder.encode_error(PromiseTimeoutError(f"{record.id} timed out"))
                 op = Settle(record.id, State.REJECTED_TIMEDOUT, error, clock.now())
                 record = await self.writer.write(op) or record
-                self._wake(record)
+                self.wake(record)
                 return record
             if state is not State.PENDING:
                 return record
