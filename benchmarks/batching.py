@@ -32,6 +32,9 @@ from resonate_async.retry import never
 
 console = Console(stderr=True)
 
+SCHEMA = "CREATE TABLE users (id INTEGER PRIMARY KEY, value INTEGER UNIQUE)"
+INSERT = "INSERT OR IGNORE INTO users (value) VALUES (?)"
+
 
 @dataclass
 class InsertUser(Command[None]):
@@ -41,7 +44,7 @@ class InsertUser(Command[None]):
 async def insert_users(ctx: Context, users: list[InsertUser]) -> None:
     """The batch handler: one executemany and one commit per batch."""
     db: aiosqlite.Connection = ctx.get_dependency("db")
-    await db.executemany("INSERT OR IGNORE INTO users (value) VALUES (?)", [(u.id,) for u in users])
+    await db.executemany(INSERT, [(u.id,) for u in users])
     await db.commit()
     if ctx.get_dependency("log_batches"):
         print(f"Values from {users[0].id} to {users[-1].id} have been inserted")
@@ -51,7 +54,7 @@ def insert_user(ctx: Context, user: int) -> None:
     """The one-by-one step: one INSERT and one commit (a plain def, in a worker thread)."""
     conn: sqlite3.Connection = ctx.get_dependency("conn")
     with ctx.get_dependency("conn_lock"):
-        conn.execute("INSERT OR IGNORE INTO users (value) VALUES (?)", (user,))
+        conn.execute(INSERT, (user,))
         conn.commit()
 
 
@@ -77,9 +80,8 @@ async def bench(
     with tempfile.TemporaryDirectory() as tmp:
         users_db = os.path.join(tmp, "users.db")
         resonate = build(store or os.path.join(tmp, "resonate.db"))
-        schema = "CREATE TABLE users (id INTEGER PRIMARY KEY, value INTEGER UNIQUE)"
         conn = sqlite3.connect(users_db, check_same_thread=False)
-        conn.execute(schema)
+        conn.execute(SCHEMA)
         conn.commit()
         async with aiosqlite.connect(users_db) as db, resonate:
             resonate.set_dependency("db", db)

@@ -33,21 +33,19 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import aiosqlite
 import click
 from aiodataloader import DataLoader
+
+# The durable pieces are the blog benchmark's own (this directory is on sys.path
+# when a script here runs).
+from batching import INSERT, SCHEMA, build, create_user, create_user_batching
 from rich.console import Console
 from rich.table import Table
 
-from resonate_async import Command, Context, Resonate
-from resonate_async.retry import never
-
 WARMUP_USERS = 200
-SCHEMA = "CREATE TABLE users (id INTEGER PRIMARY KEY, value INTEGER UNIQUE)"
-INSERT = "INSERT OR IGNORE INTO users (value) VALUES (?)"
 
 PIPELINES = ("raw", "dataloader", "resonate", "resonate-no-batch")
 LABELS = {
@@ -56,45 +54,6 @@ LABELS = {
     "resonate": "(c) resonate batched",
     "resonate-no-batch": "(d) resonate --no-batch",
 }
-
-
-# -- the durable pieces (as in benchmarks/batching.py) -------------------------
-
-
-@dataclass
-class InsertUser(Command[None]):
-    id: int
-
-
-async def insert_users(ctx: Context, users: list[InsertUser]) -> None:
-    """Batch handler: one executemany and one commit per batch."""
-    db: aiosqlite.Connection = ctx.get_dependency("db")
-    await db.executemany(INSERT, [(u.id,) for u in users])
-    await db.commit()
-
-
-def insert_user(ctx: Context, user: int) -> None:
-    """One-by-one step: one INSERT and one commit (plain def, worker thread)."""
-    conn: sqlite3.Connection = ctx.get_dependency("conn")
-    with ctx.get_dependency("conn_lock"):
-        conn.execute(INSERT, (user,))
-        conn.commit()
-
-
-async def create_user_batching(ctx: Context, user: int) -> None:
-    await ctx.lfc(InsertUser(user))
-
-
-async def create_user(ctx: Context, user: int) -> None:
-    await ctx.lfc(insert_user, user)
-
-
-def build(store: str) -> Resonate:
-    resonate = Resonate(store)
-    resonate.register(create_user_batching, retry_policy=never())
-    resonate.register(create_user, retry_policy=never())
-    resonate.register_command_handler(InsertUser, insert_users, retry_policy=never())
-    return resonate
 
 
 # -- the pipelines -------------------------------------------------------------
@@ -171,6 +130,7 @@ async def run_resonate(users: int, tmp: str, store: str, *, batch: bool) -> dict
             resonate.set_dependency("db", db)
             resonate.set_dependency("conn", conn)
             resonate.set_dependency("conn_lock", threading.Lock())
+            resonate.set_dependency("log_batches", False)
             fn = create_user_batching if batch else create_user
             prefix = f"compare-{time.time_ns()}-{'b' if batch else 'n'}"
             started = time.perf_counter()
