@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pytest
@@ -123,6 +124,41 @@ class StoreConformance:
         assert got["bare"].tags is None and got["empty"].tags == {}
         assert got["bare"].param is None and got["empty"].param == b""
 
+    async def test_zeros_and_empties_are_not_null(self, store: Store) -> None:
+        # Values next to nothing must come back as they went in, not as None.
+        zeros = [
+            record(
+                "zero-text",
+                func="0",
+                param=b"0",
+                value=b"",
+                parent_id="0",
+                timeout_at=0.0,
+                settled_at=0.0,
+                owner="0",
+                lease_expires_at=0.0,
+                tags={"0": "0"},
+                created_at=0.0,
+            ),
+            record("zero-empty", func="", param=b"", parent_id="", owner="", tags={"": ""}),
+            record("zero-int", timeout_at=0, lease_expires_at=0, owner="w"),
+        ]
+        await store.write([Create(r) for r in zeros])
+        got = await store.get_many([r.id for r in zeros])
+        assert got == {r.id: r for r in zeros}
+        results = await store.write(
+            [
+                Settle("zero-text", State.RESOLVED, b"0", 0.0),
+                Settle("zero-empty", State.REJECTED, b"", 0.0, prior=zeros[1]),
+                Settle("zero-int", State.RESOLVED, None, 0.0, prior=zeros[2]),
+            ]
+        )
+        settled = await store.get_many([r.id for r in zeros])
+        assert results == [settled["zero-text"], settled["zero-empty"], settled["zero-int"]]
+        assert settled["zero-text"].value == b"0" and settled["zero-empty"].value == b""
+        assert settled["zero-int"].value is None and settled["zero-int"].settled_at == 0.0
+        assert settled["zero-int"].timeout_at == 0
+
     async def test_duplicate_create_returns_the_existing_record(self, store: Store) -> None:
         first = record("dup", func="f", param=b"1")
         await store.write([Create(first)])
@@ -169,6 +205,77 @@ class StoreConformance:
     async def test_settle_of_unknown_id_returns_none(self, store: Store) -> None:
         assert await store.write([Settle("nobody", State.RESOLVED, None, 1.0)]) == [None]
         assert await store.get_many(["nobody"]) == {}
+
+    async def test_settle_with_prior_returns_what_is_stored(self, store: Store) -> None:
+        # ``prior`` is the caller's copy of the pending row: the result built
+        # from it must be exactly the row a read then finds, every field.
+        full = replace(_full("prior-full"), state=State.PENDING, value=None, settled_at=None)
+        bare = record("prior-bare", func="f", param=b"[1]", attempt=1, owner="w")
+        other, new = record("prior-other"), record("prior-new")
+        await store.write([Create(full), Create(bare), Create(other)])
+        # Since created, its lease was released: settling clears it anyway.
+        await store.release("w", ["prior-bare"])
+        ops: list[Op] = [
+            Settle("prior-full", State.REJECTED, b"\x00err", 5.5, prior=full),
+            Create(new),
+            Settle("prior-bare", State.RESOLVED, b"1", 6.0, prior=bare),
+            # Without prior, and in the same write: read back as before.
+            Settle("prior-other", State.RESOLVED, None, 7.0),
+            Settle("prior-new", State.RESOLVED, b"2", 8.0, prior=record("prior-new")),
+        ]
+        results = await store.write(ops)
+        stored = await store.get_many(["prior-full", "prior-bare", "prior-other", "prior-new"])
+        assert results == [
+            stored["prior-full"],
+            new,
+            stored["prior-bare"],
+            stored["prior-other"],
+            stored["prior-new"],
+        ]
+        want, _ = expected_results({r.id: r for r in (full, bare, other)}, ops)
+        assert want[0] == results[0] and want[4] == results[4]
+        assert results[0] is not None and results[0].tags == full.tags
+        assert results[2] is not None and results[2].owner is None
+        assert results[2].lease_expires_at is None and results[2].attempt == 1
+
+    async def test_settle_with_prior_of_a_settled_row_returns_the_first_outcome(
+        self, store: Store
+    ) -> None:
+        pending = record("prior-twice")
+        await store.write([Create(pending)])
+        [first] = await store.write([Settle("prior-twice", State.REJECTED, b"err", 1.0)])
+        [second] = await store.write(
+            [Settle("prior-twice", State.RESOLVED, b"ok", 2.0, prior=pending)]
+        )
+        assert second == first == (await store.get_many(["prior-twice"]))["prior-twice"]
+        assert second is not None and second.state is State.REJECTED and second.value == b"err"
+        # The same within one write, after a settle without prior.
+        again = record("prior-twice-2")
+        await store.write([Create(again)])
+        results = await store.write(
+            [
+                Settle("prior-twice-2", State.REJECTED, b"first", 1.0),
+                Settle("prior-twice-2", State.RESOLVED, b"late", 2.0, prior=again),
+            ]
+        )
+        assert results[0] == results[1]
+        assert results[1] is not None and results[1].value == b"first"
+
+    async def test_settle_with_prior_of_a_missing_row_returns_none(self, store: Store) -> None:
+        ghost, real = record("prior-ghost"), record("prior-real")
+        results = await store.write(
+            [Settle("prior-ghost", State.RESOLVED, b"1", 1.0, prior=ghost), Create(real)]
+        )
+        assert results == [None, real] and results[1] is real
+        assert await store.get_many(["prior-ghost"]) == {}
+
+    async def test_settle_with_prior_of_another_id_is_read_instead(self, store: Store) -> None:
+        await store.write([Create(record("prior-mine")), Create(record("prior-wrong", func="g"))])
+        [result] = await store.write(
+            [Settle("prior-mine", State.RESOLVED, b"1", 1.0, prior=record("prior-wrong"))]
+        )
+        assert result is not None and result.id == "prior-mine"
+        assert result == (await store.get_many(["prior-mine"]))["prior-mine"]
 
     async def test_empty_write(self, store: Store) -> None:
         assert await store.write([]) == []

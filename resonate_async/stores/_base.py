@@ -14,7 +14,7 @@ it to resolve the rare conflicting rows after their fast path.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 if TYPE_CHECKING:
@@ -113,12 +113,28 @@ class Create:
 
 @dataclass(frozen=True, slots=True)
 class Settle:
-    """Move a PENDING promise to a settled ``state``; a settled one is unchanged."""
+    """Move a PENDING promise to a settled ``state``; a settled one is unchanged.
+
+    Attributes:
+        id: the promise to settle.
+        state: its settled state.
+        value: its encoded outcome.
+        settled_at: seconds since the epoch.
+        prior: optionally, the caller's own copy of the row while it was
+            PENDING (e.g. the root record a run created or claimed). It is a
+            hint that changes no result: when the store sees that this settle
+            applied (the row was pending), it builds the result from
+            ``prior`` instead of reading the row back. So ``prior`` must be
+            the stored row in every field but ``owner`` and
+            ``lease_expires_at`` (which settling clears); one of another id is
+            ignored. It takes no part in equality or ``repr``.
+    """
 
     id: str
     state: State
     value: bytes | None
     settled_at: float
+    prior: PromiseRecord | None = field(default=None, compare=False, repr=False)
 
 
 Op = Create | Settle

@@ -8,9 +8,10 @@ share:
 * the schema and its migrations, tracked in a ``schema_version`` table;
 * conversion between a :class:`PromiseRecord` and a row;
 * the write plan: :func:`fast_plan` decides whether a batch can be applied
-  with bulk statements and no reads, and :func:`resolve_exactly` computes the
-  results of any batch from the rows it touches, with :func:`apply_op`
-  semantics, for the rare batch that cannot.
+  with bulk statements, reading back only the settled rows it cannot know,
+  and :func:`resolve_exactly` computes the results of any batch from the
+  rows it touches, with :func:`apply_op` semantics, for the rare batch that
+  cannot.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._base import Create, Kind, Op, PromiseRecord, Settle, State, apply_op
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Iterator, Sequence
 
 __all__ = (
     "COLUMNS",
@@ -33,10 +34,11 @@ __all__ = (
     "SQLITE",
     "Dialect",
     "FastPathMiss",
+    "FastPlan",
     "check_limit",
     "chunked",
+    "dump_tags",
     "fast_plan",
-    "fast_results",
     "migrations",
     "prefix_upper_bound",
     "record_to_row",
@@ -72,7 +74,7 @@ COLUMNS = (
 COLUMN_LIST = ", ".join(COLUMNS)
 
 #: The version :func:`migrations` brings a database to.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +130,9 @@ def migrations(d: Dialect) -> tuple[tuple[str, ...], ...]:
     """Statements to migrate a database, one tuple per version step.
 
     ``migrations(d)[i]`` brings a database at version ``i`` to ``i + 1``.
-    Append new steps; never edit a released one.
+    Append new steps; never edit a released one. A step may differ between
+    dialects, or be empty for one of them, so that a version number means
+    the same step everywhere.
     """
     version_1 = (
         f"""CREATE TABLE promises (
@@ -157,26 +161,39 @@ def migrations(d: Dialect) -> tuple[tuple[str, ...], ...]:
         # Heartbeats renew and release by owner.
         "CREATE INDEX promises_owner ON promises (owner) WHERE owner IS NOT NULL",
     )
-    return (version_1,)
+    # SQLite: every leased root run added an entry to promises_owner when it
+    # was created and removed it when it settled, about 6% of the blog
+    # workload's write time. Only pending rows keep an owner, so renewing by
+    # owner scans promises_pending instead (renew says ``state = 'PENDING'``),
+    # and release and claim never used it. PostgreSQL keeps the index: there
+    # an update does not remove index entries (vacuum does), the gain was
+    # within the noise, and many workers renewing their own leases use it.
+    version_2: tuple[str, ...] = (
+        ("DROP INDEX IF EXISTS promises_owner",) if d.name == SQLITE.name else ()
+    )
+    return (version_1, version_2)
 
 
 _STATES = {s.value: s for s in State}
 _KINDS = {k.value: k for k in Kind}
-_dump_tags = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+#: The text of a record's tags, as stored.
+dump_tags = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def record_to_row(r: PromiseRecord) -> tuple[Any, ...]:
     """The row of ``r``, in :data:`COLUMNS` order.
 
-    ``state`` and ``kind`` are passed as the enum members themselves: they are
-    ``str`` subclasses whose text is their value, which both drivers bind as
-    text, and that skips an attribute lookup per field on the hot path.
+    ``state`` and ``kind`` are passed as their ``_value_``, the plain ``str``
+    of the member: sqlite3 binds an exact ``str`` directly, but sends a
+    ``str`` subclass (the member itself) through its adapter lookup, which
+    costs more than the rest of the row's binding (and ``.value`` is a
+    property, slower than the attribute).
     """
     tags = r.tags
     return (
         r.id,
-        r.state,
-        r.kind,
+        r.state._value_,
+        r.kind._value_,
         r.root_id,
         r.created_at,
         r.func,
@@ -189,31 +206,57 @@ def record_to_row(r: PromiseRecord) -> tuple[Any, ...]:
         r.attempt,
         r.owner,
         r.lease_expires_at,
-        None if tags is None else _dump_tags(tags),
+        None if tags is None else dump_tags(tags),
     )
+
+
+# A record is built by setting its slots directly: the frozen dataclass's
+# ``__init__`` sets each field through ``object.__setattr__`` by name, which
+# costs about twice as much, and stores build a record per row they read and
+# per settle they apply. ``PromiseRecord`` has no ``__post_init__`` to skip;
+# the conformance suite compares every field of what these build.
+_new = object.__new__
+(
+    _set_id,
+    _set_state,
+    _set_kind,
+    _set_root_id,
+    _set_created_at,
+    _set_func,
+    _set_version,
+    _set_param,
+    _set_value,
+    _set_parent_id,
+    _set_timeout_at,
+    _set_settled_at,
+    _set_attempt,
+    _set_owner,
+    _set_lease_expires_at,
+    _set_tags,
+) = (getattr(PromiseRecord, c).__set__ for c in COLUMNS)
 
 
 def row_to_record(row: Sequence[Any]) -> PromiseRecord:
     """The record of a row selected as :data:`COLUMN_LIST`."""
+    r = _new(PromiseRecord)
+    _set_id(r, row[0])
+    _set_state(r, _STATES[row[1]])
+    _set_kind(r, _KINDS[row[2]])
+    _set_root_id(r, row[3])
+    _set_created_at(r, row[4])
+    _set_func(r, row[5])
+    _set_version(r, row[6])
+    _set_param(r, row[7])
+    _set_value(r, row[8])
+    _set_parent_id(r, row[9])
+    _set_timeout_at(r, row[10])
+    _set_settled_at(r, row[11])
+    _set_attempt(r, row[12])
+    _set_owner(r, row[13])
+    _set_lease_expires_at(r, row[14])
     tags = row[15]
-    return PromiseRecord(
-        row[0],
-        _STATES[row[1]],
-        _KINDS[row[2]],
-        row[3],
-        row[4],
-        row[5],
-        row[6],
-        row[7],
-        row[8],
-        row[9],
-        row[10],
-        row[11],
-        row[12],
-        row[13],
-        row[14],
-        None if tags is None else json.loads(tags),
-    )
+    _set_tags(r, None if tags is None else json.loads(tags))
+    return r
 
 
 def chunked(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
@@ -294,58 +337,90 @@ def _op_id(op: Op) -> str:
     raise TypeError(f"Store.write takes Create and Settle ops, got {type(op).__name__}")
 
 
-def fast_plan(ops: Sequence[Op]) -> tuple[list[PromiseRecord], list[Settle]] | None:
-    """Split ``ops`` into the creates and the settles of the bulk path.
+@dataclass(slots=True)
+class FastPlan:
+    """A batch split for the bulk path, with its results computed ahead.
+
+    Attributes:
+        creates: the records to insert, in op order.
+        settles: the settles to apply, in op order.
+        results: the result of each op if every insert inserts and every
+            update updates; ``None`` at the positions in ``holes``.
+        holes: the positions of the settles whose results must be read back
+            after the update: neither created in this batch nor given a
+            ``prior`` (see :meth:`fill`).
+        unread: the ids of those settles, in the order of ``holes``.
+    """
+
+    creates: list[PromiseRecord]
+    settles: list[Settle]
+    results: list[PromiseRecord | None]
+    holes: list[int]
+    unread: list[str]
+
+    def fill(self, stored: dict[str, PromiseRecord]) -> list[PromiseRecord | None]:
+        """The results, with the holes filled from ``stored`` (the rows of ``unread``)."""
+        results = self.results
+        for at, key in zip(self.holes, self.unread, strict=True):
+            results[at] = stored[key]
+        return results
+
+
+def fast_plan(ops: Sequence[Op]) -> FastPlan | None:
+    """Split ``ops`` for the bulk path and compute their results ahead.
 
     Running every create before every settle is equivalent to running the ops
     in order when each id is touched by one create, one settle, or a create
     followed by a settle (ops on different ids commute). Then, if every insert
     inserts and every update updates, each op's result is known without
-    reading anything. Any other shape (a duplicate create, a settle before a
-    create, two settles) returns ``None``: it is rare and goes to the exact
-    path directly.
+    reading anything: a create returns its own record (the very object), a
+    settle returns the record created for its id in this batch, else its
+    ``prior``, settled by it. Only a settle with neither must have its row
+    read back. Any other shape (a duplicate create, a settle before a create,
+    two settles) returns ``None``: it is rare and goes to the exact path
+    directly. The caller must check the change counts before trusting the
+    results (and redo the write exactly otherwise, see :class:`FastPathMiss`).
 
     Raises:
         TypeError: an op is neither ``Create`` nor ``Settle``.
     """
-    settled: dict[str, bool] = {}
+    # id -> its record created in this batch, or None once settled in it.
+    seen: dict[str, PromiseRecord | None] = {}
     creates: list[PromiseRecord] = []
     settles: list[Settle] = []
+    results: list[PromiseRecord | None] = []
+    holes: list[int] = []
+    unread: list[str] = []
     for op in ops:
         if isinstance(op, Create):
-            key = op.record.id
-            if key in settled:
+            record = op.record
+            key = record.id
+            if key in seen:
                 return None
-            settled[key] = False
-            creates.append(op.record)
+            seen[key] = record
+            creates.append(record)
+            results.append(record)
         elif isinstance(op, Settle):
-            if settled.get(op.id):
-                return None
-            settled[op.id] = True
+            key = op.id
+            if key in seen:
+                own = seen[key]
+                if own is None:
+                    return None
+            else:
+                own = op.prior
+                if own is not None and own.id != key:
+                    own = None
+            seen[key] = None
             settles.append(op)
+            if own is None:
+                holes.append(len(results))
+                unread.append(key)
+                results.append(None)
+            else:
+                results.append(_settled(own, op))
         else:
             _op_id(op)  # raises the TypeError
-    return creates, settles
-
-
-def fast_results(
-    ops: Sequence[Op], read: Callable[[str], PromiseRecord]
-) -> list[PromiseRecord | None]:
-    """The results of ops applied by the bulk path.
-
-    ``read(id)`` is the stored record of a settled id that was not created in
-    this batch. A create returns its own record (the very object).
-    """
-    created: dict[str, PromiseRecord] = {}
-    results: list[PromiseRecord | None] = []
-    for op in ops:
-        if isinstance(op, Create):
-            created[op.record.id] = op.record
-            results.append(op.record)
-        else:
-            own = created.get(op.id)
-            results.append(read(op.id) if own is None else _settled(own, op))
-    return results
+    return FastPlan(creates, settles, results, holes, unread)
 
 
 def _settled(r: PromiseRecord, op: Settle) -> PromiseRecord:
@@ -354,25 +429,27 @@ def _settled(r: PromiseRecord, op: Settle) -> PromiseRecord:
     ``dataclasses.replace`` costs a few microseconds a record, a large share
     of a bulk write; on the fast path the row is known to have been pending
     (its update counted), so this is exactly what :func:`apply_op` returns.
+    ``r`` may be a settle's ``prior`` whose lease has changed since: the
+    lease is cleared here anyway.
     """
-    return PromiseRecord(
-        r.id,
-        op.state,
-        r.kind,
-        r.root_id,
-        r.created_at,
-        r.func,
-        r.version,
-        r.param,
-        op.value,
-        r.parent_id,
-        r.timeout_at,
-        op.settled_at,
-        r.attempt,
-        None,
-        None,
-        r.tags,
-    )
+    s = _new(PromiseRecord)
+    _set_id(s, r.id)
+    _set_state(s, op.state)
+    _set_kind(s, r.kind)
+    _set_root_id(s, r.root_id)
+    _set_created_at(s, r.created_at)
+    _set_func(s, r.func)
+    _set_version(s, r.version)
+    _set_param(s, r.param)
+    _set_value(s, op.value)
+    _set_parent_id(s, r.parent_id)
+    _set_timeout_at(s, r.timeout_at)
+    _set_settled_at(s, op.settled_at)
+    _set_attempt(s, r.attempt)
+    _set_owner(s, None)
+    _set_lease_expires_at(s, None)
+    _set_tags(s, r.tags)
+    return s
 
 
 def touched_ids(ops: Sequence[Op]) -> list[str]:
