@@ -151,19 +151,22 @@ class Batcher:
             stats.handler_seconds.add(time.perf_counter() - started)
             now = engine.clock.now()
             name = self.entry.name
-            records = [
+            kind = Kind.COMMAND
+            records = [  # positional: PromiseRecord's field order
                 PromiseRecord(
-                    id=p.id,
-                    state=state,
-                    kind=Kind.COMMAND,
-                    root_id=p._ctx.root_id,
-                    created_at=now,
-                    func=name,
-                    param=p._param,
-                    value=data,
-                    parent_id=p._ctx.id,
-                    settled_at=now,
-                    attempt=1,
+                    p.id,
+                    state,
+                    kind,
+                    p._ctx.root_id,
+                    now,
+                    name,
+                    1,
+                    p._param,
+                    data,
+                    p._ctx.id,
+                    None,
+                    now,
+                    1,
                 )
                 for p, (state, data) in zip(batch, outcomes, strict=True)
             ]

@@ -377,6 +377,19 @@ class Promise(Generic[T]):
     # -- awaiting ------------------------------------------------------------
 
     def __await__(self) -> Generator[Any, None, T]:
+        if (
+            self._type == _COMMAND
+            and self._state == _NOT_STARTED
+            and not self._ctx._engine.replay_every_step
+        ):
+            # The hot path of `await ctx.lfc(Command(...))`: await the future itself.
+            future = self._start()
+            if self._in_queue or future.done():
+                self._awaited = True
+                return future.__await__()
+        return self._await()
+
+    def _await(self) -> Generator[Any, None, T]:
         self._awaited = True
         state = self._state
         if state == _INLINE_DONE:

@@ -242,6 +242,17 @@ class JSONEncoder:
         if t is float and value - value == 0.0:  # type: ignore[operator]
             return float.__repr__(value).encode()
         try:
+            if (
+                t is list
+                and len(value) == 2  # type: ignore[arg-type]
+                and type(args := value[0]) is list  # type: ignore[index]
+                and type(kwargs := value[1]) is dict  # type: ignore[index]
+                and not kwargs
+                and _PLAIN.issuperset(map(type, args))
+            ):
+                # The arguments of a call, `[[1, "a"], {}]`: the shape every
+                # run encodes, with nothing to walk.
+                return self._dump(value).encode()
             return self._dump(self._walk(value)).encode()
         except _Unencodable as exc:
             where = "value" + "".join(reversed(exc.path))

@@ -54,32 +54,47 @@ log = logging.getLogger("resonate_async")
 # Errors that end a run without settling it: it stays PENDING for recovery.
 _UNSETTLED = (NondeterminismError, StoreError, ShutdownError)
 
+# Members read on every run: a module global is cheaper than an Enum class attribute.
+_PENDING, _RESOLVED, _RUN = State.PENDING, State.RESOLVED, Kind.RUN
+_ASYNC, _SYNC = CallStyle.ASYNC, CallStyle.SYNC
 
-class RunState:
-    """One root run executing in this process."""
 
-    __slots__ = ("args", "entry", "fatal", "handle", "id", "kwargs", "param", "replay", "task")
+class RunState(Handle[Any]):
+    """One root run executing in this process; it is also the run's :class:`Handle`.
+
+    One object per run instead of two: the handle a caller awaits carries the
+    engine's state of the run while it executes, and drops it once done.
+    """
+
+    __slots__ = ("args", "cancel_requested", "entry", "fatal", "kwargs", "record", "replay")
 
     def __init__(
         self,
-        id: str,
+        loop: asyncio.AbstractEventLoop,
+        record: PromiseRecord,
         entry: FunctionEntry,
-        param: bytes,
         args: tuple[Any, ...] | list[Any],
         kwargs: dict[str, Any],
-        handle: Handle[Any],
     ) -> None:
-        self.id = id
+        super().__init__(record.id, loop)
+        # The root as this run created (or claimed) it: what it settles.
+        self.record = record
         self.entry = entry
-        self.param = param
         self.args = args
         self.kwargs = kwargs
-        self.handle = handle
         # Settled children by id: the stored tree of a resumed run, and what
         # this run settled itself when its body may be retried.
         self.replay: dict[str, PromiseRecord] | None = None
         self.fatal: NondeterminismError | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.cancel_requested = False
+
+    def cancel(self) -> bool:
+        """See :meth:`Handle.cancel`; before the root is durable, the run is
+        settled ``REJECTED_CANCELED`` as soon as it is."""
+        if not self.done() and self._task is None:  # its root is being created
+            self.cancel_requested = True
+            return True
+        return super().cancel()
 
 
 class Engine(LeaseKeeper):
@@ -182,7 +197,7 @@ class Engine(LeaseKeeper):
     async def shutdown(self) -> None:
         """Stop new work, cancel runs, finish batches in grace, drain the writer, close."""
         self.closing = True
-        runs = [r.task for r in self.runs.values() if r.task is not None]
+        runs = [r._task for r in self.runs.values() if r._task is not None]
         others = list(self._others)
         for task in (*runs, *others):
             task.cancel()
@@ -207,7 +222,7 @@ class Engine(LeaseKeeper):
         self.closing = True
         abandoned_workers.add(self.worker_id)
         self.writer.drop()
-        tasks = [r.task for r in self.runs.values() if r.task is not None]
+        tasks = [r._task for r in self.runs.values() if r._task is not None]
         tasks += [*self._others, *self._batcher_tasks, *self._services]
         for task in tasks:
             task.cancel()
@@ -245,7 +260,7 @@ class Engine(LeaseKeeper):
     def outcome(self, record: PromiseRecord) -> Any:
         """The decoded value of a settled record, or raise its decoded error."""
         state = record.state
-        if state is State.RESOLVED:  # the hot path: no clock, no timeout rule
+        if state is _RESOLVED:  # the hot path: no clock, no timeout rule
             value = record.value
             return None if value is None else self.encoder.decode(value)
         state = self.effective_state(record)
@@ -312,12 +327,12 @@ class Engine(LeaseKeeper):
         clock = self.clock
         attempt = 1
         while True:
-            ctx = Context(self, run, id, root_id, attempt, leaf=style is CallStyle.SYNC)
+            ctx = Context(self, run, id, root_id, attempt, leaf=style is _SYNC)
             try:
                 # An async function is awaited directly: no wrapper coroutine on the hot path.
                 call = (
                     fn(ctx, *args, **kwargs)
-                    if style is CallStyle.ASYNC
+                    if style is _ASYNC
                     else invoke(style, fn, ctx, args, kwargs)
                 )
                 value = await (call if deadline is None else with_deadline(call, deadline, clock))
@@ -355,8 +370,10 @@ class Engine(LeaseKeeper):
                 continue
             if run is not None and run.fatal is not None:
                 raise run.fatal
+            if value is None:
+                return _RESOLVED, self.encoded_none, attempt
             try:
-                return State.RESOLVED, self.encoder.encode(value), attempt
+                return _RESOLVED, self.encoder.encode(value), attempt
             except EncodingError as exc:
                 error = EncodingError(f"{id}: the return value is not encodable: {exc}")
                 return State.REJECTED, self.encoder.encode_error(error), attempt
@@ -372,33 +389,84 @@ class Engine(LeaseKeeper):
         kwargs: dict[str, Any],
         stored: PromiseRecord | None = None,
     ) -> RunState:
-        """Spawn the task of a run: fresh (``stored`` is None) or resumed."""
-        handle: Handle[Any] = Handle(id, self._loop)
-        run = RunState(id, entry, param, args, kwargs, handle)
+        """Start a run: fresh (``stored`` is None) or resumed from its stored root.
+
+        A fresh run has no task until its root is durable: the writer reports
+        the create to :meth:`_root_created`, which starts the body. So a burst
+        of runs waiting for their creates holds no task or coroutine.
+        """
+        if stored is None:
+            now = self.clock.now()
+            timeout = entry.timeout
+            record = PromiseRecord(
+                id,
+                _PENDING,
+                _RUN,
+                id,
+                now,
+                entry.name,
+                entry.version,
+                param,
+                None,
+                None,
+                None if timeout is None else now + timeout,
+                None,
+                1,
+                self.worker_id,
+                now + self.lease_seconds,
+            )
+        else:
+            record = stored
+        run = RunState(self._loop, record, entry, args, kwargs)
         self.runs[id] = run
-        task = self._loop.create_task(self._drive(run, stored))
-        run.task = task
-        handle._task = task
         self.run_stats.started += 1
+        if stored is not None:
+            run._set_created()
+            self.run_stats.recovered += 1
+            run._task = self._loop.create_task(self._execute(run, resumed=True))
+            return run
+        try:
+            self.writer.write_then(Create(record), self._root_created, run)
+        except ShutdownError as exc:
+            self._forget(run)
+            run._set_exception(exc)
         return run
 
-    async def _drive(self, run: RunState, stored: PromiseRecord | None) -> None:
-        handle = run.handle
-        entry = run.entry
-        try:
-            if stored is None:
-                root = await self._create_root(run)
-                if root is None:
-                    return
+    def _root_created(
+        self, run: RunState, stored: PromiseRecord | None, error: BaseException | None
+    ) -> None:
+        """The writer's report on a fresh run's root: start the body, or answer."""
+        if error is None and stored is run.record:
+            run._set_created()
+            if self.closing:
+                self._forget(run)
+                run._set_exception(self._interrupted(run))
+            elif run.cancel_requested:
+                run._task = self.spawn_other(self._settle_canceled(run))
             else:
-                root = stored
-                handle._set_created()
-                self.run_stats.recovered += 1
+                run._task = self._loop.create_task(self._execute(run, resumed=False))
+        elif error is not None:
+            self._forget(run)
+            run._set_exception(error)
+        else:  # the id was taken: a stored outcome, a conflict or a run elsewhere
+            run._task = self.spawn_other(self._attach(run, stored))
+
+    @staticmethod
+    def _interrupted(run: RunState) -> ShutdownError:
+        return ShutdownError(
+            f"run {run.id!r} was interrupted by shutdown; it stays PENDING and "
+            "resumes at the next start"
+        )
+
+    async def _execute(self, run: RunState, *, resumed: bool) -> None:
+        """A run's task: its body, with retries; the writer then settles its root."""
+        entry = run.entry
+        settling = False
+        try:
+            if resumed:
                 await self._load_history(run)
             if run.replay is None and entry.retry_policy.__class__ is not Never:
                 run.replay = {}  # a retried body replays what its first attempt settled
-            deadline = root.timeout_at
-            root = None  # not needed while the body runs: keep in-flight runs small
             call = self.attempts(
                 run,
                 run.id,
@@ -408,85 +476,96 @@ class Engine(LeaseKeeper):
                 run.args,
                 run.kwargs,
                 entry.retry_policy,
-                deadline,
+                run.record.timeout_at,
             )
             if self.tracing.enabled:
                 attributes = {"resonate.id": run.id, "resonate.func": entry.name}
                 call = self.tracing.traced(call, "resonate.run", attributes)
             state, data, _ = await call
-            settled = await self.writer.write(Settle(run.id, state, data, self.clock.now()))
-            self._finish_run(run, settled)
+            # The task ends here; the writer reports the outcome once it commits.
+            # `prior` lets the store answer without reading the row back.
+            op = Settle(run.id, state, data, self.clock.now(), run.record)
+            self.writer.write_then(op, self._root_settled, run)
+            settling = True
         except asyncio.CancelledError:
             if self.closing:
-                handle._set_exception(
-                    ShutdownError(
-                        f"run {run.id!r} was interrupted by shutdown; it stays PENDING and "
-                        "resumes at the next start"
-                    )
-                )
+                run._set_exception(self._interrupted(run))
             else:
                 await self._settle_canceled(run)
             raise
         except NondeterminismError as exc:
             log.error("run %s stopped: %s", run.id, exc)
             self.stuck[run.id] = exc
-            handle._set_exception(exc)
+            run._set_exception(exc)
             for waiter in self._waiters.pop(run.id, ()):
                 if not waiter.done():
                     waiter.set_exception(exc)
         except Exception as exc:
-            handle._set_exception(exc)
+            run._set_exception(exc)
         finally:
-            if self.runs.get(run.id) is run:
-                del self.runs[run.id]
+            if not settling:
+                self._forget(run)
+
+    def _forget(self, run: RunState) -> None:
+        """The run no longer executes here: drop it and what only its body needed."""
+        if self.runs.get(run.id) is run:
+            del self.runs[run.id]
+        run.args = ()
+        run.kwargs = {}
+        run.replay = None
+
+    def _root_settled(
+        self, run: RunState, settled: PromiseRecord | None, error: BaseException | None
+    ) -> None:
+        """The writer's report on a run's settle (see ``GroupCommitWriter.write_then``)."""
+        self._forget(run)
+        if error is not None:
+            run._set_exception(error)
+        else:
+            self._finish_run(run, settled)
 
     async def _load_history(self, run: RunState) -> None:
         run.replay = {r.id: r for r in await self.store.tree(run.id)}
 
-    async def _create_root(self, run: RunState) -> PromiseRecord | None:
-        """Make the root durable; return the root to execute under, or ``None`` when
-        the handle is already answered (a stored outcome, a conflict, another owner)."""
-        now = self.clock.now()
-        entry = run.entry
-        record = PromiseRecord(
-            id=run.id,
-            state=State.PENDING,
-            kind=Kind.RUN,
-            root_id=run.id,
-            created_at=now,
-            func=entry.name,
-            version=entry.version,
-            param=run.param,
-            timeout_at=None if entry.timeout is None else now + entry.timeout,
-            attempt=1,
-            owner=self.worker_id,
-            lease_expires_at=now + self.lease_seconds,
-        )
-        stored = await self.writer.write(Create(record))
-        handle = run.handle
-        if stored is record:
-            handle._set_created()
-            return record
+    async def _attach(self, run: RunState, stored: PromiseRecord | None) -> None:
+        """The run's id already had a row: answer from it (a stored outcome, a
+        conflict), or take the run over only through an atomic claim."""
+        try:
+            await self._attach_to(run, stored)
+        except asyncio.CancelledError:
+            if self.closing:
+                run._set_exception(self._interrupted(run))
+            else:
+                run._set_exception(CanceledError(f"stopped waiting for run {run.id!r}"))
+            raise
+        except Exception as exc:
+            run._set_exception(exc)
+        finally:
+            self._forget(run)
+
+    async def _attach_to(self, run: RunState, stored: PromiseRecord | None) -> None:
         if stored is None:  # pragma: no cover - a create always leaves a row
             raise StoreError(f"run {run.id!r} was not stored")
+        entry = run.entry
         if (
             stored.func != entry.name
             or stored.version != entry.version
-            or stored.param != run.param
+            or stored.param != run.record.param
         ):
             raise ConflictError(
                 f"run id {run.id!r} is already used by {stored.func!r} version {stored.version} "
                 "with other arguments; runs are idempotent by id, so use a new id (or the same "
                 "function and arguments to attach to the existing run)"
             )
-        handle._set_created()
+        run._set_created()
         if self.effectively_settled(stored):
             self._finish_run(run, stored)
-            return None
+            return
         # PENDING but not running here (a crashed run, or one another worker
         # runs): take it over only through an atomic claim, never by
         # assumption, so two workers never execute it at once.
-        del self.runs[run.id]
+        if self.runs.get(run.id) is run:
+            del self.runs[run.id]
         self.stuck.pop(run.id, None)  # an explicit run() retries a stuck run
         if stored.owner is not None and self._dead(stored.owner):
             await self.store.release(stored.owner, [run.id])
@@ -494,28 +573,27 @@ class Engine(LeaseKeeper):
         owner = self.runs.get(run.id)
         if owner is not None:  # claimed here: answer with that execution's outcome
             try:
-                run.handle._set_result(await owner.handle)
+                run._set_result(await owner)
             except Exception as exc:
-                run.handle._set_exception(exc)
-            return None
+                run._set_exception(exc)
+            return
         # A live worker elsewhere owns it: wait for its outcome (and should
         # that worker die, our claim loop takes the run over once its lease expires).
         self._finish_run(run, await self.wait_settled(stored))
-        return None
 
     def _finish_run(self, run: RunState, settled: PromiseRecord | None) -> None:
         if settled is None:
-            run.handle._set_exception(NotFoundError(f"run {run.id!r} disappeared from the store"))
+            run._set_exception(NotFoundError(f"run {run.id!r} disappeared from the store"))
             return
         self.wake(settled)
         try:
             value = self.outcome(settled)
         except Exception as exc:
             self.run_stats.failed += 1
-            run.handle._set_exception(exc)
+            run._set_exception(exc)
         else:
             self.run_stats.completed += 1
-            run.handle._set_result(value)
+            run._set_result(value)
 
     async def _settle_canceled(self, run: RunState) -> None:
         error = self.encoder.encode_error(CanceledError(f"run {run.id!r} was canceled"))
@@ -523,7 +601,7 @@ class Engine(LeaseKeeper):
         try:
             settled = await asyncio.shield(self.writer.write(op))
         except Exception as exc:
-            run.handle._set_exception(exc)
+            run._set_exception(exc)
             return
         self._finish_run(run, settled)
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import Generator
 
 __all__ = ("Handle",)
 
 T = TypeVar("T")
+
+_PENDING, _RESULT, _ERROR = range(3)
 
 
 class Handle(Generic[T]):
@@ -24,24 +26,39 @@ class Handle(Generic[T]):
         id: the run's id.
     """
 
-    __slots__ = ("_created", "_created_waiter", "_future", "_task", "id")
+    # Each waiter gets its own future, so a waiter that is cancelled takes
+    # nothing from the others and nothing from the run (no asyncio.shield,
+    # which costs a future and a callback hop per waiter). A handle nobody
+    # awaits yet holds no future at all.
+    __slots__ = (
+        "_created",
+        "_created_waiters",
+        "_loop",
+        "_outcome",
+        "_state",
+        "_task",
+        "_waiters",
+        "id",
+    )
 
     def __init__(self, id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.id = id
-        self._future: asyncio.Future[T] = loop.create_future()
+        self._loop = loop
+        self._state = _PENDING
+        self._outcome: Any = None
         self._created = False
-        self._created_waiter: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+        self._created_waiters: list[asyncio.Future[None]] | None = None
         self._task: asyncio.Task[Any] | None = None  # the run's task, when it executes here
 
     def __repr__(self) -> str:
-        state = "done" if self._future.done() else "pending"
+        state = "pending" if self._state == _PENDING else "done"
         return f"<Handle {self.id!r} {state}>"
 
     def __await__(self) -> Generator[Any, None, T]:
-        future = self._future
-        if future.done():
-            return future.result()
-        return (yield from asyncio.shield(future).__await__())
+        if self._state == _PENDING:
+            yield from self._wait(created=False).__await__()
+        return self._value()
 
     async def result(self) -> T:
         """The run's value (same as ``await handle``)."""
@@ -49,7 +66,7 @@ class Handle(Generic[T]):
 
     def done(self) -> bool:
         """Whether the outcome is known to this process."""
-        return self._future.done()
+        return self._state != _PENDING
 
     async def created(self) -> None:
         """Return once the run's root promise is durable in the store.
@@ -58,18 +75,10 @@ class Handle(Generic[T]):
         the run's error if it failed before being created (``ConflictError``,
         ``StoreError``).
         """
-        if self._created:
-            return
-        if self._future.done():
-            self._future.result()
-            return
-        if self._created_waiter is None:
-            self._created_waiter = self._future.get_loop().create_future()
-        waiter = self._created_waiter
-        # asyncio.wait never cancels what it waits on, so no shield is needed.
-        await asyncio.wait((waiter, self._future), return_when=asyncio.FIRST_COMPLETED)
-        if not waiter.done():
-            self._future.result()
+        if not self._created and self._state == _PENDING:
+            await self._wait(created=True)
+        if not self._created:
+            self._value()  # done without being created: raise why
 
     def cancel(self) -> bool:
         """Cancel the run if it executes in this process; it settles ``REJECTED_CANCELED``.
@@ -77,25 +86,62 @@ class Handle(Generic[T]):
         Returns ``False`` when the run is already done or not executing here
         (use ``resonate.promises.cancel(id)`` to cancel it wherever it runs).
         """
-        if self._future.done() or self._task is None or self._task.done():
+        if self._state != _PENDING or self._task is None or self._task.done():
             return False
         self._task.cancel()
         return True
 
+    def _value(self) -> T:
+        if self._state == _ERROR:
+            raise cast("BaseException", self._outcome)
+        return cast("T", self._outcome)
+
+    def _wait(self, *, created: bool) -> asyncio.Future[None]:
+        """A future of this waiter alone, woken when the run is done (or created)."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        waiters = self._created_waiters if created else self._waiters
+        if waiters is None:
+            waiters = []
+            if created:
+                self._created_waiters = waiters
+            else:
+                self._waiters = waiters
+        elif len(waiters) >= 16:  # forget callers that stopped waiting
+            waiters[:] = [w for w in waiters if not w.done()]
+        waiters.append(waiter)
+        return waiter
+
     # -- engine side -----------------------------------------------------------
 
+    @staticmethod
+    def _wake(waiters: list[asyncio.Future[None]]) -> None:
+        for waiter in waiters:
+            if not waiter.done():  # a done one is a caller that stopped waiting
+                waiter.set_result(None)
+
     def _set_created(self) -> None:
-        self._created = True
-        if self._created_waiter is not None and not self._created_waiter.done():
-            self._created_waiter.set_result(None)
+        if not self._created:
+            self._created = True
+            if self._created_waiters is not None:
+                self._wake(self._created_waiters)
+                self._created_waiters = None
+
+    def _done(self, state: int, outcome: Any) -> None:
+        self._outcome = outcome
+        self._state = state
+        if self._waiters is not None:
+            self._wake(self._waiters)
+            self._waiters = None
+        if self._created_waiters is not None:
+            self._wake(self._created_waiters)
+            self._created_waiters = None
 
     def _set_result(self, value: T) -> None:
-        if not self._future.done():
-            self._set_created()
-            self._future.set_result(value)
+        if self._state == _PENDING:
+            self._created = True
+            self._done(_RESULT, value)
 
     def _set_exception(self, error: BaseException) -> None:
-        if not self._future.done():
-            self._future.set_exception(error)
-            # Failures are durable outcomes; nobody is obliged to await them.
-            self._future.exception()
+        # Failures are durable outcomes; nobody is obliged to await them.
+        if self._state == _PENDING:
+            self._done(_ERROR, error)

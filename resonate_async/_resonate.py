@@ -394,8 +394,8 @@ class Resonate:
             raise EncodingError(f"run {id!r} of {entry.name!r}: {exc}") from None
         existing = engine.runs.get(id)
         if existing is not None:
-            if existing.entry is entry and existing.param == param:
-                return existing.handle
+            if existing.entry is entry and existing.record.param == param:
+                return existing
             handle: Handle[Any] = Handle(id, asyncio.get_running_loop())
             handle._set_exception(
                 ConflictError(
@@ -404,7 +404,7 @@ class Resonate:
                 )
             )
             return handle
-        return engine.start_run(id, entry, param, args, kwargs).handle
+        return engine.start_run(id, entry, param, args, kwargs)
 
     def get(self, id: str) -> Handle[Any]:
         """A handle on an existing run (possibly started by another process).
@@ -414,7 +414,7 @@ class Resonate:
         engine = self._started()
         existing = engine.runs.get(id)
         if existing is not None:
-            return existing.handle
+            return existing
         return engine.watch(id)
 
     def stats(self) -> Stats:
@@ -508,8 +508,8 @@ class Promises:
         data = engine.encoder.encode_error(CanceledError(f"promise {id!r} was canceled"))
         record = await self._settle(engine, id, State.REJECTED_CANCELED, data)
         run = engine.runs.get(id)
-        if run is not None and run.task is not None:
-            run.task.cancel()
+        if run is not None and run._task is not None:
+            run._task.cancel()
         return record
 
     async def _settle(self, engine: Engine, id: str, state: State, data: bytes) -> PromiseRecord:

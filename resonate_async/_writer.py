@@ -16,16 +16,20 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import ShutdownError, StoreError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
+    from typing import TypeAlias
 
     from ._stats import StoreStats
     from ._telemetry import Tracing
     from .stores._base import Op, PromiseRecord, Store
+
+    #: ``done(arg, record, error)``: called by the writer once an op's transaction ends.
+    Done: TypeAlias = Callable[[Any, PromiseRecord | None, BaseException | None], None]
 
 __all__ = ("GroupCommitWriter",)
 
@@ -49,13 +53,29 @@ class _TransactionFuture(asyncio.Future[Results]):
 
 
 class _Transaction:
-    """The ops of one future transaction and the one future that reports them."""
+    """The ops of one future transaction, the one future that reports them, and
+    the callbacks of ops whose writers did not wait (see ``write_then``)."""
 
-    __slots__ = ("future", "ops")
+    __slots__ = ("callbacks", "future", "ops")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.ops: list[Op] = []
         self.future: asyncio.Future[Results] = _TransactionFuture(loop=loop)
+        self.callbacks: list[tuple[int, Done, Any]] | None = None
+
+    def report(self, results: Results | None, error: BaseException | None) -> None:
+        """Resolve the future and run the callbacks; a failing callback is logged."""
+        future = self.future
+        if error is None:
+            future.set_result(results)  # type: ignore[arg-type]
+        else:
+            future.set_exception(error)
+            future.exception()  # retrieved: waiters may be gone already
+        for index, done, arg in self.callbacks or ():
+            try:
+                done(arg, None if results is None else results[index], error)
+            except Exception:
+                log.exception("a store-write callback failed")
 
 
 class GroupCommitWriter:
@@ -97,6 +117,19 @@ class GroupCommitWriter:
         txn.ops.append(op)
         return txn.future, len(txn.ops) - 1
 
+    def write_then(self, op: Op, done: Done, arg: Any) -> None:
+        """Queue ``op`` and return; the writer calls ``done(arg, record, error)`` once
+        its transaction commits (``error`` is None) or fails.
+
+        For a writer that has nothing left to do but report the outcome (a run
+        settling its root): no task waits and no coroutine stays suspended.
+        """
+        _, index = self.submit(op)
+        txn = self._queue[-1]
+        if txn.callbacks is None:
+            txn.callbacks = []
+        txn.callbacks.append((index, done, arg))
+
     async def write(self, op: Op) -> PromiseRecord | None:
         """Write one op durably; return the record as stored after it."""
         future, index = self.submit(op)
@@ -124,9 +157,7 @@ class GroupCommitWriter:
         """Discard everything queued (a simulated crash); its writers get ShutdownError."""
         self._closed = True
         while self._queue:
-            txn = self._queue.popleft()
-            txn.future.set_exception(ShutdownError("dropped by a simulated crash"))
-            txn.future.exception()
+            self._queue.popleft().report(None, ShutdownError("dropped by a simulated crash"))
 
     @property
     def idle(self) -> bool:
@@ -156,8 +187,7 @@ class GroupCommitWriter:
                 )
             results = await write
         except asyncio.CancelledError:
-            txn.future.set_exception(ShutdownError("shut down while writing; nothing is lost"))
-            txn.future.exception()  # retrieved: waiters may be gone already
+            txn.report(None, ShutdownError("shut down while writing; nothing is lost"))
             raise
         except Exception as exc:
             error = exc if isinstance(exc, StoreError) else StoreError(f"store write failed: {exc}")
@@ -165,8 +195,7 @@ class GroupCommitWriter:
                 error.__cause__ = exc
             log.warning("store transaction of %d rows failed: %s", len(txn.ops), exc)
             self._stats.failed_transactions += 1
-            txn.future.set_exception(error)
-            txn.future.exception()
+            txn.report(None, error)
             return
         self._stats.record_commit(len(txn.ops), time.perf_counter() - started)
-        txn.future.set_result(results)
+        txn.report(results, None)

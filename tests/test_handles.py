@@ -1,0 +1,140 @@
+"""Handles: waiting without owning the run, and the writer callbacks behind them."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from resonate_async import CanceledError, ConflictError, Context, MemoryStore, Resonate, State
+from resonate_async._stats import StoreStats
+from resonate_async._writer import GroupCommitWriter
+from resonate_async.errors import ShutdownError, StoreError
+from resonate_async.stores import Create, Kind, PromiseRecord
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from resonate_async.stores._base import Op
+
+
+def gated() -> tuple[Resonate, asyncio.Event]:
+    resonate = Resonate(MemoryStore())
+    gate = asyncio.Event()
+
+    @resonate.register(name="wait")
+    async def wait(ctx: Context, n: int) -> int:
+        await gate.wait()
+        return n * 2
+
+    return resonate, gate
+
+
+async def test_a_waiter_that_gives_up_takes_nothing_from_the_run_or_other_waiters() -> None:
+    resonate, gate = gated()
+    async with resonate:
+        handle = resonate.run("a", "wait", 21)
+        quitter = asyncio.create_task(handle.result())
+        stayer = asyncio.create_task(handle.result())
+        await handle.created()
+        quitter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await quitter
+        assert not handle.done()
+        gate.set()
+        assert await stayer == 42
+        assert await handle == 42  # and again, once done
+        record = await resonate.promises.get("a")
+        assert record is not None and record.state is State.RESOLVED
+
+
+async def test_gather_over_handles_returns_every_value_in_order() -> None:
+    resonate, gate = gated()
+    async with resonate:
+        handles = [resonate.run(f"g{n}", "wait", n) for n in range(50)]
+        gate.set()
+        assert await asyncio.gather(*handles) == [n * 2 for n in range(50)]
+
+
+async def test_cancel_before_the_root_is_durable_settles_it_canceled() -> None:
+    resonate, _gate = gated()
+    async with resonate:
+        handle = resonate.run("early", "wait", 1)
+        assert not handle.done()
+        assert handle.cancel()  # the create is still queued for the writer
+        with pytest.raises(CanceledError):
+            await handle
+        record = await resonate.promises.get("early")
+        assert record is not None and record.state is State.REJECTED_CANCELED
+        assert not handle.cancel()  # already done
+
+
+async def test_created_raises_the_conflict_of_a_taken_id() -> None:
+    resonate, gate = gated()
+
+    @resonate.register(name="other")
+    async def other(ctx: Context, n: int) -> int:
+        return n
+
+    async with resonate:
+        gate.set()
+        assert await resonate.run("taken", "other", 1) == 1
+        handle = resonate.run("taken", "wait", 1)
+        with pytest.raises(ConflictError):
+            await handle.created()
+        assert handle.done()
+
+
+# -- the writer's callbacks ---------------------------------------------------
+
+
+class FlakyStore(MemoryStore):
+    """A memory store whose next write fails once when ``fail`` is set."""
+
+    fail = False
+
+    async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+        if self.fail:
+            self.fail = False
+            raise OSError("disk full")
+        return await super().write(ops)
+
+
+def record(id: str) -> PromiseRecord:
+    return PromiseRecord(id, State.PENDING, Kind.RUN, id, 0.0)
+
+
+async def test_write_then_reports_after_commit_and_reports_failures() -> None:
+    store = FlakyStore()
+    stats = StoreStats()
+    writer = GroupCommitWriter(store, stats)
+    reports: list[tuple[str, Any, Any]] = []
+
+    def done(tag: str, stored: PromiseRecord | None, error: BaseException | None) -> None:
+        reports.append((tag, stored, error))
+
+    async with store:
+        task = asyncio.create_task(writer.run())
+        ok = record("ok")
+        writer.write_then(Create(ok), done, "ok")
+        assert reports == []  # nothing before the commit
+        while not reports:
+            await asyncio.sleep(0)
+        assert reports == [("ok", ok, None)]
+        assert (await store.get_many(["ok"]))["ok"] == ok
+
+        store.fail = True
+        writer.write_then(Create(record("lost")), done, "lost")
+        while len(reports) < 2:
+            await asyncio.sleep(0)
+        tag, stored, error = reports[1]
+        assert (tag, stored) == ("lost", None)
+        assert isinstance(error, StoreError) and "disk full" in str(error)
+        assert await store.get_many(["lost"]) == {}
+
+        writer.write_then(Create(record("dropped")), done, "dropped")
+        writer.drop()  # a simulated crash: queued writes are reported, not written
+        assert reports[2][0] == "dropped" and isinstance(reports[2][2], ShutdownError)
+        writer.close()
+        await task
