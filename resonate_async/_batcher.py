@@ -105,6 +105,7 @@ class Batcher:
             batch = self._take(maxlen)
             if batch:
                 await self._flush(batch)
+            del batch  # an idle worker holds no commands (nor their workflows' state)
 
     async def _linger(self, until: float) -> None:
         clock = self._engine.clock

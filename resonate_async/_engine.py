@@ -156,6 +156,9 @@ class Engine(LeaseKeeper):
         # Stores that only processes of this host can open (SQLite) let a dead
         # pid free its leases at once; networked stores wait for the lease.
         self._single_host = bool(getattr(store, "single_host", False))
+        # The writer's callbacks, bound once rather than once per run.
+        self._on_root_created = self._root_created
+        self._on_root_settled = self._root_settled
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -426,7 +429,7 @@ class Engine(LeaseKeeper):
             run._task = self._loop.create_task(self._execute(run, resumed=True))
             return run
         try:
-            self.writer.write_then(Create(record), self._root_created, run)
+            self.writer.admit_then(Create(record), self._on_root_created, run)
         except ShutdownError as exc:
             self._forget(run)
             run._set_exception(exc)
@@ -485,7 +488,7 @@ class Engine(LeaseKeeper):
             # The task ends here; the writer reports the outcome once it commits.
             # `prior` lets the store answer without reading the row back.
             op = Settle(run.id, state, data, self.clock.now(), run.record)
-            self.writer.write_then(op, self._root_settled, run)
+            self.writer.write_then(op, self._on_root_settled, run)
             settling = True
         except asyncio.CancelledError:
             if self.closing:
@@ -519,6 +522,7 @@ class Engine(LeaseKeeper):
     ) -> None:
         """The writer's report on a run's settle (see ``GroupCommitWriter.write_then``)."""
         self._forget(run)
+        run._task = None  # a caller may keep the handle for long; the task is done
         if error is not None:
             run._set_exception(error)
         else:

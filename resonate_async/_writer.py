@@ -6,6 +6,16 @@ commits, and only then resolves the callers. It flushes as soon as it is idle:
 no linger, so a lone write costs one commit and a burst costs one commit per
 few thousand rows. This is the batching idea applied to ourselves.
 
+Admissions wait for progress. The root of a fresh run (``admit_then``) is not
+written ahead of work already admitted: each transaction takes the writes of
+running work first (child promises, settles, the promise API) and fills the
+rest of its rows with admissions, oldest first. So a burst of 100,000
+``resonate.run`` calls moves through the pipeline a few transactions at a
+time instead of starting 100,000 bodies at once: the same commits, but only a
+few thousand runs hold a task, coroutines and futures at any moment (memory,
+and the cyclic GC's work, follow the runs in flight, not the runs submitted).
+Admissions are delayed only while running work fills whole transactions.
+
 The transaction boundary lives in exactly one place, :meth:`_commit`, so a
 later *transactional* batch handler can run inside it.
 """
@@ -54,14 +64,20 @@ class _TransactionFuture(asyncio.Future[Results]):
 
 class _Transaction:
     """The ops of one future transaction, the one future that reports them, and
-    the callbacks of ops whose writers did not wait (see ``write_then``)."""
+    the callbacks of ops whose writers did not wait (see ``write_then``).
 
-    __slots__ = ("callbacks", "future", "ops")
+    A callback is three entries at one position of ``indexes``, ``dones`` and
+    ``args``: no tuple per callback for the garbage collector to track.
+    """
+
+    __slots__ = ("args", "dones", "future", "indexes", "ops")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.ops: list[Op] = []
         self.future: asyncio.Future[Results] = _TransactionFuture(loop=loop)
-        self.callbacks: list[tuple[int, Done, Any]] | None = None
+        self.indexes: list[int] = []
+        self.dones: list[Done] = []
+        self.args: list[Any] = []
 
     def report(self, results: Results | None, error: BaseException | None) -> None:
         """Resolve the future and run the callbacks; a failing callback is logged."""
@@ -71,7 +87,7 @@ class _Transaction:
         else:
             future.set_exception(error)
             future.exception()  # retrieved: waiters may be gone already
-        for index, done, arg in self.callbacks or ():
+        for index, done, arg in zip(self.indexes, self.dones, self.args, strict=True):
             try:
                 done(arg, None if results is None else results[index], error)
             except Exception:
@@ -101,6 +117,10 @@ class GroupCommitWriter:
         self._max_rows = max_rows_per_transaction
         self._tracing = tracing
         self._queue: deque[_Transaction] = deque()
+        # Admissions waiting for a transaction, in three parallel queues.
+        self._admit_ops: deque[Op] = deque()
+        self._admit_dones: deque[Done] = deque()
+        self._admit_args: deque[Any] = deque()
         self._wakeup = asyncio.Event()
         self._closing = False
         self._closed = False
@@ -126,9 +146,20 @@ class GroupCommitWriter:
         """
         _, index = self.submit(op)
         txn = self._queue[-1]
-        if txn.callbacks is None:
-            txn.callbacks = []
-        txn.callbacks.append((index, done, arg))
+        txn.indexes.append(index)
+        txn.dones.append(done)
+        txn.args.append(arg)
+
+    def admit_then(self, op: Op, done: Done, arg: Any) -> None:
+        """Like :meth:`write_then`, for the root of a fresh run: written once the
+        writes of running work are (see the module's docstring)."""
+        if self._closed:
+            raise ShutdownError("the store writer is closed; enter `async with resonate` again")
+        if not self._admit_ops:
+            self._wakeup.set()
+        self._admit_ops.append(op)
+        self._admit_dones.append(done)
+        self._admit_args.append(arg)
 
     async def write(self, op: Op) -> PromiseRecord | None:
         """Write one op durably; return the record as stored after it."""
@@ -156,25 +187,42 @@ class GroupCommitWriter:
     def drop(self) -> None:
         """Discard everything queued (a simulated crash); its writers get ShutdownError."""
         self._closed = True
-        while self._queue:
-            self._queue.popleft().report(None, ShutdownError("dropped by a simulated crash"))
+        while self._queue or self._admit_ops:
+            self._next().report(None, ShutdownError("dropped by a simulated crash"))
 
     @property
     def idle(self) -> bool:
         """Whether nothing is queued."""
-        return not self._queue
+        return not self._queue and not self._admit_ops
+
+    def _next(self) -> _Transaction:
+        """The next transaction: running work's oldest, topped up with admissions."""
+        txn = self._queue.popleft() if self._queue else _Transaction(asyncio.get_running_loop())
+        ops, indexes, dones, args = txn.ops, txn.indexes, txn.dones, txn.args
+        admit_ops, admit_dones, admit_args = self._admit_ops, self._admit_dones, self._admit_args
+        for _ in range(min(self._max_rows - len(ops), len(admit_ops))):
+            indexes.append(len(ops))
+            ops.append(admit_ops.popleft())
+            dones.append(admit_dones.popleft())
+            args.append(admit_args.popleft())
+        return txn
 
     async def run(self) -> None:
         """The writer loop. Never dies of a failed transaction; returns after close()."""
         queue = self._queue
+        admissions = self._admit_ops
         while True:
-            while not queue:
+            while not queue and not admissions:
                 if self._closing:
                     self._closed = True
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            await self._commit(queue.popleft())
+            await self._commit(self._next())
+            # Let what the commit woke run before the next transaction is
+            # formed: its writes are running work, which goes first. (A store
+            # that answers without suspending would otherwise keep the loop.)
+            await asyncio.sleep(0)
 
     async def _commit(self, txn: _Transaction) -> None:
         started = time.perf_counter()

@@ -1,0 +1,161 @@
+"""Admission: a burst of runs moves through the writer a few transactions at a
+time, and finished work leaves nothing behind for a long-kept handle to hold."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from resonate_async import Command, Context, MemoryStore, Resonate, State
+from resonate_async._stats import StoreStats
+from resonate_async._writer import GroupCommitWriter
+from resonate_async.errors import ShutdownError
+from resonate_async.stores import Create, Kind, PromiseRecord
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from resonate_async.stores._base import Op
+
+
+class RecordingStore(MemoryStore):
+    """A memory store that remembers the ids written by each transaction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transactions: list[list[str]] = []
+
+    async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+        self.transactions.append([op.record.id if isinstance(op, Create) else op.id for op in ops])
+        return await super().write(ops)
+
+
+def record(id: str) -> PromiseRecord:
+    return PromiseRecord(id, State.PENDING, Kind.RUN, id, 0.0)
+
+
+async def drain(writer: GroupCommitWriter) -> None:
+    task = asyncio.create_task(writer.run())
+    writer.close()
+    await task
+
+
+def ignore(arg: Any, stored: PromiseRecord | None, error: BaseException | None) -> None:
+    pass
+
+
+async def test_running_work_is_written_first_and_admissions_fill_the_rest() -> None:
+    store = RecordingStore()
+    writer = GroupCommitWriter(store, StoreStats(), max_rows_per_transaction=3)
+    async with store:
+        for i in range(5):
+            writer.admit_then(Create(record(f"a{i}")), ignore, None)
+        writer.write_then(Create(record("u0")), ignore, None)
+        writer.write_then(Create(record("u1")), ignore, None)
+        assert not writer.idle
+        await drain(writer)
+    assert store.transactions == [["u0", "u1", "a0"], ["a1", "a2", "a3"], ["a4"]]
+    assert writer.idle
+
+
+async def test_admissions_wait_while_running_work_fills_whole_transactions() -> None:
+    store = RecordingStore()
+    writer = GroupCommitWriter(store, StoreStats(), max_rows_per_transaction=2)
+    async with store:
+        writer.admit_then(Create(record("a0")), ignore, None)
+        for i in range(4):
+            writer.write_then(Create(record(f"u{i}")), ignore, None)
+        await drain(writer)
+    assert store.transactions == [["u0", "u1"], ["u2", "u3"], ["a0"]]
+
+
+async def test_admissions_are_reported_after_commit_and_dropped_ones_fail() -> None:
+    store = RecordingStore()
+    writer = GroupCommitWriter(store, StoreStats())
+    reports: list[tuple[str, PromiseRecord | None, BaseException | None]] = []
+
+    def done(tag: str, stored: PromiseRecord | None, error: BaseException | None) -> None:
+        reports.append((tag, stored, error))
+
+    async with store:
+        admitted = record("admitted")
+        writer.admit_then(Create(admitted), done, "admitted")
+        assert reports == []
+        await drain(writer)
+        assert reports == [("admitted", admitted, None)]
+
+        writer = GroupCommitWriter(store, StoreStats())
+        writer.admit_then(Create(record("lost")), done, "lost")
+        writer.drop()  # a simulated crash
+        tag, stored, error = reports[1]
+        assert (tag, stored) == ("lost", None) and isinstance(error, ShutdownError)
+        assert await store.get_many(["lost"]) == {}
+        assert writer.idle
+
+
+@dataclass
+class Note(Command[int]):
+    n: int
+
+
+async def test_a_burst_of_runs_executes_a_few_transactions_at_a_time() -> None:
+    # 400 runs submitted at once, 10 rows per transaction: the bodies start as
+    # their roots commit, and running work is written before new roots, so
+    # only a few transactions' worth of runs are executing at any moment.
+    resonate = Resonate(MemoryStore(), max_rows_per_transaction=10)
+    executing = 0
+    peak = 0
+
+    async def noted(ctx: Context, notes: list[Note]) -> list[int]:
+        return [n.n for n in notes]
+
+    resonate.register_command_handler(Note, noted)
+
+    @resonate.register(name="wf")
+    async def wf(ctx: Context, n: int) -> int:
+        nonlocal executing, peak
+        executing += 1
+        peak = max(peak, executing)
+        try:
+            return await ctx.lfc(Note(n))
+        finally:
+            executing -= 1
+
+    async with resonate:
+        handles = [resonate.run(f"burst-{i}", "wf", i) for i in range(400)]
+        for i, handle in enumerate(handles):
+            assert await handle == i
+    assert 0 < peak <= 40, peak
+
+
+async def test_a_finished_run_leaves_no_task_and_no_command_behind() -> None:
+    resonate = Resonate(MemoryStore())
+    commands: list[weakref.ref[Note]] = []
+
+    async def noted(ctx: Context, notes: list[Note]) -> list[int]:
+        commands.extend(weakref.ref(n) for n in notes)
+        return [n.n for n in notes]
+
+    resonate.register_command_handler(Note, noted)
+
+    @resonate.register(name="wf")
+    async def wf(ctx: Context, n: int) -> int:
+        return await ctx.lfc(Note(n))
+
+    async with resonate:
+        handles = [resonate.run(f"kept-{i}", "wf", i) for i in range(50)]
+        assert await asyncio.gather(*handles) == list(range(50))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        gc.collect()
+        # The caller keeps its handles; they hold the outcome, not the
+        # finished task, and the idle batcher holds none of the commands.
+        assert all(h.done() for h in handles)
+        assert not any(
+            isinstance(o, asyncio.Task) for h in handles for o in gc.get_referents(h)
+        )
+        assert len(commands) == 50
+        assert all(ref() is None for ref in commands)
