@@ -12,7 +12,10 @@ SQLite ``users`` table. Pipelines:
   ``aiodataloader.DataLoader`` whose batch function does executemany + commit.
   Batched, but not durable: the asyncio floor that batching can be held to.
 * ``resonate``: N durable workflows, each ``await ctx.lfc(InsertUser(u))``,
-  served by an async batch handler (executemany + commit).
+  served by an async batch handler (executemany + commit). The handles are
+  awaited in order, as the blog's benchmark does (``for p in promises:
+  p.result()``); ``--gather`` awaits them with ``asyncio.gather`` instead,
+  which wraps each handle in one more task (a handle is not a future).
 * ``resonate --no-batch``: N durable workflows, each one ``lfc`` of a plain
   ``def`` that inserts and commits one row (sqlite3, worker thread, a lock).
   Slow, so it runs at the smallest size only.
@@ -121,7 +124,9 @@ async def run_dataloader(users: int, tmp: str, store: str) -> dict[str, Any]:
     }
 
 
-async def run_resonate(users: int, tmp: str, store: str, *, batch: bool) -> dict[str, Any]:
+async def run_resonate(
+    users: int, tmp: str, store: str, *, batch: bool, gather: bool = False
+) -> dict[str, Any]:
     path = fresh_users_db(tmp)
     resonate = build(store or os.path.join(tmp, "resonate.db"))
     conn = sqlite3.connect(path, check_same_thread=False)
@@ -135,7 +140,11 @@ async def run_resonate(users: int, tmp: str, store: str, *, batch: bool) -> dict
             prefix = f"compare-{time.time_ns()}-{'b' if batch else 'n'}"
             started = time.perf_counter()
             handles = [resonate.run(f"{prefix}-{u}", fn, u) for u in range(users)]
-            await asyncio.gather(*handles)
+            if gather:
+                await asyncio.gather(*handles)
+            else:
+                for handle in handles:
+                    await handle
             elapsed = time.perf_counter() - started
             stats = resonate.stats()
     finally:
@@ -151,7 +160,9 @@ async def run_resonate(users: int, tmp: str, store: str, *, batch: bool) -> dict
     }
 
 
-async def run_pipeline(pipeline: str, users: int, store: str) -> dict[str, Any]:
+async def run_pipeline(
+    pipeline: str, users: int, store: str, *, gather: bool = False
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         if pipeline == "raw":
             result = await run_raw(users, tmp, store)
@@ -159,7 +170,7 @@ async def run_pipeline(pipeline: str, users: int, store: str) -> dict[str, Any]:
             result = await run_dataloader(users, tmp, store)
         else:
             batch = pipeline == "resonate"
-            result = await run_resonate(users, tmp, store, batch=batch)
+            result = await run_resonate(users, tmp, store, batch=batch, gather=gather)
     if result["rows"] != users:
         raise click.ClickException(f"{pipeline}: expected {users} rows, found {result['rows']}")
     if "rows_per_transaction" not in result:
@@ -173,7 +184,9 @@ async def run_pipeline(pipeline: str, users: int, store: str) -> dict[str, Any]:
     return result
 
 
-async def bench(sizes: list[int], store: str, progress: Console | None) -> list[dict[str, Any]]:
+async def bench(
+    sizes: list[int], store: str, progress: Console | None, *, gather: bool = False
+) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     smallest = min(sizes)
     for users in sizes:
@@ -181,8 +194,8 @@ async def bench(sizes: list[int], store: str, progress: Console | None) -> list[
         for pipeline in PIPELINES:
             if pipeline == "resonate-no-batch" and users != smallest:
                 continue
-            await run_pipeline(pipeline, min(WARMUP_USERS, users), store)  # warm-up
-            result = await run_pipeline(pipeline, users, store)
+            await run_pipeline(pipeline, min(WARMUP_USERS, users), store, gather=gather)  # warm-up
+            result = await run_pipeline(pipeline, users, store, gather=gather)
             by_pipeline[pipeline] = result
             if progress is not None:
                 progress.print(
@@ -256,7 +269,12 @@ def run_with_loop(loop: str, coro: Any) -> Any:
 @click.option("--loop", type=click.Choice(["asyncio", "uvloop"]), default="asyncio")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
 @click.option("--progress/--no-progress", default=True, help="Print each result as it lands.")
-def main(sizes: str, store: str, loop: str, json_path: str | None, progress: bool) -> None:
+@click.option(
+    "--gather", is_flag=True, help="Await the handles with asyncio.gather instead of in order."
+)
+def main(
+    sizes: str, store: str, loop: str, json_path: str | None, progress: bool, gather: bool
+) -> None:
     """Compare raw SQLite, an aiodataloader floor, and resonate_async (batched / not)."""
     try:
         counts = [int(s.replace("_", "")) for s in sizes.split(",") if s.strip()]
@@ -268,12 +286,13 @@ def main(sizes: str, store: str, loop: str, json_path: str | None, progress: boo
     if console.width < 132:  # keep the table readable when piped or in a narrow terminal
         console = Console(width=132)
     status = Console(stderr=True) if progress else None
-    results = run_with_loop(loop, bench(counts, store, status))
+    results = run_with_loop(loop, bench(counts, store, status, gather=gather))
     store_name = "postgres" if store.startswith("postgres") else "sqlite"
     if store and store_name == "sqlite":
         store_name = f"sqlite ({store})"
     title = (
         f"Blog workload, loop={loop}, promise store={store_name}, "
+        f"handles awaited {'with gather' if gather else 'in order'}, "
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs"
     )
     console.print(render(results, title))
@@ -289,6 +308,7 @@ def main(sizes: str, store: str, loop: str, json_path: str | None, progress: boo
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "sizes": counts,
+            "gather": gather,
         }
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)

@@ -48,6 +48,18 @@ def test_compare_runs_no_batch_only_at_the_smallest_size(tmp_path: Path) -> None
     assert no_batch == [50]
 
 
+def test_compare_can_await_the_handles_with_gather(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    proc = run_script(
+        "compare.py", "--sizes", "100", "--no-progress", "--gather", "--json", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "handles awaited with gather" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["gather"] is True
+    assert all(r["rows"] == 100 for r in data["results"])
+
+
 def test_compare_rejects_bad_sizes() -> None:
     proc = run_script("compare.py", "--sizes", "ten")
     assert proc.returncode != 0
