@@ -27,6 +27,7 @@ size, and every run checks that the table holds exactly N rows.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -272,10 +273,26 @@ def run_with_loop(loop: str, coro: Any) -> Any:
 @click.option(
     "--gather", is_flag=True, help="Await the handles with asyncio.gather instead of in order."
 )
+@click.option(
+    "--gc-threshold",
+    default="",
+    help="Call gc.set_threshold with these comma-separated ints first (e.g. 700,10,100).",
+)
 def main(
-    sizes: str, store: str, loop: str, json_path: str | None, progress: bool, gather: bool
+    sizes: str,
+    store: str,
+    loop: str,
+    json_path: str | None,
+    progress: bool,
+    gather: bool,
+    gc_threshold: str,
 ) -> None:
     """Compare raw SQLite, an aiodataloader floor, and resonate_async (batched / not)."""
+    if gc_threshold:
+        try:
+            gc.set_threshold(*(int(t) for t in gc_threshold.split(",")))
+        except (ValueError, TypeError) as exc:
+            raise click.BadParameter(f"not 1 to 3 integers: {gc_threshold!r}") from exc
     try:
         counts = [int(s.replace("_", "")) for s in sizes.split(",") if s.strip()]
     except ValueError as exc:
@@ -293,6 +310,7 @@ def main(
     title = (
         f"Blog workload, loop={loop}, promise store={store_name}, "
         f"handles awaited {'with gather' if gather else 'in order'}, "
+        f"gc thresholds {gc.get_threshold()}, "
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs"
     )
     console.print(render(results, title))
@@ -309,6 +327,7 @@ def main(
             "cpus": os.cpu_count(),
             "sizes": counts,
             "gather": gather,
+            "gc_threshold": gc.get_threshold(),
         }
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)

@@ -60,6 +60,28 @@ def test_compare_can_await_the_handles_with_gather(tmp_path: Path) -> None:
     assert all(r["rows"] == 100 for r in data["results"])
 
 
+def test_compare_sets_the_gc_threshold_it_is_given(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    args = ("--sizes", "50", "--no-progress", "--gc-threshold", "700,10,100", "--json", str(out))
+    proc = run_script("compare.py", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["meta"]["gc_threshold"] == [700, 10, 100]
+    assert run_script("compare.py", "--gc-threshold", "x").returncode != 0
+
+
+def test_batch_sizes_draws_every_batch(tmp_path: Path) -> None:
+    svg, data = tmp_path / "sizes.svg", tmp_path / "sizes.json"
+    args = ("--runs", "300", "--out", str(svg), "--json", str(data))
+    proc = run_script("batch_sizes.py", *args)
+    assert proc.returncode == 0, proc.stderr
+    batches = json.loads(data.read_text())["batches"]
+    assert sum(size for _, size in batches) == 300
+    drawing = svg.read_text()
+    assert drawing.startswith("<svg") and drawing.count('fill="#2e86c1"/>') == len(
+        batches
+    )  # one bar each
+
+
 def test_compare_rejects_bad_sizes() -> None:
     proc = run_script("compare.py", "--sizes", "ten")
     assert proc.returncode != 0
