@@ -27,7 +27,7 @@ from ._context import Context
 from ._invoke import invoke
 from ._stats import BatcherStats
 from .errors import BatchResultError, EncodingError, ShutdownError
-from .stores._base import Create, Kind, PromiseRecord, State
+from .stores._base import Create, Kind, State, new_record
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -153,8 +153,8 @@ class Batcher:
             now = engine.clock.now()
             name = self.entry.name
             kind = Kind.COMMAND
-            records = [  # positional: PromiseRecord's field order
-                PromiseRecord(
+            records = [
+                new_record(
                     p.id,
                     state,
                     kind,
@@ -168,6 +168,9 @@ class Batcher:
                     None,
                     now,
                     1,
+                    None,
+                    None,
+                    None,
                 )
                 for p, (state, data) in zip(batch, outcomes, strict=True)
             ]

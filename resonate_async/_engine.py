@@ -37,7 +37,7 @@ from .errors import (
     StoreError,
 )
 from .retry import Never
-from .stores._base import Create, Kind, PromiseRecord, Settle, State
+from .stores._base import Create, Kind, PromiseRecord, Settle, State, new_record
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -401,7 +401,7 @@ class Engine(LeaseKeeper):
         if stored is None:
             now = self.clock.now()
             timeout = entry.timeout
-            record = PromiseRecord(
+            record = new_record(
                 id,
                 _PENDING,
                 _RUN,
@@ -417,6 +417,7 @@ class Engine(LeaseKeeper):
                 1,
                 self.worker_id,
                 now + self.lease_seconds,
+                None,
             )
         else:
             record = stored

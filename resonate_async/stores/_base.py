@@ -104,6 +104,89 @@ class PromiseRecord:
     tags: dict[str, str] | None = None
 
 
+# The fast way to build a record: set its slots directly. The frozen
+# dataclass's ``__init__`` sets each field through ``object.__setattr__`` by
+# name, about twice the cost, and the engine builds two records per run and
+# stores one per row they read. ``PromiseRecord`` has no ``__post_init__`` to
+# skip; the conformance suite compares every field of what this builds.
+_FIELDS = (
+    "id",
+    "state",
+    "kind",
+    "root_id",
+    "created_at",
+    "func",
+    "version",
+    "param",
+    "value",
+    "parent_id",
+    "timeout_at",
+    "settled_at",
+    "attempt",
+    "owner",
+    "lease_expires_at",
+    "tags",
+)
+_new = object.__new__
+(
+    _set_id,
+    _set_state,
+    _set_kind,
+    _set_root_id,
+    _set_created_at,
+    _set_func,
+    _set_version,
+    _set_param,
+    _set_value,
+    _set_parent_id,
+    _set_timeout_at,
+    _set_settled_at,
+    _set_attempt,
+    _set_owner,
+    _set_lease_expires_at,
+    _set_tags,
+) = (getattr(PromiseRecord, f).__set__ for f in _FIELDS)
+
+
+def new_record(
+    id: str,
+    state: State,
+    kind: Kind,
+    root_id: str,
+    created_at: float,
+    func: str | None,
+    version: int,
+    param: bytes | None,
+    value: bytes | None,
+    parent_id: str | None,
+    timeout_at: float | None,
+    settled_at: float | None,
+    attempt: int,
+    owner: str | None,
+    lease_expires_at: float | None,
+    tags: dict[str, str] | None,
+) -> PromiseRecord:
+    """``PromiseRecord(...)`` with every field given in order, built faster."""
+    r = _new(PromiseRecord)
+    _set_id(r, id)
+    _set_state(r, state)
+    _set_kind(r, kind)
+    _set_root_id(r, root_id)
+    _set_created_at(r, created_at)
+    _set_func(r, func)
+    _set_version(r, version)
+    _set_param(r, param)
+    _set_value(r, value)
+    _set_parent_id(r, parent_id)
+    _set_timeout_at(r, timeout_at)
+    _set_settled_at(r, settled_at)
+    _set_attempt(r, attempt)
+    _set_owner(r, owner)
+    _set_lease_expires_at(r, lease_expires_at)
+    _set_tags(r, tags)
+    return r
+
+
 @dataclass(frozen=True, slots=True)
 class Create:
     """Insert ``record`` unless a promise with its id exists (then: no change)."""

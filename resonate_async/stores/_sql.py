@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._base import Create, Kind, Op, PromiseRecord, Settle, State, apply_op
+from ._base import Create, Kind, Op, PromiseRecord, Settle, State, apply_op, new_record
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -210,53 +210,27 @@ def record_to_row(r: PromiseRecord) -> tuple[Any, ...]:
     )
 
 
-# A record is built by setting its slots directly: the frozen dataclass's
-# ``__init__`` sets each field through ``object.__setattr__`` by name, which
-# costs about twice as much, and stores build a record per row they read and
-# per settle they apply. ``PromiseRecord`` has no ``__post_init__`` to skip;
-# the conformance suite compares every field of what these build.
-_new = object.__new__
-(
-    _set_id,
-    _set_state,
-    _set_kind,
-    _set_root_id,
-    _set_created_at,
-    _set_func,
-    _set_version,
-    _set_param,
-    _set_value,
-    _set_parent_id,
-    _set_timeout_at,
-    _set_settled_at,
-    _set_attempt,
-    _set_owner,
-    _set_lease_expires_at,
-    _set_tags,
-) = (getattr(PromiseRecord, c).__set__ for c in COLUMNS)
-
-
 def row_to_record(row: Sequence[Any]) -> PromiseRecord:
     """The record of a row selected as :data:`COLUMN_LIST`."""
-    r = _new(PromiseRecord)
-    _set_id(r, row[0])
-    _set_state(r, _STATES[row[1]])
-    _set_kind(r, _KINDS[row[2]])
-    _set_root_id(r, row[3])
-    _set_created_at(r, row[4])
-    _set_func(r, row[5])
-    _set_version(r, row[6])
-    _set_param(r, row[7])
-    _set_value(r, row[8])
-    _set_parent_id(r, row[9])
-    _set_timeout_at(r, row[10])
-    _set_settled_at(r, row[11])
-    _set_attempt(r, row[12])
-    _set_owner(r, row[13])
-    _set_lease_expires_at(r, row[14])
     tags = row[15]
-    _set_tags(r, None if tags is None else json.loads(tags))
-    return r
+    return new_record(
+        row[0],
+        _STATES[row[1]],
+        _KINDS[row[2]],
+        row[3],
+        row[4],
+        row[5],
+        row[6],
+        row[7],
+        row[8],
+        row[9],
+        row[10],
+        row[11],
+        row[12],
+        row[13],
+        row[14],
+        None if tags is None else json.loads(tags),
+    )
 
 
 def chunked(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
@@ -432,24 +406,24 @@ def _settled(r: PromiseRecord, op: Settle) -> PromiseRecord:
     ``r`` may be a settle's ``prior`` whose lease has changed since: the
     lease is cleared here anyway.
     """
-    s = _new(PromiseRecord)
-    _set_id(s, r.id)
-    _set_state(s, op.state)
-    _set_kind(s, r.kind)
-    _set_root_id(s, r.root_id)
-    _set_created_at(s, r.created_at)
-    _set_func(s, r.func)
-    _set_version(s, r.version)
-    _set_param(s, r.param)
-    _set_value(s, op.value)
-    _set_parent_id(s, r.parent_id)
-    _set_timeout_at(s, r.timeout_at)
-    _set_settled_at(s, op.settled_at)
-    _set_attempt(s, r.attempt)
-    _set_owner(s, None)
-    _set_lease_expires_at(s, None)
-    _set_tags(s, r.tags)
-    return s
+    return new_record(
+        r.id,
+        op.state,
+        r.kind,
+        r.root_id,
+        r.created_at,
+        r.func,
+        r.version,
+        r.param,
+        op.value,
+        r.parent_id,
+        r.timeout_at,
+        op.settled_at,
+        r.attempt,
+        None,
+        None,
+        r.tags,
+    )
 
 
 def touched_ids(ops: Sequence[Op]) -> list[str]:
