@@ -260,12 +260,22 @@ async def insert_users(ctx: Context, commands: list[InsertUser]) -> str:
 # -- the process -------------------------------------------------------------------
 
 
+def application_name(store_schema: str, name: str) -> str:
+    """The PostgreSQL ``application_name`` of a worker's store connections."""
+    return f"mw-{store_schema}-{name}"[:63]
+
+
 def build(args: argparse.Namespace) -> tuple[Resonate, PostgresSink | SQLiteSink]:
     sink: PostgresSink | SQLiteSink
     if args.backend == "postgres":
         from resonate_async.stores.postgres import PostgresStore
 
-        store: Any = PostgresStore(args.dsn, schema=args.store_schema, max_connections=5)
+        # Named connections: the test waits for a killed worker's server
+        # backends to be gone (a COMMIT it sent may still land) before it
+        # reads which leases the worker held.
+        named = f"{args.dsn}{'&' if '?' in args.dsn else '?'}application_name="
+        named += application_name(args.store_schema, args.name)
+        store: Any = PostgresStore(named, schema=args.store_schema, max_connections=5)
         sink = PostgresSink(args.dsn, args.users_schema, args.name)
     else:
         from resonate_async.stores.sqlite import SQLiteStore

@@ -52,6 +52,7 @@ from typing import IO, Any
 import pytest
 from multiworker_workload import (
     POSTGRES_USERS_DDL,
+    application_name,
     command_id,
     remote_id,
     remote_value,
@@ -418,6 +419,15 @@ async def test_three_workers_share_runs_and_finish_a_killed_workers_runs(
         dead.proc.send_signal(signal.SIGKILL)
         dead.proc.wait()
         killed_at, killed = time.time(), time.perf_counter()
+        # A transaction the worker sent just before it died may still commit
+        # on the server: read its leases once its backends are gone.
+        backend = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        app = application_name(store_schema, dead.name)
+
+        async def backends_gone() -> bool:
+            return int(await conn.fetchval(backend, app)) == 0
+
+        await fleet.wait_for("the killed worker's connections to close", backends_gone, 10)
         users_at_kill = await users()
         # The dead worker's leases, read before they expire.
         sql = (
