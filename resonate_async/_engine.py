@@ -66,20 +66,36 @@ class RunState(Handle[Any]):
     engine's state of the run while it executes, and drops it once done.
     """
 
-    __slots__ = ("args", "cancel_requested", "entry", "fatal", "kwargs", "record", "replay")
+    __slots__ = (
+        "args",
+        "cancel_requested",
+        "entry",
+        "fatal",
+        "kwargs",
+        "param",
+        "record",
+        "replay",
+        "timeout_at",
+    )
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        record: PromiseRecord,
+        id: str,
         entry: FunctionEntry,
+        param: bytes | None,
+        timeout_at: float | None,
         args: tuple[Any, ...] | list[Any],
         kwargs: dict[str, Any],
+        record: PromiseRecord | None,
     ) -> None:
-        super().__init__(record.id, loop)
-        # The root as this run created (or claimed) it: what it settles.
-        self.record = record
+        super().__init__(id, loop)
         self.entry = entry
+        self.param = param
+        self.timeout_at = timeout_at
+        # The root as this run created (or claimed) it: what it settles. A
+        # fresh run's is built when the writer admits it (see Engine._root_op).
+        self.record = record
         self.args = args
         self.kwargs = kwargs
         # Settled children by id: the stored tree of a resumed run, and what
@@ -157,6 +173,7 @@ class Engine(LeaseKeeper):
         # pid free its leases at once; networked stores wait for the lease.
         self._single_host = bool(getattr(store, "single_host", False))
         # The writer's callbacks, bound once rather than once per run.
+        self._on_root_op = self._root_op
         self._on_root_created = self._root_created
         self._on_root_settled = self._root_settled
 
@@ -399,29 +416,13 @@ class Engine(LeaseKeeper):
         of runs waiting for their creates holds no task or coroutine.
         """
         if stored is None:
-            now = self.clock.now()
             timeout = entry.timeout
-            record = new_record(
-                id,
-                _PENDING,
-                _RUN,
-                id,
-                now,
-                entry.name,
-                entry.version,
-                param,
-                None,
-                None,
-                None if timeout is None else now + timeout,
-                None,
-                1,
-                self.worker_id,
-                now + self.lease_seconds,
-                None,
-            )
+            deadline = None if timeout is None else self.clock.now() + timeout
+            run = RunState(self._loop, id, entry, param, deadline, args, kwargs, None)
         else:
-            record = stored
-        run = RunState(self._loop, record, entry, args, kwargs)
+            run = RunState(
+                self._loop, id, entry, stored.param, stored.timeout_at, args, kwargs, stored
+            )
         self.runs[id] = run
         self.run_stats.started += 1
         if stored is not None:
@@ -430,11 +431,36 @@ class Engine(LeaseKeeper):
             run._task = self._loop.create_task(self._execute(run, resumed=True))
             return run
         try:
-            self.writer.admit_then(Create(record), self._on_root_created, run)
+            self.writer.admit_then(self._on_root_op, self._on_root_created, run)
         except ShutdownError as exc:
             self._forget(run)
             run._set_exception(exc)
         return run
+
+    def _root_op(self, run: RunState) -> Create:
+        """A fresh run's root create, built as the writer admits it, so that its
+        lease starts when it is written however long the admission waited."""
+        now = self.clock.now()
+        entry = run.entry
+        record = run.record = new_record(
+            run.id,
+            _PENDING,
+            _RUN,
+            run.id,
+            now,
+            entry.name,
+            entry.version,
+            run.param,
+            None,
+            None,
+            run.timeout_at,
+            None,
+            1,
+            self.worker_id,
+            now + self.lease_seconds,
+            None,
+        )
+        return Create(record)
 
     def _root_created(
         self, run: RunState, stored: PromiseRecord | None, error: BaseException | None
@@ -480,7 +506,7 @@ class Engine(LeaseKeeper):
                 run.args,
                 run.kwargs,
                 entry.retry_policy,
-                run.record.timeout_at,
+                run.timeout_at,
             )
             if self.tracing.enabled:
                 attributes = {"resonate.id": run.id, "resonate.func": entry.name}
@@ -555,7 +581,7 @@ class Engine(LeaseKeeper):
         if (
             stored.func != entry.name
             or stored.version != entry.version
-            or stored.param != run.record.param
+            or stored.param != run.param
         ):
             raise ConflictError(
                 f"run id {run.id!r} is already used by {stored.func!r} version {stored.version} "

@@ -394,7 +394,7 @@ class Resonate:
             raise EncodingError(f"run {id!r} of {entry.name!r}: {exc}") from None
         existing = engine.runs.get(id)
         if existing is not None:
-            if existing.entry is entry and existing.record.param == param:
+            if existing.entry is entry and existing.param == param:
                 return existing
             handle: Handle[Any] = Handle(id, asyncio.get_running_loop())
             handle._set_exception(

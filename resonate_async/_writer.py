@@ -118,7 +118,7 @@ class GroupCommitWriter:
         self._tracing = tracing
         self._queue: deque[_Transaction] = deque()
         # Admissions waiting for a transaction, in three parallel queues.
-        self._admit_ops: deque[Op] = deque()
+        self._admit_makes: deque[Callable[[Any], Op]] = deque()
         self._admit_dones: deque[Done] = deque()
         self._admit_args: deque[Any] = deque()
         self._wakeup = asyncio.Event()
@@ -150,14 +150,19 @@ class GroupCommitWriter:
         txn.dones.append(done)
         txn.args.append(arg)
 
-    def admit_then(self, op: Op, done: Done, arg: Any) -> None:
+    def admit_then(self, make: Callable[[Any], Op], done: Done, arg: Any) -> None:
         """Like :meth:`write_then`, for the root of a fresh run: written once the
-        writes of running work are (see the module's docstring)."""
+        writes of running work are (see the module's docstring).
+
+        The op is ``make(arg)``, called when the admission enters a
+        transaction, so what it records (a lease's start) is of that moment,
+        however long the admission waited.
+        """
         if self._closed:
             raise ShutdownError("the store writer is closed; enter `async with resonate` again")
-        if not self._admit_ops:
+        if not self._admit_makes:
             self._wakeup.set()
-        self._admit_ops.append(op)
+        self._admit_makes.append(make)
         self._admit_dones.append(done)
         self._admit_args.append(arg)
 
@@ -187,30 +192,31 @@ class GroupCommitWriter:
     def drop(self) -> None:
         """Discard everything queued (a simulated crash); its writers get ShutdownError."""
         self._closed = True
-        while self._queue or self._admit_ops:
+        while self._queue or self._admit_makes:
             self._next().report(None, ShutdownError("dropped by a simulated crash"))
 
     @property
     def idle(self) -> bool:
         """Whether nothing is queued."""
-        return not self._queue and not self._admit_ops
+        return not self._queue and not self._admit_makes
 
     def _next(self) -> _Transaction:
         """The next transaction: running work's oldest, topped up with admissions."""
         txn = self._queue.popleft() if self._queue else _Transaction(asyncio.get_running_loop())
         ops, indexes, dones, args = txn.ops, txn.indexes, txn.dones, txn.args
-        admit_ops, admit_dones, admit_args = self._admit_ops, self._admit_dones, self._admit_args
-        for _ in range(min(self._max_rows - len(ops), len(admit_ops))):
+        makes, admit_dones, admit_args = self._admit_makes, self._admit_dones, self._admit_args
+        for _ in range(min(self._max_rows - len(ops), len(makes))):
+            arg = admit_args.popleft()
             indexes.append(len(ops))
-            ops.append(admit_ops.popleft())
+            ops.append(makes.popleft()(arg))
             dones.append(admit_dones.popleft())
-            args.append(admit_args.popleft())
+            args.append(arg)
         return txn
 
     async def run(self) -> None:
         """The writer loop. Never dies of a failed transaction; returns after close()."""
         queue = self._queue
-        admissions = self._admit_ops
+        admissions = self._admit_makes
         while True:
             while not queue and not admissions:
                 if self._closing:

@@ -14,6 +14,7 @@ from resonate_async._stats import StoreStats
 from resonate_async._writer import GroupCommitWriter
 from resonate_async.errors import ShutdownError
 from resonate_async.stores import Create, Kind, PromiseRecord
+from resonate_async.testing import VirtualClock
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -43,6 +44,11 @@ async def drain(writer: GroupCommitWriter) -> None:
     await task
 
 
+def creating(id: str) -> Create:
+    """What ``admit_then`` calls to build an admission's op, given its arg."""
+    return Create(record(id))
+
+
 def ignore(arg: Any, stored: PromiseRecord | None, error: BaseException | None) -> None:
     pass
 
@@ -52,7 +58,7 @@ async def test_running_work_is_written_first_and_admissions_fill_the_rest() -> N
     writer = GroupCommitWriter(store, StoreStats(), max_rows_per_transaction=3)
     async with store:
         for i in range(5):
-            writer.admit_then(Create(record(f"a{i}")), ignore, None)
+            writer.admit_then(creating, ignore, f"a{i}")
         writer.write_then(Create(record("u0")), ignore, None)
         writer.write_then(Create(record("u1")), ignore, None)
         assert not writer.idle
@@ -65,7 +71,7 @@ async def test_admissions_wait_while_running_work_fills_whole_transactions() -> 
     store = RecordingStore()
     writer = GroupCommitWriter(store, StoreStats(), max_rows_per_transaction=2)
     async with store:
-        writer.admit_then(Create(record("a0")), ignore, None)
+        writer.admit_then(creating, ignore, "a0")
         for i in range(4):
             writer.write_then(Create(record(f"u{i}")), ignore, None)
         await drain(writer)
@@ -81,14 +87,13 @@ async def test_admissions_are_reported_after_commit_and_dropped_ones_fail() -> N
         reports.append((tag, stored, error))
 
     async with store:
-        admitted = record("admitted")
-        writer.admit_then(Create(admitted), done, "admitted")
+        writer.admit_then(creating, done, "admitted")
         assert reports == []
         await drain(writer)
-        assert reports == [("admitted", admitted, None)]
+        assert reports == [("admitted", record("admitted"), None)]
 
         writer = GroupCommitWriter(store, StoreStats())
-        writer.admit_then(Create(record("lost")), done, "lost")
+        writer.admit_then(creating, done, "lost")
         writer.drop()  # a simulated crash
         tag, stored, error = reports[1]
         assert (tag, stored) == ("lost", None) and isinstance(error, ShutdownError)
@@ -157,3 +162,48 @@ async def test_a_finished_run_leaves_no_task_and_no_command_behind() -> None:
         assert not any(isinstance(o, asyncio.Task) for h in handles for o in gc.get_referents(h))
         assert len(commands) == 50
         assert all(ref() is None for ref in commands)
+
+
+class GatedStore(MemoryStore):
+    """A memory store that remembers every create and can hold its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: dict[str, PromiseRecord] = {}
+        self.hold: asyncio.Event | None = None
+        self.holding = asyncio.Event()
+
+    async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+        if self.hold is not None:
+            self.holding.set()
+            await self.hold.wait()
+        for op in ops:
+            if isinstance(op, Create):
+                self.created[op.record.id] = op.record
+        return await super().write(ops)
+
+
+async def test_a_root_admitted_late_gets_its_lease_from_when_it_is_written() -> None:
+    # A burst can keep a fresh run's root waiting for a while; the lease in the
+    # row must start when the row is written, or other workers could take the
+    # run over at once while it executes here.
+    clock = VirtualClock()
+    store = GatedStore()
+    resonate = Resonate(store, clock=clock, lease_seconds=15.0, heartbeat_seconds=5.0)
+
+    @resonate.register(name="wf")
+    async def wf(ctx: Context, n: int) -> int:
+        return n
+
+    async with resonate:
+        store.hold = asyncio.Event()
+        first = resonate.run("first", "wf", 1)
+        await store.holding.wait()  # the writer is inside the first transaction
+        submitted = clock.now()
+        late = resonate.run("late", "wf", 2)  # waits for the writer
+        await clock.advance(100.0)
+        store.hold.set()
+        assert (await first, await late) == (1, 2)
+    root = store.created["late"]
+    assert root.created_at >= submitted + 100.0
+    assert root.lease_expires_at == root.created_at + 15.0
