@@ -549,7 +549,9 @@ class Engine(LeaseKeeper):
     ) -> None:
         """The writer's report on a run's settle (see ``GroupCommitWriter.write_then``)."""
         self._forget(run)
-        run._task = None  # a caller may keep the handle for long; the task is done
+        # A caller may keep the handle for long: it keeps the outcome only.
+        run._task = None
+        run.record = None
         if error is not None:
             run._set_exception(error)
         else:

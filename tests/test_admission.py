@@ -157,9 +157,11 @@ async def test_a_finished_run_leaves_no_task_and_no_command_behind() -> None:
             await asyncio.sleep(0)
         gc.collect()
         # The caller keeps its handles; they hold the outcome, not the
-        # finished task, and the idle batcher holds none of the commands.
+        # finished task or the root's record, and the idle batcher holds none
+        # of the commands.
         assert all(h.done() for h in handles)
-        assert not any(isinstance(o, asyncio.Task) for h in handles for o in gc.get_referents(h))
+        kept = [o for h in handles for o in gc.get_referents(h)]
+        assert not any(isinstance(o, (asyncio.Task, PromiseRecord)) for o in kept)
         assert len(commands) == 50
         assert all(ref() is None for ref in commands)
 
