@@ -53,6 +53,8 @@ log = logging.getLogger("resonate_async")
 
 # Errors that end a run without settling it: it stays PENDING for recovery.
 _UNSETTLED = (NondeterminismError, StoreError, ShutdownError)
+# What leaves a call's promise pending, after cancelling the call's children.
+_LEAVE_PENDING = (asyncio.CancelledError, *_UNSETTLED)
 
 # Members read on every run: a module global is cheaper than an Enum class attribute.
 _PENDING, _RESOLVED, _RUN = State.PENDING, State.RESOLVED, Kind.RUN
@@ -337,15 +339,18 @@ class Engine(LeaseKeeper):
         kwargs: dict[str, Any],
         policy: RetryPolicy,
         deadline: float | None,
+        first: int = 1,
     ) -> tuple[State, bytes, int]:
         """Call ``fn`` until it succeeds or its policy gives up; encode the outcome.
 
         Returns the settled state, the encoded value or error, and the number
         of attempts. Raises the errors that must leave the promise PENDING
-        (nondeterminism, store failure, shutdown, cancellation).
+        (nondeterminism, store failure, shutdown, cancellation). ``first`` is
+        the number of the first attempt made here (a caller that made the
+        first attempt itself continues with 2).
         """
         clock = self.clock
-        attempt = 1
+        attempt = first
         while True:
             ctx = Context(self, run, id, root_id, attempt, leaf=style is _SYNC)
             try:
@@ -374,29 +379,53 @@ class Engine(LeaseKeeper):
                 ctx._cancel_children()
                 raise
             except Exception as exc:
-                if ctx._children:
-                    await ctx._join_children()
-                if run is not None and run.fatal is not None:
-                    raise run.fatal from None
-                if deadline is not None and clock.now() >= deadline:
-                    timeout = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
-                    return State.REJECTED_TIMEDOUT, self.encoder.encode_error(timeout), attempt
-                delay = policy.next_delay(attempt + 1) if policy.should_retry(exc) else None
-                if delay is None or (deadline is not None and clock.now() + delay >= deadline):
-                    return State.REJECTED, self.encoder.encode_error(exc), attempt
-                log.info("%s failed on attempt %d (%r); retrying in %.3fs", id, attempt, exc, delay)
-                await clock.sleep(delay)
+                final = await self._failed(run, id, ctx, exc, attempt, policy, deadline)
+                if final is not None:
+                    return final[0], final[1], attempt
                 attempt += 1
                 continue
-            if run is not None and run.fatal is not None:
-                raise run.fatal
-            if value is None:
-                return _RESOLVED, self.encoded_none, attempt
-            try:
-                return _RESOLVED, self.encoder.encode(value), attempt
-            except EncodingError as exc:
-                error = EncodingError(f"{id}: the return value is not encodable: {exc}")
-                return State.REJECTED, self.encoder.encode_error(error), attempt
+            state, data = self._succeeded(run, id, value)
+            return state, data, attempt
+
+    async def _failed(
+        self,
+        run: RunState | None,
+        id: str,
+        ctx: Context,
+        exc: Exception,
+        attempt: int,
+        policy: RetryPolicy,
+        deadline: float | None,
+    ) -> tuple[State, bytes] | None:
+        """After attempt ``attempt`` raised ``exc``: the settled outcome if the
+        policy gives up (or the deadline has come), else ``None`` once the
+        retry delay has passed."""
+        if ctx._children:
+            await ctx._join_children()
+        if run is not None and run.fatal is not None:
+            raise run.fatal from None
+        clock = self.clock
+        if deadline is not None and clock.now() >= deadline:
+            timeout = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
+            return State.REJECTED_TIMEDOUT, self.encoder.encode_error(timeout)
+        delay = policy.next_delay(attempt + 1) if policy.should_retry(exc) else None
+        if delay is None or (deadline is not None and clock.now() + delay >= deadline):
+            return State.REJECTED, self.encoder.encode_error(exc)
+        log.info("%s failed on attempt %d (%r); retrying in %.3fs", id, attempt, exc, delay)
+        await clock.sleep(delay)
+        return None
+
+    def _succeeded(self, run: RunState | None, id: str, value: Any) -> tuple[State, bytes]:
+        """The settled outcome of a call that returned ``value``."""
+        if run is not None and run.fatal is not None:
+            raise run.fatal
+        if value is None:
+            return _RESOLVED, self.encoded_none
+        try:
+            return _RESOLVED, self.encoder.encode(value)
+        except EncodingError as exc:
+            error = EncodingError(f"{id}: the return value is not encodable: {exc}")
+            return State.REJECTED, self.encoder.encode_error(error)
 
     # -- runs ------------------------------------------------------------------
 
@@ -497,21 +526,44 @@ class Engine(LeaseKeeper):
                 await self._load_history(run)
             if run.replay is None and entry.retry_policy.__class__ is not Never:
                 run.replay = {}  # a retried body replays what its first attempt settled
-            call = self.attempts(
-                run,
-                run.id,
-                run.id,
-                entry.style,
-                entry.fn,
-                run.args,
-                run.kwargs,
-                entry.retry_policy,
-                run.timeout_at,
-            )
-            if self.tracing.enabled:
-                attributes = {"resonate.id": run.id, "resonate.func": entry.name}
-                call = self.tracing.traced(call, "resonate.run", attributes)
-            state, data, _ = await call
+            if (
+                entry.style is _ASYNC
+                and not resumed
+                and run.timeout_at is None
+                and not self.tracing.enabled
+                and not self.replay_every_step
+            ):
+                # The first attempt is awaited right here, not in `attempts`:
+                # one coroutine frame less per run, in memory and on every
+                # resume. A failure the policy retries continues there.
+                ctx = Context(self, run, run.id, run.id, 1, leaf=False)
+                try:
+                    value = await entry.fn(ctx, *run.args, **run.kwargs)
+                    if ctx._children:
+                        await ctx._join_children()
+                except _LEAVE_PENDING:
+                    ctx._cancel_children()
+                    raise
+                except Exception as exc:
+                    state, data = await self._after_first_attempt(run, entry, ctx, exc)
+                else:
+                    state, data = self._succeeded(run, run.id, value)
+            else:
+                call = self.attempts(
+                    run,
+                    run.id,
+                    run.id,
+                    entry.style,
+                    entry.fn,
+                    run.args,
+                    run.kwargs,
+                    entry.retry_policy,
+                    run.timeout_at,
+                )
+                if self.tracing.enabled:
+                    attributes = {"resonate.id": run.id, "resonate.func": entry.name}
+                    call = self.tracing.traced(call, "resonate.run", attributes)
+                state, data, _ = await call
             # The task ends here; the writer reports the outcome once it commits.
             # `prior` lets the store answer without reading the row back.
             op = Settle(run.id, state, data, self.clock.now(), run.record)
@@ -535,6 +587,20 @@ class Engine(LeaseKeeper):
         finally:
             if not settling:
                 self._forget(run)
+
+    async def _after_first_attempt(
+        self, run: RunState, entry: FunctionEntry, ctx: Context, exc: Exception
+    ) -> tuple[State, bytes]:
+        """The rest of ``attempts`` once a run's inline first attempt raised ``exc``."""
+        policy = entry.retry_policy
+        final = await self._failed(run, run.id, ctx, exc, 1, policy, None)
+        if final is not None:
+            return final
+        args, kwargs = run.args, run.kwargs
+        state, data, _ = await self.attempts(
+            run, run.id, run.id, _ASYNC, entry.fn, args, kwargs, policy, None, first=2
+        )
+        return state, data
 
     def _forget(self, run: RunState) -> None:
         """The run no longer executes here: drop it and what only its body needed."""
