@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -109,10 +110,21 @@ class RunState(Handle[Any]):
     def cancel(self) -> bool:
         """See :meth:`Handle.cancel`; before the root is durable, the run is
         settled ``REJECTED_CANCELED`` as soon as it is."""
-        if not self.done() and self._task is None:  # its root is being created
+        if self.done():
+            return False
+        task = self._task
+        if task is None or _not_started(task):
+            # Its root is being created, or its task has not taken its first
+            # step: a task cancelled then never runs its coroutine, handlers
+            # included, so the coroutine checks this flag as it starts.
             self.cancel_requested = True
             return True
         return super().cancel()
+
+
+def _not_started(task: asyncio.Task[Any]) -> bool:
+    coro = task.get_coro()
+    return inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
 
 
 class Engine(LeaseKeeper):
@@ -522,6 +534,8 @@ class Engine(LeaseKeeper):
         entry = run.entry
         settling = False
         try:
+            if run.cancel_requested:  # cancelled before this task took its first step
+                raise asyncio.CancelledError
             if resumed:
                 await self._load_history(run)
             if run.replay is None and entry.retry_policy.__class__ is not Never:
@@ -630,6 +644,8 @@ class Engine(LeaseKeeper):
         """The run's id already had a row: answer from it (a stored outcome, a
         conflict), or take the run over only through an atomic claim."""
         try:
+            if run.cancel_requested:  # cancelled before this task took its first step
+                raise asyncio.CancelledError
             await self._attach_to(run, stored)
         except asyncio.CancelledError:
             if self.closing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
@@ -485,8 +486,23 @@ class Promises:
             timeout_at=None if timeout is None else now + timeout,
             tags=tags,
         )
+        await self._after_admission(engine, id)
         stored = await engine.writer.write(Create(record))
         return engine.effective(stored or record)
+
+    @staticmethod
+    async def _after_admission(engine: Engine, id: str) -> None:
+        """Wait until the root of a run of this process with this id is written.
+
+        The writer writes running work before new runs' roots, so without this
+        a call right after ``resonate.run(id, ...)`` could reach the store
+        first and find nothing. Its outcome does not matter here: whatever
+        the store holds then is what this call acts on.
+        """
+        run = engine.runs.get(id)
+        if run is not None and not run._created and not run.done():
+            with contextlib.suppress(Exception):
+                await run.created()
 
     async def resolve(self, id: str, value: Any = None) -> PromiseRecord:
         """Resolve ``id`` with ``value``; a settled promise keeps its first outcome."""
@@ -508,11 +524,12 @@ class Promises:
         data = engine.encoder.encode_error(CanceledError(f"promise {id!r} was canceled"))
         record = await self._settle(engine, id, State.REJECTED_CANCELED, data)
         run = engine.runs.get(id)
-        if run is not None and run._task is not None:
-            run._task.cancel()
+        if run is not None:
+            run.cancel()
         return record
 
     async def _settle(self, engine: Engine, id: str, state: State, data: bytes) -> PromiseRecord:
+        await self._after_admission(engine, id)
         record = await engine.writer.write(Settle(id, state, data, engine.clock.now()))
         if record is None:
             raise NotFoundError(

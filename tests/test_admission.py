@@ -9,7 +9,9 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from resonate_async import Command, Context, MemoryStore, Resonate, State
+import pytest
+
+from resonate_async import CanceledError, Command, Context, MemoryStore, Resonate, State
 from resonate_async._stats import StoreStats
 from resonate_async._writer import GroupCommitWriter
 from resonate_async.errors import ShutdownError
@@ -209,3 +211,29 @@ async def test_a_root_admitted_late_gets_its_lease_from_when_it_is_written() -> 
     root = store.created["late"]
     assert root.created_at >= submitted + 100.0
     assert root.lease_expires_at == root.created_at + 15.0
+
+
+async def test_the_promise_api_sees_a_run_started_just_before() -> None:
+    # resonate.run queues the root for admission; a promise-API call on the
+    # same id right after must still find it, as it would have when writes
+    # were first-in first-out.
+    resonate = Resonate(MemoryStore())
+    gate = asyncio.Event()
+
+    @resonate.register(name="wait")
+    async def wait(ctx: Context) -> str:
+        await gate.wait()
+        return "done"
+
+    async with resonate:
+        canceled = resonate.run("to-cancel", "wait")
+        record = await resonate.promises.cancel("to-cancel")
+        assert record.state is State.REJECTED_CANCELED
+        with pytest.raises(CanceledError):
+            await canceled
+
+        resolved = resonate.run("to-resolve", "wait")
+        record = await resonate.promises.resolve("to-resolve", "early")
+        assert record.state is State.RESOLVED
+        gate.set()
+        assert await resolved == "early"

@@ -138,3 +138,26 @@ async def test_write_then_reports_after_commit_and_reports_failures() -> None:
         assert reports[2][0] == "dropped" and isinstance(reports[2][2], ShutdownError)
         writer.close()
         await task
+
+
+async def test_cancel_right_after_created_settles_the_run_canceled() -> None:
+    # The run's task exists but has not taken its first step yet: cancelling
+    # it then must still settle the run, not leave it (and its waiters) hanging.
+    resonate, _gate = gated()
+    async with resonate:
+        handle = resonate.run("early-cancel", "wait", 1)
+        await handle.created()
+        assert handle.cancel()
+        with pytest.raises(CanceledError):
+            await asyncio.wait_for(handle.result(), 5)
+        stored = await resonate.promises.get("early-cancel")
+        assert stored is not None and stored.state is State.REJECTED_CANCELED
+
+
+async def test_shutdown_right_after_created_interrupts_the_run() -> None:
+    resonate, _gate = gated()
+    async with resonate:
+        handle = resonate.run("early-stop", "wait", 1)
+        await handle.created()
+    with pytest.raises(ShutdownError, match="interrupted by shutdown"):
+        await asyncio.wait_for(handle.result(), 5)
