@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resonate_async import CanceledError, Command, Context, MemoryStore, Resonate, State
 from resonate_async._stats import StoreStats
@@ -237,3 +239,76 @@ async def test_the_promise_api_sees_a_run_started_just_before() -> None:
         assert record.state is State.RESOLVED
         gate.set()
         assert await resolved == "early"
+
+
+# -- the scheduling rule, as a property ---------------------------------------
+
+Step = tuple[str, int]
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), st.integers(1, 7)),
+        st.tuples(st.just("admit"), st.integers(1, 7)),
+        st.tuples(st.just("commit"), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=steps, max_rows=st.integers(1, 6))
+def test_transactions_take_running_work_first_then_admissions_in_order(
+    steps: list[Step], max_rows: int
+) -> None:
+    async def scenario() -> None:
+        writer = GroupCommitWriter(MemoryStore(), StoreStats(), max_rows_per_transaction=max_rows)
+        made: list[str] = []
+
+        def make(id: str) -> Create:
+            made.append(id)
+            return Create(record(id))
+
+        queued_writes: list[str] = []  # submitted, not yet in a transaction
+        queued_admits: list[str] = []
+        transactions: list[list[str]] = []
+
+        def commit() -> None:
+            txn = writer._next()
+            ids = [op.record.id for op in txn.ops if isinstance(op, Create)]
+            writes = [i for i in ids if i.startswith("w")]
+            admits = [i for i in ids if i.startswith("a")]
+            assert 0 < len(ids) <= max_rows
+            assert ids == writes + admits  # running work first
+            assert writes == queued_writes[: len(writes)]  # each kind in order
+            assert admits == queued_admits[: len(admits)]
+            if admits:  # admitted only into room that running work left
+                assert len(writes) == len(queued_writes) or writes == []
+                assert len(writes) < max_rows
+            if len(admits) < len(queued_admits):
+                assert len(ids) == max_rows  # a backlog of admissions fills the transaction
+            del queued_writes[: len(writes)], queued_admits[: len(admits)]
+            if admits:  # each admission's op is built as it enters a transaction
+                assert made[-len(admits) :] == admits
+            transactions.append(ids)
+            txn.report([None] * len(ids), None)
+
+        n = 0
+        for kind, count in steps:
+            if kind == "commit":
+                if not writer.idle:
+                    commit()
+                continue
+            for _ in range(count):
+                n += 1
+                if kind == "write":
+                    queued_writes.append(f"w{n}")
+                    writer.write_then(Create(record(f"w{n}")), ignore, None)
+                else:
+                    queued_admits.append(f"a{n}")
+                    writer.admit_then(make, ignore, f"a{n}")
+        assert len(made) == sum(len([i for i in t if i.startswith("a")]) for t in transactions)
+        while not writer.idle:
+            commit()
+        assert queued_writes == queued_admits == []
+        assert sorted(made) == sorted(i for t in transactions for i in t if i.startswith("a"))
+
+    asyncio.run(scenario())
