@@ -212,15 +212,15 @@ print("ok")
 def test_new_record_builds_the_same_record_as_the_dataclass() -> None:
     import dataclasses
 
-    from resonate_async.stores._base import _FIELDS, new_record
+    from resonate_async.stores._base import FIELDS, new_record
 
-    assert tuple(f.name for f in dataclasses.fields(PromiseRecord)) == _FIELDS
+    assert tuple(f.name for f in dataclasses.fields(PromiseRecord)) == FIELDS
     values = (
         "r.1", State.RESOLVED, Kind.COMMAND, "r", 1.5, "Cmd", 2, b"[1]", b"2", "r", 9.0,
         3.5, 4, "worker", 7.5, {"k": "v"},
     )  # fmt: skip
     built = new_record(*values)
     assert built == PromiseRecord(*values)
-    assert [getattr(built, f) for f in _FIELDS] == list(values)
+    assert [getattr(built, f) for f in FIELDS] == list(values)
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.id = "other"  # type: ignore[misc]

@@ -14,7 +14,7 @@ it to resolve the rare conflicting rows after their fast path.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 if TYPE_CHECKING:
@@ -109,24 +109,8 @@ class PromiseRecord:
 # name, about twice the cost, and the engine builds two records per run and
 # stores one per row they read. ``PromiseRecord`` has no ``__post_init__`` to
 # skip; the conformance suite compares every field of what this builds.
-_FIELDS = (
-    "id",
-    "state",
-    "kind",
-    "root_id",
-    "created_at",
-    "func",
-    "version",
-    "param",
-    "value",
-    "parent_id",
-    "timeout_at",
-    "settled_at",
-    "attempt",
-    "owner",
-    "lease_expires_at",
-    "tags",
-)
+#: The field names of :class:`PromiseRecord`, in order (the stores' column order).
+FIELDS = tuple(f.name for f in fields(PromiseRecord))
 _new = object.__new__
 (
     _set_id,
@@ -145,7 +129,7 @@ _new = object.__new__
     _set_owner,
     _set_lease_expires_at,
     _set_tags,
-) = (getattr(PromiseRecord, f).__set__ for f in _FIELDS)
+) = (getattr(PromiseRecord, f).__set__ for f in FIELDS)
 
 
 def new_record(

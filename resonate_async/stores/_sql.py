@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._base import Create, Kind, Op, PromiseRecord, Settle, State, apply_op, new_record
+from ._base import FIELDS, Create, Kind, Op, PromiseRecord, Settle, State, apply_op, new_record
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -53,24 +53,7 @@ _T = TypeVar("_T")
 
 #: Column order is the field order of :class:`PromiseRecord`, so a row maps to
 #: a record positionally.
-COLUMNS = (
-    "id",
-    "state",
-    "kind",
-    "root_id",
-    "created_at",
-    "func",
-    "version",
-    "param",
-    "value",
-    "parent_id",
-    "timeout_at",
-    "settled_at",
-    "attempt",
-    "owner",
-    "lease_expires_at",
-    "tags",
-)
+COLUMNS = FIELDS
 COLUMN_LIST = ", ".join(COLUMNS)
 
 #: The version :func:`migrations` brings a database to.
