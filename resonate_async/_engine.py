@@ -384,10 +384,7 @@ class Engine(LeaseKeeper):
                 if run is not None:
                     run.replay = {r.id: r for r in await self.store.tree(run.id)}
                 continue
-            except asyncio.CancelledError:
-                ctx._cancel_children()
-                raise
-            except _UNSETTLED:
+            except _LEAVE_PENDING:
                 ctx._cancel_children()
                 raise
             except Exception as exc:
@@ -512,9 +509,7 @@ class Engine(LeaseKeeper):
             if self.closing:
                 self._forget(run)
                 run._set_exception(self._interrupted(run))
-            elif run.cancel_requested:
-                run._task = self.spawn_other(self._settle_canceled(run))
-            else:
+            else:  # a cancel requested meanwhile is settled by _execute as it starts
                 run._task = self._loop.create_task(self._execute(run, resumed=False))
         elif error is not None:
             self._forget(run)
