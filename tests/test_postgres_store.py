@@ -158,3 +158,49 @@ async def test_unreachable_server_is_a_store_error() -> None:
     store = PostgresStore("postgresql://postgres@127.0.0.1:1/none")
     with pytest.raises(StoreError, match="cannot connect"):
         await store.open()
+
+
+async def test_a_write_chosen_to_break_a_deadlock_is_retried(
+    store: PostgresStore, postgres_dsn: str, postgres_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A real deadlock: another session locks row "a", the store's transaction
+    # inserts "y" and then waits for "a", and the other session then waits for
+    # "y". PostgreSQL rolls back the session whose wait began first (the
+    # store's: its deadlock check fires after 1 s, the other one's after 30 s);
+    # the store runs the transaction again and it succeeds.
+    caplog.set_level("INFO", logger="resonate_async")
+    await store.write([Create(record("a"))])
+    other = await asyncpg.connect(postgres_dsn, server_settings={"search_path": postgres_schema})
+    try:
+        await other.execute("SET deadlock_timeout = '30s'")
+        async with other.transaction():
+            await other.execute("UPDATE promises SET attempt = 2 WHERE id = 'a'")
+            write = asyncio.create_task(
+                store.write([Create(record("y")), Settle("a", State.RESOLVED, b"1", 1.0)])
+            )
+            await _wait_until_blocked(other)
+            theirs = record("y", state=State.RESOLVED, value=b"theirs", settled_at=1.0)
+            await other.execute(
+                "INSERT INTO promises (id, state, kind, root_id, created_at, version, "
+                "attempt, value) VALUES ('y', 'RESOLVED', $1, 'y', 0, 1, 1, $2)",
+                theirs.kind.value,
+                theirs.value,
+            )
+        y, a = await asyncio.wait_for(write, 30)
+    finally:
+        await other.close()
+    # The retry saw the other session's committed row "y" (so its create left
+    # it as it was) and settled "a".
+    assert y is not None and y.value == b"theirs"
+    assert a is not None and a.state is State.RESOLVED and a.attempt == 2
+    assert "rolled a transaction back" in caplog.text
+
+
+async def _wait_until_blocked(conn: asyncpg.Connection) -> None:
+    """Until some other session waits for a lock that ``conn``'s transaction holds."""
+    async with asyncio.timeout(10):
+        while not await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+            conn.get_server_pid(),
+        ):
+            await asyncio.sleep(0.01)

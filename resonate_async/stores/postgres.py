@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import StoreError
 from ._base import Kind, Op, PromiseRecord, State, StoreLifecycle
@@ -38,11 +39,15 @@ from ._sql import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 __all__ = ("SETTLED_CHANNEL", "PostgresStore")
 
 logger = logging.getLogger("resonate_async")
+_T = TypeVar("_T")
+
+# Attempts at a transaction that PostgreSQL rolls back to break a deadlock.
+_ATTEMPTS = 5
 
 #: The channel on which the ids of newly settled promises are announced.
 SETTLED_CHANNEL = "resonate_settled"
@@ -153,6 +158,7 @@ class PostgresStore(StoreLifecycle):
             OSError,
             OverflowError,
         )
+        self._rolled_back: type[BaseException] = self._asyncpg.exceptions.TransactionRollbackError
         self._dsn = dsn
         self._schema = schema
         self._settings = {} if schema is None else {"search_path": _quote_ident(schema)}
@@ -263,7 +269,9 @@ class PostgresStore(StoreLifecycle):
         """
         if not ops:
             return []
-        plan = fast_plan(ops)
+        return await self._retried(self._write, ops, fast_plan(ops))
+
+    async def _write(self, ops: Sequence[Op], plan: FastPlan | None) -> list[PromiseRecord | None]:
         async with self._connection() as conn:
             if plan is not None:
                 try:
@@ -377,14 +385,35 @@ class PostgresStore(StoreLifecycle):
 
     async def renew(self, owner: str, *, lease_until: float) -> int:
         """Extend ``owner``'s pending leases; return how many."""
-        async with self._connection() as conn:
-            return _count(await conn.execute(_RENEW, lease_until, owner))
+        return _count(await self._retried(self._execute, _RENEW, lease_until, owner))
 
     async def release(self, owner: str, ids: Sequence[str]) -> None:
         """Free ``owner``'s leases on ``ids``; others' leases are untouched."""
         if ids:
-            async with self._connection() as conn:
-                await conn.execute(_RELEASE, owner, list(ids))
+            await self._retried(self._execute, _RELEASE, owner, list(ids))
+
+    async def _execute(self, sql: str, *args: object) -> str:
+        async with self._connection() as conn:
+            return str(await conn.execute(sql, *args))
+
+    async def _retried(self, fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """``await fn(*args)``, again if PostgreSQL rolled it back to break a deadlock.
+
+        A deadlock (or serialization failure) rolls the whole transaction
+        back, so running it again is safe. Two workers can meet in one: a
+        worker settling runs it no longer leases (taken over by another
+        worker after its lease lapsed) while the new owner renews them, each
+        statement locking the rows in its own order.
+        """
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                return await fn(*args)
+            except StoreError as exc:
+                if attempt == _ATTEMPTS or not isinstance(exc.__cause__, self._rolled_back):
+                    raise
+                logger.info("PostgreSQL rolled a transaction back (%s); retrying it", exc.__cause__)
+                await asyncio.sleep(random.uniform(0, 0.01 * attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def listen(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(id)`` for each promise settled by any worker, from now on.
