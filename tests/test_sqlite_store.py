@@ -16,6 +16,7 @@ import pytest_asyncio
 from resonate_async._store_suite import record
 from resonate_async.errors import StoreError
 from resonate_async.stores import Create, Settle, SQLiteStore, State
+from resonate_async.stores.sqlite import _pieces, _settle_rows
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -202,3 +203,42 @@ async def test_processes_sharing_a_file_never_claim_the_same_run(tmp_path: Path)
     assert not set(mine) & set(theirs)
     assert set(mine) | set(theirs) == ids
     assert {i for i, r in stored.items() if (r.owner or "").startswith("child-")} == set(theirs)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 1023, 1024, 1025, 4097])
+def test_bulk_statements_cover_every_row_with_few_distinct_sizes(n: int) -> None:
+    pieces = _pieces(n, 2047)
+    assert sum(pieces) == n
+    assert all(p & (p - 1) == 0 and p <= 1024 for p in pieces)  # powers of two
+    assert len(pieces) <= n // 1024 + 10
+
+
+async def test_large_writes_span_several_statements(store: SQLiteStore) -> None:
+    # More rows than one statement binds (1,024 creates, 4,096 settles a statement).
+    n = 5000
+    ids = [f"big-{i}" for i in range(n)]
+    created = await store.write([Create(record(i, param=b"[]")) for i in ids])
+    assert [r.id for r in created if r is not None] == ids
+    settled = await store.write(
+        [Settle(i, State.RESOLVED, b"%d" % k, 2.0) for k, i in enumerate(ids)]
+    )
+    assert [r.value for r in settled if r is not None] == [b"%d" % k for k in range(n)]
+    stored = await store.get_many(ids)
+    assert all(stored[i].state is State.RESOLVED and stored[i].param == b"[]" for i in ids)
+    assert stored["big-4999"].value == b"4999" and stored["big-0"].owner is None
+
+
+async def test_bulk_settle_finds_rows_by_primary_key(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "plan.db") as store:
+        await store.write([Create(record(f"p-{i}")) for i in range(2000)])
+    conn = sqlite3.connect(tmp_path / "plan.db")
+    try:
+        conn.execute("ANALYZE")
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN " + _settle_rows(2), ["RESOLVED", 0, 1.0, "p-1"] * 2
+        ).fetchall()
+    finally:
+        conn.close()
+    details = [row[-1] for row in plan]
+    assert any("promises USING PRIMARY KEY" in d for d in details), details
+    assert not any(d.startswith("SCAN promises") for d in details), details

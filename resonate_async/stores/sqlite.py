@@ -47,7 +47,7 @@ from ._sql import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
 
 __all__ = ("SQLiteStore",)
 
@@ -74,50 +74,115 @@ _NULL_AS = {
     "lease_expires_at": "''",
     "tags": "0",
 }
-_INSERT = (
-    f"INSERT INTO promises ({COLUMN_LIST}) VALUES ("
-    + ", ".join(f"NULLIF(?, {_NULL_AS[c]})" if c in _NULL_AS else "?" for c in COLUMNS)
-    + ") ON CONFLICT (id) DO NOTHING"
+# Statements: the bulk writes bind many rows to one statement (a multi-row
+# VALUES), not one statement per row through executemany. sqlite3 releases the
+# GIL around each step of a statement, and executemany steps once per row: the
+# connection's thread then needs the GIL back after every row, and while the
+# event loop's thread is busy it waits about a switch interval (5 ms) for it
+# each time, so a transaction of 5,000 rows crawls. One step per few hundred
+# rows leaves SQLite's own work (b-trees, indexes) to run beside the loop.
+_COLUMN_COUNT = len(COLUMNS)
+_INSERT_VALUES = ", ".join(
+    f"NULLIF(column{n}, {_NULL_AS[c]})" if c in _NULL_AS else f"column{n}"
+    for n, c in enumerate(COLUMNS, start=1)
 )
-_SETTLE = (
-    "UPDATE promises SET state = ?, value = NULLIF(?, 0), settled_at = ?, owner = NULL, "
-    "lease_expires_at = NULL WHERE id = ? AND state = 'PENDING'"
-)
+_SETTLE_PARAMS = 4  # state, value, settled_at, id
+
+
+@functools.lru_cache(maxsize=32)
+def _insert_rows(n: int) -> str:
+    """Insert ``n`` records (``_COLUMN_COUNT`` parameters each), skipping taken ids."""
+    row = f"({_marks(_COLUMN_COUNT)})"
+    # `WHERE true` keeps ON CONFLICT from being parsed as part of the SELECT.
+    return (
+        f"INSERT INTO promises ({COLUMN_LIST}) SELECT {_INSERT_VALUES} "
+        f"FROM (VALUES {', '.join([row] * n)}) WHERE true ON CONFLICT (id) DO NOTHING"
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _settle_rows(n: int) -> str:
+    """Settle ``n`` pending promises (``_SETTLE_PARAMS`` parameters each)."""
+    return (
+        "UPDATE promises SET state = v.column1, value = NULLIF(v.column2, 0), "
+        "settled_at = v.column3, owner = NULL, lease_expires_at = NULL "
+        f"FROM (VALUES {', '.join(['(?, ?, ?, ?)'] * n)}) AS v "
+        "WHERE promises.id = v.column4 AND promises.state = 'PENDING'"
+    )
+
+
 _UPSERT = upsert_sql(SQLITE)
 _TREE = f"SELECT {COLUMN_LIST} FROM promises WHERE root_id = ? ORDER BY created_at, id"
 _RENEW = "UPDATE promises SET lease_expires_at = ? WHERE owner = ? AND state = 'PENDING'"
 
 
-def _insert_row(r: PromiseRecord, _blob: type[bytearray] = bytearray) -> tuple[object, ...]:
-    """The parameters of :data:`_INSERT` for ``r`` (see the note on binding above)."""
-    return (
-        r.id,
-        r.state._value_,
-        r.kind._value_,
-        r.root_id,
-        r.created_at,
-        0 if (func := r.func) is None else func,
-        r.version,
-        0 if (param := r.param) is None else _blob(param),
-        0 if (value := r.value) is None else _blob(value),
-        0 if (parent_id := r.parent_id) is None else parent_id,
-        "" if (timeout_at := r.timeout_at) is None else timeout_at,
-        "" if (settled_at := r.settled_at) is None else settled_at,
-        r.attempt,
-        0 if (owner := r.owner) is None else owner,
-        "" if (lease := r.lease_expires_at) is None else lease,
-        0 if (tags := r.tags) is None else dump_tags(tags),
-    )
+def _insert_params(
+    records: list[PromiseRecord], _blob: type[bytearray] = bytearray
+) -> list[object]:
+    """The parameters of :func:`_insert_rows` for ``records``, flat (see the note on binding)."""
+    params: list[object] = []
+    extend = params.extend
+    for r in records:
+        extend(
+            (
+                r.id,
+                r.state._value_,
+                r.kind._value_,
+                r.root_id,
+                r.created_at,
+                0 if (func := r.func) is None else func,
+                r.version,
+                0 if (param := r.param) is None else _blob(param),
+                0 if (value := r.value) is None else _blob(value),
+                0 if (parent_id := r.parent_id) is None else parent_id,
+                "" if (timeout_at := r.timeout_at) is None else timeout_at,
+                "" if (settled_at := r.settled_at) is None else settled_at,
+                r.attempt,
+                0 if (owner := r.owner) is None else owner,
+                "" if (lease := r.lease_expires_at) is None else lease,
+                0 if (tags := r.tags) is None else dump_tags(tags),
+            )
+        )
+    return params
 
 
-def _settle_args(
-    settles: list[Settle], _blob: type[bytearray] = bytearray
-) -> list[tuple[object, ...]]:
-    """The parameters of :data:`_SETTLE` for each settle."""
-    return [
-        (s.state._value_, 0 if (v := s.value) is None else _blob(v), s.settled_at, s.id)
-        for s in settles
-    ]
+def _settle_params(settles: list[Settle], _blob: type[bytearray] = bytearray) -> list[object]:
+    """The parameters of :func:`_settle_rows` for ``settles``, flat."""
+    params: list[object] = []
+    extend = params.extend
+    for s in settles:
+        extend((s.state._value_, 0 if (v := s.value) is None else _blob(v), s.settled_at, s.id))
+    return params
+
+
+def _pieces(n: int, most: int) -> list[int]:
+    """Split ``n`` rows into statements of ``most`` rows, then powers of two.
+
+    So a write of any size uses a handful of distinct statements, each
+    prepared once and then found in the connection's statement cache.
+    """
+    top = 1 << (most.bit_length() - 1)  # the largest power of two <= most
+    pieces = [top] * (n // top)
+    rest = n % top
+    while rest:
+        piece = 1 << (rest.bit_length() - 1)
+        pieces.append(piece)
+        rest -= piece
+    return pieces
+
+
+async def _execute_rows(
+    conn: aiosqlite.Connection, sql: Callable[[int], str], params: list[object], width: int
+) -> int:
+    """Run ``sql(k)`` over ``params`` (``width`` per row) in pieces; the rows changed."""
+    changed = 0
+    start = 0
+    for k in _pieces(len(params) // width, _max_params() // width):
+        end = start + k * width
+        cursor = await conn.execute(sql(k), params[start:end])
+        changed += cursor.rowcount
+        start = end
+    return changed
 
 
 @functools.cache
@@ -372,12 +437,12 @@ class SQLiteStore(StoreLifecycle):
         # ``prior``: their rows are read back.
         creates, settles = plan.creates, plan.settles
         if creates:
-            cursor = await conn.executemany(_INSERT, [_insert_row(r) for r in creates])
-            if cursor.rowcount != len(creates):
+            params = _insert_params(creates)
+            if await _execute_rows(conn, _insert_rows, params, _COLUMN_COUNT) != len(creates):
                 raise FastPathMiss
         if settles:
-            cursor = await conn.executemany(_SETTLE, _settle_args(settles))
-            if cursor.rowcount != len(settles):
+            params = _settle_params(settles)
+            if await _execute_rows(conn, _settle_rows, params, _SETTLE_PARAMS) != len(settles):
                 raise FastPathMiss
         return plan.fill(await self._select(conn, plan.unread) if plan.unread else {})
 
