@@ -26,7 +26,7 @@ from ._clock import with_deadline
 from ._context import Context
 from ._invoke import invoke
 from ._stats import BatcherStats
-from .errors import BatchResultError, EncodingError, ShutdownError
+from .errors import BatchResultError, EncodingError, ShutdownError, StoreError
 from .stores._base import Create, Kind, State, new_record
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ._context import Promise
     from ._engine import Engine
     from ._registry import HandlerEntry
+    from .stores._base import PromiseRecord
 
 __all__ = ("Batcher",)
 
@@ -153,18 +154,23 @@ class Batcher:
             now = engine.clock.now()
             name = self.entry.name
             kind = Kind.COMMAND
-            records = [
-                new_record(
+            # The handler slot is free again once the records are queued: the
+            # writer reports each one to its workflow as its transaction
+            # commits, while the next batch's handler already runs.
+            write_then, recorded = engine.writer.write_then, self._recorded
+            for p, (state, data) in zip(batch, outcomes, strict=True):
+                ctx = p._ctx
+                record = new_record(
                     p.id,
                     state,
                     kind,
-                    p._ctx.root_id,
+                    ctx.root_id,
                     now,
                     name,
                     1,
                     p._param,
                     data,
-                    p._ctx.id,
+                    ctx.id,
                     None,
                     now,
                     1,
@@ -172,9 +178,7 @@ class Batcher:
                     None,
                     None,
                 )
-                for p, (state, data) in zip(batch, outcomes, strict=True)
-            ]
-            stored = await engine.writer.write_many([Create(r) for r in records])
+                write_then(Create(record), recorded, p)
         except asyncio.CancelledError:
             self._fail(batch, ShutdownError("shut down before the batch was recorded"))
             raise
@@ -185,14 +189,24 @@ class Batcher:
             return
         if log.isEnabledFor(logging.INFO):
             log.info("%s: batch %d of %d commands", self.entry.name, stats.batches, len(batch))
-        for promise, record, written in zip(batch, records, stored, strict=True):
-            future = promise._future
-            if future is None or future.done():
-                continue
-            try:
-                future.set_result(engine.settled_child(promise._ctx._run, written or record))
-            except Exception as exc:
-                future.set_exception(exc)
+
+    def _recorded(
+        self, promise: Promise[Any], stored: PromiseRecord | None, error: BaseException | None
+    ) -> None:
+        """The writer's report on a command's record: the workflow may go on."""
+        future = promise._future
+        if future is None or future.done():  # the workflow stopped waiting
+            return
+        if error is not None:
+            future.set_exception(error)
+            return
+        if stored is None:  # pragma: no cover - a create always leaves a row
+            future.set_exception(StoreError(f"command {promise.id!r} was not stored"))
+            return
+        try:
+            future.set_result(self._engine.settled_child(promise._ctx._run, stored))
+        except Exception as exc:
+            future.set_exception(exc)
 
     @staticmethod
     def _fail(batch: list[Promise[Any]], exc: BaseException) -> None:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from resonate_async import BatchResultError, CanceledError, Command, Context, MemoryStore, Resonate
 from resonate_async.retry import constant, never
+from resonate_async.stores import Create, Kind
 from resonate_async.testing import VirtualClock
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from resonate_async.stores import Op, PromiseRecord
 
 
 @dataclass
@@ -266,3 +272,56 @@ async def test_shutdown_lets_the_batch_in_hand_finish_and_records_it_whole() -> 
     assert all(r.state.value == "PENDING" for r in roots.values())
     for handle in handles:
         assert handle.done()
+
+
+async def test_the_next_batch_runs_while_the_last_one_is_being_recorded() -> None:
+    # The handler slot is free once a batch's handler returns: recording its
+    # commands is the writer's business, and the next batch need not wait.
+    calls: list[list[int]] = []
+    first_in, first_go, second_in = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def handler(ctx: Context, cmds: list[Add]) -> list[int]:
+        calls.append([c.n for c in cmds])
+        if len(calls) == 1:
+            first_in.set()
+            await first_go.wait()
+        else:
+            second_in.set()
+        return [c.n for c in cmds]
+
+    class SlowRecords(MemoryStore):
+        """Holds every transaction that records a command until ``gate`` opens."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate, self.held = asyncio.Event(), asyncio.Event()
+
+        async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+            if any(isinstance(op, Create) and op.record.kind is Kind.COMMAND for op in ops):
+                self.held.set()
+                await self.gate.wait()
+            return await super().write(ops)
+
+    store = SlowRecords()
+    resonate = Resonate(store)
+    resonate.register_command_handler(Add, handler, retry_policy=never())
+
+    @resonate.register(name="wf")
+    async def wf(ctx: Context, n: int) -> int:
+        return await ctx.lfc(Add(n))
+
+    async with resonate:
+        first = resonate.run("w1", "wf", 1)
+        await first_in.wait()
+        second = resonate.run("w2", "wf", 2)
+        async with asyncio.timeout(5):
+            while resonate.stats().batchers["Add"].queue_depth == 0:
+                await asyncio.sleep(0.001)
+        first_go.set()
+        await store.held.wait()  # the first batch's records are being written
+        async with asyncio.timeout(5):
+            await second_in.wait()
+        assert not first.done()
+        store.gate.set()
+        assert (await first, await second) == (1, 2)
+    assert calls == [[1], [2]]
