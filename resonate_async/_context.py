@@ -154,7 +154,7 @@ class Context:
         if self._children is None:
             self._children = []
         self._children.append(promise)
-        asyncio.get_running_loop().call_soon(promise._start)
+        self._engine.loop.call_soon(promise._start)
         return promise
 
     def _make(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Promise[Any]:
@@ -441,7 +441,7 @@ class Promise(Generic[T]):
         if future is not None:
             return future
         if self._state == _INLINE_DONE:  # an lfc already awaited inline
-            future = asyncio.get_running_loop().create_future()
+            future = self._ctx._engine.loop.create_future()
             if self._error is not None:
                 future.set_exception(self._error)
             else:
@@ -450,7 +450,7 @@ class Promise(Generic[T]):
             return future
         self._state = _STARTED
         engine = self._ctx._engine
-        loop = asyncio.get_running_loop()
+        loop = engine.loop
         stored = self._replayed()
         self._fresh = stored is None
         if stored is not None:

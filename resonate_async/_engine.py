@@ -174,7 +174,8 @@ class Engine(LeaseKeeper):
         self.runs: dict[str, RunState] = {}
         self.encoded_none = encoder.encode(None)
         self.closing = False
-        self._loop = asyncio.get_running_loop()
+        # The loop, kept: asyncio.get_running_loop() makes a getpid system call.
+        self.loop = asyncio.get_running_loop()
         self._services: list[asyncio.Task[None]] = []
         self._batcher_tasks: list[asyncio.Task[None]] = []
         self._others: set[asyncio.Task[Any]] = set()  # watchers of get() handles
@@ -208,7 +209,7 @@ class Engine(LeaseKeeper):
         self._services.append(self._spawn_service(self._claim_loop(), "claims"))
 
     def _spawn_service(self, coro: Any, name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = self._loop.create_task(coro, name=f"resonate-{name}")
+        task: asyncio.Task[None] = self.loop.create_task(coro, name=f"resonate-{name}")
         task.add_done_callback(self._service_done)
         return task
 
@@ -456,17 +457,17 @@ class Engine(LeaseKeeper):
         if stored is None:
             timeout = entry.timeout
             deadline = None if timeout is None else self.clock.now() + timeout
-            run = RunState(self._loop, id, entry, param, deadline, args, kwargs, None)
+            run = RunState(self.loop, id, entry, param, deadline, args, kwargs, None)
         else:
             run = RunState(
-                self._loop, id, entry, stored.param, stored.timeout_at, args, kwargs, stored
+                self.loop, id, entry, stored.param, stored.timeout_at, args, kwargs, stored
             )
         self.runs[id] = run
         self.run_stats.started += 1
         if stored is not None:
             run._set_created()
             self.run_stats.recovered += 1
-            run._task = self._loop.create_task(self._execute(run, resumed=True))
+            run._task = self.loop.create_task(self._execute(run, resumed=True))
             return run
         try:
             self.writer.admit_then(self._on_root_op, self._on_root_created, run)
@@ -510,7 +511,7 @@ class Engine(LeaseKeeper):
                 self._forget(run)
                 run._set_exception(self._interrupted(run))
             else:  # a cancel requested meanwhile is settled by _execute as it starts
-                run._task = self._loop.create_task(self._execute(run, resumed=False))
+                run._task = self.loop.create_task(self._execute(run, resumed=False))
         elif error is not None:
             self._forget(run)
             run._set_exception(error)
@@ -750,7 +751,7 @@ class Engine(LeaseKeeper):
                 return record
             if state is not State.PENDING:
                 return record
-            waiter: asyncio.Future[PromiseRecord] = self._loop.create_future()
+            waiter: asyncio.Future[PromiseRecord] = self.loop.create_future()
             self._waiters.setdefault(record.id, []).append(waiter)
             deadline = clock.now() + self.poll_seconds
             if record.timeout_at is not None:
@@ -773,14 +774,14 @@ class Engine(LeaseKeeper):
 
     def spawn_other(self, coro: Any) -> asyncio.Task[Any]:
         """Start an owned task that shutdown cancels (watchers, late recoveries)."""
-        task = self._loop.create_task(coro)
+        task = self.loop.create_task(coro)
         self._others.add(task)
         task.add_done_callback(self._others.discard)
         return task
 
     def watch(self, id: str) -> Handle[Any]:
         """A handle on a run that this process is not executing."""
-        handle: Handle[Any] = Handle(id, self._loop)
+        handle: Handle[Any] = Handle(id, self.loop)
         if id in self.stuck:
             handle._set_exception(self.stuck[id])
             return handle

@@ -225,10 +225,12 @@ class GroupCommitWriter:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             await self._commit(self._next())
-            # Let what the commit woke run before the next transaction is
-            # formed: its writes are running work, which goes first. (A store
-            # that answers without suspending would otherwise keep the loop.)
-            await asyncio.sleep(0)
+            if not queue:
+                # Let what the commit woke run before the next transaction is
+                # formed: its writes are running work, which goes before the
+                # admissions. (When running work is queued already, it is
+                # written at once instead, while the woken work runs.)
+                await asyncio.sleep(0)
 
     async def _commit(self, txn: _Transaction) -> None:
         started = time.perf_counter()
