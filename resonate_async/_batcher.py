@@ -27,7 +27,7 @@ from ._context import Context
 from ._invoke import invoke
 from ._stats import BatcherStats
 from .errors import BatchResultError, EncodingError, ShutdownError, StoreError
-from .stores._base import Create, Kind, State, new_record
+from .stores._base import Kind, State, new_create, new_record
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -178,7 +178,7 @@ class Batcher:
                     None,
                     None,
                 )
-                write_then(Create(record), recorded, p)
+                write_then(new_create(record), recorded, p)
         except asyncio.CancelledError:
             self._fail(batch, ShutdownError("shut down before the batch was recorded"))
             raise

@@ -38,7 +38,16 @@ from .errors import (
     StoreError,
 )
 from .retry import Never
-from .stores._base import Create, Kind, PromiseRecord, Settle, State, new_record
+from .stores._base import (
+    Create,
+    Kind,
+    PromiseRecord,
+    Settle,
+    State,
+    new_create,
+    new_record,
+    new_settle,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -499,7 +508,7 @@ class Engine(LeaseKeeper):
             now + self.lease_seconds,
             None,
         )
-        return Create(record)
+        return new_create(record)
 
     def _root_created(
         self, run: RunState, stored: PromiseRecord | None, error: BaseException | None
@@ -576,7 +585,7 @@ class Engine(LeaseKeeper):
                 state, data, _ = await call
             # The task ends here; the writer reports the outcome once it commits.
             # `prior` lets the store answer without reading the row back.
-            op = Settle(run.id, state, data, self.clock.now(), run.record)
+            op = new_settle(run.id, state, data, self.clock.now(), run.record)
             self.writer.write_then(op, self._on_root_settled, run)
             settling = True
         except asyncio.CancelledError:

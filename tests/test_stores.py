@@ -224,3 +224,19 @@ def test_new_record_builds_the_same_record_as_the_dataclass() -> None:
     assert [getattr(built, f) for f in FIELDS] == list(values)
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.id = "other"  # type: ignore[misc]
+
+
+def test_new_create_and_new_settle_build_the_same_ops_as_the_dataclasses() -> None:
+    from resonate_async.stores._base import Settle, new_create, new_settle
+
+    prior = PromiseRecord("r", State.PENDING, Kind.RUN, "r", 1.0)
+    create, settle = new_create(prior), new_settle("r", State.REJECTED, b"e", 2.0, prior)
+    assert create == Create(prior) and create.record is prior
+    assert settle == Settle("r", State.REJECTED, b"e", 2.0)
+    assert (settle.id, settle.state, settle.value, settle.settled_at) == (
+        "r",
+        State.REJECTED,
+        b"e",
+        2.0,
+    )
+    assert settle.prior is prior

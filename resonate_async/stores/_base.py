@@ -327,3 +327,29 @@ class Store(Protocol):
 
     async def release(self, owner: str, ids: Sequence[str]) -> None:
         """Give up ``owner``'s leases on ``ids`` (they become free at once)."""
+
+
+(_set_create_record,) = (getattr(Create, f.name).__set__ for f in fields(Create))
+_set_settle_id, _set_settle_state, _set_settle_value, _set_settle_settled_at, _set_settle_prior = (
+    getattr(Settle, f.name).__set__ for f in fields(Settle)
+)
+
+
+def new_create(record: PromiseRecord) -> Create:
+    """``Create(record)``, built faster (see :func:`new_record`)."""
+    op = _new(Create)
+    _set_create_record(op, record)
+    return op
+
+
+def new_settle(
+    id: str, state: State, value: bytes | None, settled_at: float, prior: PromiseRecord | None
+) -> Settle:
+    """``Settle(id, state, value, settled_at, prior)``, built faster (see :func:`new_record`)."""
+    op = _new(Settle)
+    _set_settle_id(op, id)
+    _set_settle_state(op, state)
+    _set_settle_value(op, value)
+    _set_settle_settled_at(op, settled_at)
+    _set_settle_prior(op, prior)
+    return op
