@@ -447,3 +447,30 @@ def test_encode_error_survives_a_broken_str() -> None:
 def test_decode_error_rejects_other_data(data: bytes) -> None:
     with pytest.raises(EncodingError, match="cannot decode"):
         ENC.decode_error(data)
+
+
+@dataclass
+class FlatFields:
+    zeta: Any
+    alpha: Any
+    _under: Any = 0
+
+
+_SCALARS = st.one_of(st.integers(), st.text(), st.booleans(), st.none(), st.floats())
+
+
+@given(st.tuples(_SCALARS, _SCALARS, _SCALARS), st.lists(_SCALARS, max_size=4))
+def test_the_direct_paths_write_the_same_bytes_as_the_json_encoder(
+    fields: tuple[Any, Any, Any], args: list[Any]
+) -> None:
+    # Dataclasses of ints and strs, and the arguments of a call, skip the walk
+    # and the C encoder's call; whatever the values, the bytes must be the
+    # ones the general path writes (other values take the general path).
+    encoder = JSONEncoder()
+    value = FlatFields(*fields)
+    encoder.encode(FlatFields(1, "warm"))  # the first encode builds the direct writer
+    general = encoder._dump(encoder._walk(value)).encode()
+    assert encoder.encode(value) == general
+    call = [args, {}]
+    assert encoder.encode(call) == encoder._dump(encoder._walk(call)).encode()
+    assert encoder.decode(encoder.encode(call)) == encoder.decode(encoder._dump(call).encode())
