@@ -256,3 +256,44 @@ async def test_stats_count_runs_and_store_transactions() -> None:
     assert stats.runs.started == 100 and stats.runs.completed == 100
     assert stats.store.rows == 200  # created + settled, nothing else
     assert stats.store.transactions < 10
+
+
+async def test_arguments_the_function_does_not_take_reject_the_run() -> None:
+    resonate = Resonate(MemoryStore())
+
+    @resonate.register(retry_policy=never())
+    async def one(ctx: Context, n: int) -> int:
+        return n
+
+    async with resonate:
+        with pytest.raises(TypeError, match="argument"):
+            await resonate.run("two-args", one, 1, 2)
+        stored = await resonate.promises.get("two-args")
+        assert stored is not None and stored.state is State.REJECTED
+
+
+async def test_a_run_settles_after_the_children_its_body_left_running() -> None:
+    resonate = Resonate(MemoryStore())
+    gate = asyncio.Event()
+    finished: list[str] = []
+
+    async def child(ctx: Context) -> None:
+        await gate.wait()
+        finished.append("child")
+
+    @resonate.register
+    async def parent(ctx: Context) -> str:
+        ctx.lfi(child)  # never awaited: the run still waits for it
+        return "parent"
+
+    async with resonate:
+        handle = resonate.run("left-running", parent)
+        await handle.created()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not handle.done()
+        gate.set()
+        assert await handle == "parent"
+        assert finished == ["child"]
+        child_row = await resonate.promises.get("left-running.1")
+        assert child_row is not None and child_row.state is State.RESOLVED
