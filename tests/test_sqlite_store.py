@@ -16,7 +16,7 @@ import pytest_asyncio
 from resonate_async._store_suite import record
 from resonate_async.errors import StoreError
 from resonate_async.stores import Create, Settle, SQLiteStore, State
-from resonate_async.stores.sqlite import _pieces, _settle_rows
+from resonate_async.stores.sqlite import _settle_rows, _shapes
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -206,11 +206,11 @@ async def test_processes_sharing_a_file_never_claim_the_same_run(tmp_path: Path)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 1023, 1024, 1025, 4097])
-def test_bulk_statements_cover_every_row_with_few_distinct_sizes(n: int) -> None:
-    pieces = _pieces(n, 2047)
-    assert sum(pieces) == n
-    assert all(p & (p - 1) == 0 and p <= 1024 for p in pieces)  # powers of two
-    assert len(pieces) <= n // 1024 + 10
+def test_bulk_statements_cover_every_row_with_few_shapes(n: int) -> None:
+    shapes = _shapes(n, 1024)
+    assert 0 <= sum(shapes) - n < 1024  # the last statement's padding
+    assert all(s & (s - 1) == 0 and s <= 1024 for s in shapes)  # powers of two
+    assert shapes[:-1] == [1024] * (len(shapes) - 1)
 
 
 async def test_large_writes_span_several_statements(store: SQLiteStore) -> None:

@@ -1,10 +1,11 @@
 """``SQLiteStore``: the embedded default, one SQLite file through aiosqlite.
 
 aiosqlite runs every call on one thread per connection, so each awaited call
-is a thread hop. The store keeps that count small and independent of the
-batch size: a write is ``BEGIN IMMEDIATE``, one ``executemany`` for its
-creates, one for its settles, ``COMMIT``, and a read of the settled rows
-only for settles that carry no ``prior`` (and were not created in the batch).
+is a thread hop. A write is one hop whatever its size: ``BEGIN IMMEDIATE``, a
+few multi-row statements for its creates and its settles, a read of the
+settled rows only for settles that carry no ``prior`` (and were not created
+in the batch), and ``COMMIT``, all in one function on the connection's thread
+(see the note on the bulk writes below).
 
 Several processes may share one file (DESIGN §7): WAL lets readers run beside
 the writer, ``busy_timeout`` makes a writer wait for the lock instead of
@@ -18,6 +19,7 @@ import asyncio
 import functools
 import os
 import sqlite3
+import threading
 import time
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,8 +33,6 @@ from ._sql import (
     COLUMNS,
     SCHEMA_VERSION_DDL,
     SQLITE,
-    FastPathMiss,
-    FastPlan,
     check_limit,
     chunked,
     dump_tags,
@@ -74,29 +74,41 @@ _NULL_AS = {
     "lease_expires_at": "''",
     "tags": "0",
 }
-# Statements: the bulk writes bind many rows to one statement (a multi-row
-# VALUES), not one statement per row through executemany. sqlite3 releases the
-# GIL around each step of a statement, and executemany steps once per row: the
-# connection's thread then needs the GIL back after every row, and while the
-# event loop's thread is busy it waits about a switch interval (5 ms) for it
-# each time, so a transaction of 5,000 rows crawls. One step per few hundred
-# rows leaves SQLite's own work (b-trees, indexes) to run beside the loop.
+# The bulk writes. Each transaction of the writer is one call on the
+# connection's thread (one hop), and binds many rows to each statement (a
+# multi-row VALUES), not one statement per row: sqlite3 releases the GIL
+# around every step and reset of a statement, and the thread needs it back
+# after each. While the event loop's thread runs Python, every such return
+# waits up to a switch interval (5 ms) for the GIL, so executemany (one step
+# per row) let 5,000 inserts take 10 s beside a busy loop; a few statements
+# per transaction take a few of those waits.
+#
+# Statement shapes are fixed so that a handful are prepared once and then
+# found in the connection's statement cache: a full statement holds
+# ``_FULL[kind]`` rows, and the rest of a transaction goes in one statement
+# of the next power of two, padded with rows that change nothing (an insert
+# row with id 0, which the SELECT filters out; a settle row with id NULL,
+# which matches no row).
 _COLUMN_COUNT = len(COLUMNS)
+_SETTLE_PARAMS = 4  # state, value, settled_at, id
 _INSERT_VALUES = ", ".join(
     f"NULLIF(column{n}, {_NULL_AS[c]})" if c in _NULL_AS else f"column{n}"
     for n, c in enumerate(COLUMNS, start=1)
 )
-_SETTLE_PARAMS = 4  # state, value, settled_at, id
+_INSERT_PAD = (0,) * _COLUMN_COUNT
+_SETTLE_PAD = (0, 0, 0, None)
 
 
 @functools.lru_cache(maxsize=32)
 def _insert_rows(n: int) -> str:
     """Insert ``n`` records (``_COLUMN_COUNT`` parameters each), skipping taken ids."""
     row = f"({_marks(_COLUMN_COUNT)})"
-    # `WHERE true` keeps ON CONFLICT from being parsed as part of the SELECT.
+    # The WHERE drops padding rows, and keeps ON CONFLICT from being parsed
+    # as part of the SELECT.
     return (
         f"INSERT INTO promises ({COLUMN_LIST}) SELECT {_INSERT_VALUES} "
-        f"FROM (VALUES {', '.join([row] * n)}) WHERE true ON CONFLICT (id) DO NOTHING"
+        f"FROM (VALUES {', '.join([row] * n)}) WHERE column1 IS NOT 0 "
+        "ON CONFLICT (id) DO NOTHING"
     )
 
 
@@ -155,34 +167,76 @@ def _settle_params(settles: list[Settle], _blob: type[bytearray] = bytearray) ->
     return params
 
 
-def _pieces(n: int, most: int) -> list[int]:
-    """Split ``n`` rows into statements of ``most`` rows, then powers of two.
-
-    So a write of any size uses a handful of distinct statements, each
-    prepared once and then found in the connection's statement cache.
-    """
-    top = 1 << (most.bit_length() - 1)  # the largest power of two <= most
-    pieces = [top] * (n // top)
-    rest = n % top
-    while rest:
-        piece = 1 << (rest.bit_length() - 1)
-        pieces.append(piece)
-        rest -= piece
-    return pieces
+def _shapes(n: int, full: int) -> list[int]:
+    """The statement sizes for ``n`` rows: full ones, then the next power of two."""
+    shapes = [full] * (n // full)
+    rest = n % full
+    if rest:
+        shapes.append(min(full, 1 << (rest - 1).bit_length()))
+    return shapes
 
 
-async def _execute_rows(
-    conn: aiosqlite.Connection, sql: Callable[[int], str], params: list[object], width: int
+def _changed(
+    db: sqlite3.Connection,
+    sql: Callable[[int], str],
+    params: list[object],
+    width: int,
+    pad: tuple[object, ...],
 ) -> int:
-    """Run ``sql(k)`` over ``params`` (``width`` per row) in pieces; the rows changed."""
+    """Run ``sql`` over ``params`` (``width`` per row) in :func:`_shapes`; rows changed."""
     changed = 0
     start = 0
-    for k in _pieces(len(params) // width, _max_params() // width):
-        end = start + k * width
-        cursor = await conn.execute(sql(k), params[start:end])
-        changed += cursor.rowcount
-        start = end
+    for k in _shapes(len(params) // width, _full_rows(width)):
+        chunk = params[start : start + k * width]
+        start += k * width
+        missing = k - len(chunk) // width
+        if missing:
+            chunk.extend(pad * missing)
+        changed += db.execute(sql(k), chunk).rowcount
     return changed
+
+
+def _write_planned(
+    db: sqlite3.Connection,
+    inserts: list[object],
+    updates: list[object],
+    unread: list[str],
+    cancelled: threading.Event,
+) -> tuple[int, int, list[Any]]:
+    """One fast-path transaction, run on the connection's thread.
+
+    Returns the rows inserted, the rows updated and the rows of ``unread``;
+    the caller checks the counts (and redoes the write exactly if they are
+    short, see ``FastPathMiss``): a short count rolls back here, and so does
+    a write whose caller was cancelled before its ``COMMIT``.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        inserted = updated = 0
+        if inserts:
+            inserted = _changed(db, _insert_rows, inserts, _COLUMN_COUNT, _INSERT_PAD)
+        if updates:
+            updated = _changed(db, _settle_rows, updates, _SETTLE_PARAMS, _SETTLE_PAD)
+        short = inserted * _COLUMN_COUNT != len(inserts) or updated * _SETTLE_PARAMS != len(updates)
+        if short or cancelled.is_set():
+            db.rollback()
+            return inserted, updated, []
+        rows: list[Any] = []
+        for chunk in chunked(unread, _max_params()):
+            rows += db.execute(_select_in(len(chunk)), chunk).fetchall()
+        if cancelled.is_set():
+            db.rollback()
+            return 0, 0, []
+        db.execute("COMMIT")
+    except BaseException:
+        db.rollback()
+        raise
+    return inserted, updated, rows
+
+
+def _full_rows(width: int) -> int:
+    """Rows of ``width`` parameters in a full statement: a power of two within the limit."""
+    return 1 << ((_max_params() // width).bit_length() - 1)
 
 
 @functools.cache
@@ -420,31 +474,27 @@ class SQLiteStore(StoreLifecycle):
             return []
         plan = fast_plan(ops)
         if plan is not None:
-            try:
-                async with self._transaction() as conn:
-                    return await self._write_fast(conn, plan)
-            except FastPathMiss:
-                pass
+            # Change counts stand in for reads: if every insert inserted and
+            # every update updated, each op's result is the one planned,
+            # except for settles with neither a record created in this batch
+            # nor a ``prior``: their rows are read back.
+            inserts = _insert_params(plan.creates)
+            updates = _settle_params(plan.settles)
+            cancelled = threading.Event()
+            async with self._connection() as conn:
+                # aiosqlite's own way to run a function on the connection's
+                # thread (what its public methods do one statement at a time).
+                try:
+                    inserted, updated, rows = await conn._execute(  # type: ignore[no-untyped-call]
+                        _write_planned, conn._conn, inserts, updates, plan.unread, cancelled
+                    )
+                except asyncio.CancelledError:
+                    cancelled.set()  # it rolls back unless it is committing already
+                    raise
+            if inserted == len(plan.creates) and updated == len(plan.settles):
+                return plan.fill({row[0]: row_to_record(row) for row in rows})
         async with self._transaction() as conn:
             return await self._write_exact(conn, ops)
-
-    async def _write_fast(
-        self, conn: aiosqlite.Connection, plan: FastPlan
-    ) -> list[PromiseRecord | None]:
-        # Change counts stand in for reads: if every insert inserted and every
-        # update updated, each op's result is the one planned, except for
-        # settles with neither a record created in this batch nor a
-        # ``prior``: their rows are read back.
-        creates, settles = plan.creates, plan.settles
-        if creates:
-            params = _insert_params(creates)
-            if await _execute_rows(conn, _insert_rows, params, _COLUMN_COUNT) != len(creates):
-                raise FastPathMiss
-        if settles:
-            params = _settle_params(settles)
-            if await _execute_rows(conn, _settle_rows, params, _SETTLE_PARAMS) != len(settles):
-                raise FastPathMiss
-        return plan.fill(await self._select(conn, plan.unread) if plan.unread else {})
 
     async def _write_exact(
         self, conn: aiosqlite.Connection, ops: Sequence[Op]
