@@ -16,7 +16,7 @@ few thousand runs hold a task, coroutines and futures at any moment (memory,
 and the cyclic GC's work, follow the runs in flight, not the runs submitted).
 Admissions are delayed only while running work fills whole transactions.
 
-The transaction boundary lives in exactly one place, :meth:`_commit`, so a
+The transaction boundary lives in exactly one place, :meth:`_write`, so a
 later *transactional* batch handler can run inside it.
 """
 
@@ -46,6 +46,8 @@ __all__ = ("GroupCommitWriter",)
 log = logging.getLogger("resonate_async")
 
 Results = list["PromiseRecord | None"]
+# A transaction's results, or the error that failed it.
+Outcome = tuple["Results | None", "BaseException | None"]
 
 
 class _TransactionFuture(asyncio.Future[Results]):
@@ -124,6 +126,7 @@ class GroupCommitWriter:
         self._wakeup = asyncio.Event()
         self._closing = False
         self._closed = False
+        self._loop = asyncio.get_running_loop()
 
     def submit(self, op: Op) -> tuple[asyncio.Future[Results], int]:
         """Queue ``op``; return the future of its transaction and its index in it."""
@@ -131,7 +134,7 @@ class GroupCommitWriter:
             raise ShutdownError("the store writer is closed; enter `async with resonate` again")
         queue = self._queue
         if not queue or len(queue[-1].ops) >= self._max_rows:
-            queue.append(_Transaction(asyncio.get_running_loop()))
+            queue.append(_Transaction(self._loop))
             self._wakeup.set()
         txn = queue[-1]
         txn.ops.append(op)
@@ -202,7 +205,7 @@ class GroupCommitWriter:
 
     def _next(self) -> _Transaction:
         """The next transaction: running work's oldest, topped up with admissions."""
-        txn = self._queue.popleft() if self._queue else _Transaction(asyncio.get_running_loop())
+        txn = self._queue.popleft() if self._queue else _Transaction(self._loop)
         ops, indexes, dones, args = txn.ops, txn.indexes, txn.dones, txn.args
         makes, admit_dones, admit_args = self._admit_makes, self._admit_dones, self._admit_args
         for _ in range(min(self._max_rows - len(ops), len(makes))):
@@ -214,44 +217,66 @@ class GroupCommitWriter:
         return txn
 
     async def run(self) -> None:
-        """The writer loop. Never dies of a failed transaction; returns after close()."""
+        """The writer loop. Never dies of a failed transaction; returns after close().
+
+        Under load it keeps the store busy: when a transaction ends and more
+        writes are queued, the next transaction starts *before* the ended one
+        is reported, so its rows are written while the event loop runs what
+        the report wakes. (So that work's own writes go in the transaction
+        after: the order of running work and admissions holds, one
+        transaction later.)
+        """
         queue = self._queue
         admissions = self._admit_makes
-        while True:
-            while not queue and not admissions:
-                if self._closing:
-                    self._closed = True
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            await self._commit(self._next())
-            if not queue:
-                # Let what the commit woke run before the next transaction is
-                # formed: its writes are running work, which goes before the
-                # admissions. (When running work is queued already, it is
-                # written at once instead, while the woken work runs.)
-                await asyncio.sleep(0)
+        txn: _Transaction | None = None
+        writing: asyncio.Task[Outcome] | None = None
+        try:
+            while True:
+                if txn is None or writing is None:
+                    while not queue and not admissions:
+                        if self._closing:
+                            self._closed = True
+                            return
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+                    txn = self._next()
+                    writing = self._loop.create_task(self._write(txn.ops))
+                results, error = await writing
+                ended, txn, writing = txn, None, None
+                if queue or admissions:
+                    txn = self._next()
+                    writing = self._loop.create_task(self._write(txn.ops))
+                ended.report(results, error)
+                if writing is None:
+                    # Let what the report woke queue its writes before the
+                    # next transaction is formed: they are running work,
+                    # which goes before admissions. (A store that answers
+                    # without suspending would otherwise keep the loop.)
+                    await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            if writing is not None:
+                writing.cancel()
+            if txn is not None:
+                txn.report(None, ShutdownError("shut down while writing; nothing is lost"))
+            raise
 
-    async def _commit(self, txn: _Transaction) -> None:
+    async def _write(self, ops: list[Op]) -> Outcome:
+        """Write one transaction: its results, or the error that failed it."""
         started = time.perf_counter()
         try:
-            write = self._store.write(txn.ops)
+            write = self._store.write(ops)
             tracing = self._tracing
             if tracing is not None and tracing.enabled:
-                write = tracing.traced(
-                    write, "resonate.store.commit", {"resonate.rows": len(txn.ops)}
-                )
+                write = tracing.traced(write, "resonate.store.commit", {"resonate.rows": len(ops)})
             results = await write
         except asyncio.CancelledError:
-            txn.report(None, ShutdownError("shut down while writing; nothing is lost"))
             raise
         except Exception as exc:
             error = exc if isinstance(exc, StoreError) else StoreError(f"store write failed: {exc}")
             if error is not exc:
                 error.__cause__ = exc
-            log.warning("store transaction of %d rows failed: %s", len(txn.ops), exc)
+            log.warning("store transaction of %d rows failed: %s", len(ops), exc)
             self._stats.failed_transactions += 1
-            txn.report(None, error)
-            return
-        self._stats.record_commit(len(txn.ops), time.perf_counter() - started)
-        txn.report(results, None)
+            return None, error
+        self._stats.record_commit(len(ops), time.perf_counter() - started)
+        return results, None
