@@ -312,3 +312,40 @@ def test_transactions_take_running_work_first_then_admissions_in_order(
         assert sorted(made) == sorted(i for t in transactions for i in t if i.startswith("a"))
 
     asyncio.run(scenario())
+
+
+async def test_the_next_transaction_is_formed_before_the_last_one_is_reported() -> None:
+    # Under load the store starts on what is queued while the last transaction
+    # is reported: what the report queues goes in the transaction after.
+    class Gated(RecordingStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+
+        async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+            if not self.transactions:
+                await self.gate.wait()
+            return await super().write(ops)
+
+    store = Gated()
+    writer = GroupCommitWriter(store, StoreStats())
+    reported: list[str] = []
+
+    def then_more(tag: str, stored: PromiseRecord | None, error: BaseException | None) -> None:
+        reported.append(tag)
+        if tag == "a":
+            writer.write_then(Create(record("c")), then_more, "c")
+
+    async with store:
+        running = asyncio.create_task(writer.run())
+        writer.write_then(Create(record("a")), then_more, "a")
+        for _ in range(5):
+            await asyncio.sleep(0)  # the writer is now in the store with ["a"]
+        writer.write_then(Create(record("b")), then_more, "b")
+        store.gate.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        writer.close()
+        await running
+    assert store.transactions == [["a"], ["b"], ["c"]]
+    assert reported == ["a", "b", "c"]
