@@ -247,6 +247,7 @@ class GroupCommitWriter:
                     txn = self._next()
                     writing = self._loop.create_task(self._write(txn.ops))
                 ended.report(results, error)
+                del ended, results  # its ops and records may go as their runs do
                 if writing is None:
                     # Let what the report woke queue its writes before the
                     # next transaction is formed: they are running work,
