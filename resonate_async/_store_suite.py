@@ -403,6 +403,35 @@ class StoreConformance:
         assert sorted(tree, key=lambda r: r.id) == rows[:4]
         assert await store.tree("unknown") == []
 
+    async def test_tree_of_ids_that_do_not_extend_the_root(self, store: Store) -> None:
+        # Children may have ids of their own (with_options(id=...), external
+        # promises); a remote call is the root of its own tree; other runs'
+        # ids may share the root's id as a prefix. A tree is exactly the rows
+        # whose root_id is the root's, in created_at, id order.
+        def row(id: str, root: str, at: float) -> PromiseRecord:
+            return record(id, kind=Kind.STEP, root_id=root, created_at=at)
+
+        rows = [
+            record("o", created_at=1.0),
+            row("o.1", "o", 2.0),
+            row("custom-child", "o", 3.0),
+            row("o.2", "o.2", 4.0),  # a remote call: the root of its own tree
+            row("o.2.1", "o.2", 5.0),
+            row("o.3.1", "o", 5.0),
+            record("o-2", created_at=1.0),
+            record("o/", created_at=1.0),
+            record("o.", created_at=1.0),
+            row("another", "o-2", 6.0),
+            row("\u00e9t\u00e9.1", "o", 2.5),
+        ]
+        await store.write([Create(r) for r in rows])
+        assert [r.id for r in await store.tree("o")] == [
+            "o", "o.1", "\u00e9t\u00e9.1", "custom-child", "o.3.1"
+        ]  # fmt: skip
+        assert [r.id for r in await store.tree("o.2")] == ["o.2", "o.2.1"]
+        assert [r.id for r in await store.tree("o-2")] == ["o-2", "another"]
+        assert [r.id for r in await store.tree("o.")] == ["o."]
+
     async def test_search_filters_order_and_limit(self, store: Store) -> None:
         rows = [
             record("se-b", created_at=2.0),

@@ -111,7 +111,7 @@ async def test_workers_opening_together_migrate_once(
     await asyncio.gather(*(s.open() for s in stores))
     try:
         async with stores[0]._connection() as conn:
-            assert await conn.fetch("SELECT version FROM schema_version") == [(2,)]
+            assert await conn.fetch("SELECT version FROM schema_version") == [(3,)]
     finally:
         await asyncio.gather(*(s.close() for s in stores))
 

@@ -64,13 +64,13 @@ async def test_schema_is_created_once_and_versioned(tmp_path: Path) -> None:
     async with SQLiteStore(path) as store:  # a second open migrates nothing
         assert "kept" in await store.get_many(["kept"])
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
         sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'promises'").fetchone()[0]
         indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     db.close()
     assert "WITHOUT ROWID" in sql
     # Version 2 dropped promises_owner on SQLite (see tests/test_store_schema.py).
-    assert {"promises_root", "promises_pending"} <= indexes
+    assert {"promises_root_other", "promises_pending"} <= indexes
     assert "promises_owner" not in indexes
 
 

@@ -1,7 +1,9 @@
 """Schema versions and migrations of the SQL stores, and the queries the schema serves.
 
-Version 2 drops the SQLite index ``promises_owner`` (PostgreSQL keeps it): a
-database of either version 1 or none opens at version 2, its data intact.
+Version 2 drops the SQLite index ``promises_owner`` (PostgreSQL keeps it);
+version 3 narrows the SQLite index on ``root_id`` to the rows whose ids do not
+extend their root's. A database of any earlier version, or none, opens at
+version 3, its data intact.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def _version(path: Path) -> list[tuple[int]]:
 
 
 def test_schema_version_is_the_number_of_steps() -> None:
-    assert len(migrations(SQLITE)) == len(migrations(POSTGRES)) == SCHEMA_VERSION == 2
+    assert len(migrations(SQLITE)) == len(migrations(POSTGRES)) == SCHEMA_VERSION == 3
 
 
 def test_version_2_drops_the_owner_index_on_sqlite_only() -> None:
@@ -72,14 +74,20 @@ def test_version_2_drops_the_owner_index_on_sqlite_only() -> None:
     assert migrations(POSTGRES)[1] == ()
 
 
-async def test_a_new_sqlite_file_is_at_version_2_without_the_owner_index(tmp_path: Path) -> None:
+def test_version_3_narrows_the_root_index_on_sqlite_only() -> None:
+    assert migrations(SQLITE)[2][0] == "DROP INDEX IF EXISTS promises_root"
+    assert "promises_root_other" in migrations(SQLITE)[2][1]
+    assert migrations(POSTGRES)[2] == ()
+
+
+async def test_a_new_sqlite_file_is_at_version_3_with_its_two_indexes(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
     async with SQLiteStore(path):
         pass
-    assert _version(path) == [(2,)]
+    assert _version(path) == [(3,)]
     db = sqlite3.connect(path)
     try:
-        assert _indexes(db) == {"promises_root", "promises_pending"}
+        assert _indexes(db) == {"promises_root_other", "promises_pending"}
     finally:
         db.close()
 
@@ -99,15 +107,16 @@ async def test_a_version_1_sqlite_file_is_migrated_when_opened(tmp_path: Path) -
         await store.write([Settle("old-1", State.RESOLVED, b"1", 5.0, prior=before["old-1"])])
         assert await store.renew("w", lease_until=40.0) == 0
         assert await store.renew("v", lease_until=40.0) == 2
-    assert _version(path) == [(2,)]
+        assert [r.id for r in await store.tree("old-1")] == ["old-1"]
+    assert _version(path) == [(3,)]
     db = sqlite3.connect(path)
     try:
-        assert "promises_owner" not in _indexes(db)
+        assert _indexes(db) == {"promises_root_other", "promises_pending"}
     finally:
         db.close()
     async with SQLiteStore(path) as store:  # a second open migrates nothing
         assert (await store.get_many(["old-1"]))["old-1"].state is State.RESOLVED
-    assert _version(path) == [(2,)]
+    assert _version(path) == [(3,)]
 
 
 async def test_owner_queries_use_the_pending_index_or_the_primary_key(tmp_path: Path) -> None:
@@ -126,6 +135,11 @@ async def test_owner_queries_use_the_pending_index_or_the_primary_key(tmp_path: 
         assert "USING PRIMARY KEY" in released and "SCAN" not in released
         claim = plan(sqlite_store._claim(1, None), ("w", 1.0, "run", 0.0, 10))
         assert "USING INDEX promises_pending" in claim
+        # A tree: its root and its "root."-prefixed rows by primary key, the
+        # rest through the partial index; never a scan of the table.
+        tree = plan(sqlite_store._TREE, ("r",))
+        assert "USING PRIMARY KEY (id=?)" in tree and "USING PRIMARY KEY (id>? AND id<?)" in tree
+        assert "USING INDEX promises_root_other" in tree and "SCAN promises" not in tree
     finally:
         db.close()
 
@@ -173,7 +187,7 @@ async def test_postgres_keeps_the_owner_index_and_migrates_version_1(
         async with PostgresStore(postgres_dsn, schema=postgres_schema) as store:
             assert await store.renew("w", lease_until=20.0) == 1
             assert (await store.get_many(["old"]))["old"].lease_expires_at == 20.0
-        assert await admin.fetch("SELECT version FROM schema_version") == [(2,)]
+        assert await admin.fetch("SELECT version FROM schema_version") == [(3,)]
         indexes = {
             r[0]
             for r in await admin.fetch(

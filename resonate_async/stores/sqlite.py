@@ -31,6 +31,7 @@ from ._base import Kind, Op, PromiseRecord, Settle, State, StoreLifecycle
 from ._sql import (
     COLUMN_LIST,
     COLUMNS,
+    OTHER_ROOT_ROWS,
     SCHEMA_VERSION_DDL,
     SQLITE,
     check_limit,
@@ -124,7 +125,16 @@ def _settle_rows(n: int) -> str:
 
 
 _UPSERT = upsert_sql(SQLITE)
-_TREE = f"SELECT {COLUMN_LIST} FROM promises WHERE root_id = ? ORDER BY created_at, id"
+# A tree in three parts that each use an index (see OTHER_ROOT_ROWS): the root
+# by id, the rows whose ids extend it ("root." <= id < "root/", as "/" follows
+# "."), and the rest through the partial index. Each row is in one part.
+_TREE = (
+    f"SELECT {COLUMN_LIST} FROM promises WHERE id = ?1 AND root_id = ?1 "
+    f"UNION ALL SELECT {COLUMN_LIST} FROM promises "
+    "WHERE id >= ?1 || '.' AND id < ?1 || '/' AND root_id = ?1 "
+    f"UNION ALL SELECT {COLUMN_LIST} FROM promises WHERE root_id = ?1 AND {OTHER_ROOT_ROWS} "
+    "ORDER BY created_at, id"
+)
 _RENEW = "UPDATE promises SET lease_expires_at = ? WHERE owner = ? AND state = 'PENDING'"
 
 
