@@ -20,8 +20,11 @@ SQLite ``users`` table. Pipelines:
   ``def`` that inserts and commits one row (sqlite3, worker thread, a lock).
   Slow, so it runs at the smallest size only.
 
-Every measurement is preceded by a warm-up of the same pipeline at a small
-size, and every run checks that the table holds exactly N rows.
+Every pipeline is warmed up at a small size first; then ``--repeat`` rounds
+(default 3) run every pipeline in turn, and each figure is the pipeline's
+median run (this machine's speed drifts by tens of percent between runs;
+``--json`` keeps every run's seconds). ``--no-batch`` runs once. Every run
+checks that the table holds exactly N rows.
 """
 
 from __future__ import annotations
@@ -186,22 +189,34 @@ async def run_pipeline(
 
 
 async def bench(
-    sizes: list[int], store: str, progress: Console | None, *, gather: bool = False
+    sizes: list[int],
+    store: str,
+    progress: Console | None,
+    *,
+    gather: bool = False,
+    repeat: int = 1,
 ) -> list[dict[str, Any]]:
+    """Each pipeline at each size: warm-ups first, then ``repeat`` rounds of every
+    pipeline in turn (so a drift of the machine's speed touches them alike),
+    keeping each pipeline's median run. ``--no-batch`` is measured once."""
     results: list[dict[str, Any]] = []
     smallest = min(sizes)
     for users in sizes:
-        by_pipeline: dict[str, dict[str, Any]] = {}
-        for pipeline in PIPELINES:
-            if pipeline == "resonate-no-batch" and users != smallest:
-                continue
-            await run_pipeline(pipeline, min(WARMUP_USERS, users), store, gather=gather)  # warm-up
-            result = await run_pipeline(pipeline, users, store, gather=gather)
-            by_pipeline[pipeline] = result
-            if progress is not None:
-                progress.print(
-                    f"[dim]{LABELS[pipeline]} @ {users:,}: {result['seconds']:.3f}s[/dim]"
-                )
+        pipelines = [p for p in PIPELINES if p != "resonate-no-batch" or users == smallest]
+        for pipeline in pipelines:
+            await run_pipeline(pipeline, min(WARMUP_USERS, users), store, gather=gather)
+        samples: dict[str, list[dict[str, Any]]] = {p: [] for p in pipelines}
+        for round_no in range(repeat):
+            for pipeline in pipelines:
+                if pipeline == "resonate-no-batch" and round_no > 0:
+                    continue
+                result = await run_pipeline(pipeline, users, store, gather=gather)
+                samples[pipeline].append(result)
+                if progress is not None:
+                    progress.print(
+                        f"[dim]{LABELS[pipeline]} @ {users:,}: {result['seconds']:.3f}s[/dim]"
+                    )
+        by_pipeline = {p: median_run(runs) for p, runs in samples.items()}
         for result in by_pipeline.values():
             raw = by_pipeline["raw"]["seconds"]
             floor = by_pipeline["dataloader"]["seconds"]
@@ -209,6 +224,14 @@ async def bench(
             result["ratio_dataloader"] = result["seconds"] / floor if floor else None
             results.append(result)
     return results
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median time (the lower one of an even count), with every run's seconds."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["samples"] = [r["seconds"] for r in runs]
+    return chosen
 
 
 def render(results: list[dict[str, Any]], title: str) -> Table:
@@ -274,6 +297,13 @@ def run_with_loop(loop: str, coro: Any) -> Any:
     "--gather", is_flag=True, help="Await the handles with asyncio.gather instead of in order."
 )
 @click.option(
+    "--repeat",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 50),
+    help="Rounds per size; each figure is the pipeline's median run (--no-batch runs once).",
+)
+@click.option(
     "--gc-threshold",
     default="",
     help="Call gc.set_threshold with these comma-separated ints first (e.g. 700,10,100).",
@@ -285,6 +315,7 @@ def main(
     json_path: str | None,
     progress: bool,
     gather: bool,
+    repeat: int,
     gc_threshold: str,
 ) -> None:
     """Compare raw SQLite, an aiodataloader floor, and resonate_async (batched / not)."""
@@ -303,14 +334,14 @@ def main(
     if console.width < 132:  # keep the table readable when piped or in a narrow terminal
         console = Console(width=132)
     status = Console(stderr=True) if progress else None
-    results = run_with_loop(loop, bench(counts, store, status, gather=gather))
+    results = run_with_loop(loop, bench(counts, store, status, gather=gather, repeat=repeat))
     store_name = "postgres" if store.startswith("postgres") else "sqlite"
     if store and store_name == "sqlite":
         store_name = f"sqlite ({store})"
     title = (
         f"Blog workload, loop={loop}, promise store={store_name}, "
         f"handles awaited {'with gather' if gather else 'in order'}, "
-        f"gc thresholds {gc.get_threshold()}, "
+        f"gc thresholds {gc.get_threshold()}, median of {repeat} runs, "
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs"
     )
     console.print(render(results, title))
@@ -327,6 +358,7 @@ def main(
             "cpus": os.cpu_count(),
             "sizes": counts,
             "gather": gather,
+            "repeat": repeat,
             "gc_threshold": gc.get_threshold(),
         }
         with open(json_path, "w") as f:

@@ -108,3 +108,17 @@ def test_memory_benchmarks_run_at_a_tiny_size() -> None:
     stream = run_script("memory.py", "stream", "--runs", "500", "--in-flight", "50")
     assert stream.returncode == 0, stream.stderr
     assert "500 runs streamed, at most 50 in flight" in stream.stdout
+
+
+def test_compare_keeps_the_median_of_its_repeats(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    proc = run_script(
+        "compare.py", "--sizes", "60", "--repeat", "3", "--no-progress", "--json", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["meta"]["repeat"] == 3
+    for result in data["results"]:
+        samples = result["samples"]
+        assert len(samples) == (1 if result["pipeline"] == "resonate-no-batch" else 3)
+        assert result["seconds"] == sorted(samples)[(len(samples) - 1) // 2]
