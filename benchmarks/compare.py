@@ -227,10 +227,13 @@ async def bench(
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run of median time (the lower one of an even count), with every run's seconds."""
+    """The run of median time (the lower one of an even count), with every run's
+    seconds, and the peak RSS as of the first run (later rounds would report
+    the peaks of every pipeline of the round before)."""
     ordered = sorted(runs, key=lambda r: r["seconds"])
     chosen = dict(ordered[(len(ordered) - 1) // 2])
     chosen["samples"] = [r["seconds"] for r in runs]
+    chosen["peak_rss_mb"] = runs[0]["peak_rss_mb"]
     return chosen
 
 
