@@ -85,11 +85,12 @@ _NULL_AS = {
 # per transaction take a few of those waits.
 #
 # Statement shapes are fixed so that a handful are prepared once and then
-# found in the connection's statement cache: a full statement holds
-# ``_FULL[kind]`` rows, and the rest of a transaction goes in one statement
-# of the next power of two, padded with rows that change nothing (an insert
-# row with id 0, which the SELECT filters out; a settle row with id NULL,
-# which matches no row).
+# found in the connection's statement cache: a full statement holds the
+# largest power of two of rows that the parameter limit allows (1,024 inserts,
+# 4,096 settles), and the rest of a transaction goes in one statement of the
+# next power of two, padded with rows that change nothing (an insert row with
+# id 0, which the SELECT filters out; a settle row with id NULL, which matches
+# no row).
 _COLUMN_COUNT = len(COLUMNS)
 _SETTLE_PARAMS = 4  # state, value, settled_at, id
 _INSERT_VALUES = ", ".join(
@@ -217,8 +218,9 @@ def _write_planned(
 
     Returns the rows inserted, the rows updated and the rows of ``unread``;
     the caller checks the counts (and redoes the write exactly if they are
-    short, see ``FastPathMiss``): a short count rolls back here, and so does
-    a write whose caller was cancelled before its ``COMMIT``.
+    short, see ``FastPathMiss``): a short count rolls back here. A write
+    whose caller was cancelled before its ``COMMIT`` rolls back too, and
+    reports counts of -1.
     """
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -227,8 +229,7 @@ def _write_planned(
             inserted = _changed(db, _insert_rows, inserts, _COLUMN_COUNT, _INSERT_PAD)
         if updates:
             updated = _changed(db, _settle_rows, updates, _SETTLE_PARAMS, _SETTLE_PAD)
-        short = inserted * _COLUMN_COUNT != len(inserts) or updated * _SETTLE_PARAMS != len(updates)
-        if short or cancelled.is_set():
+        if inserted * _COLUMN_COUNT != len(inserts) or updated * _SETTLE_PARAMS != len(updates):
             db.rollback()
             return inserted, updated, []
         rows: list[Any] = []
@@ -236,7 +237,7 @@ def _write_planned(
             rows += db.execute(_select_in(len(chunk)), chunk).fetchall()
         if cancelled.is_set():
             db.rollback()
-            return 0, 0, []
+            return -1, -1, []
         db.execute("COMMIT")
     except BaseException:
         db.rollback()
