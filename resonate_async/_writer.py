@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ShutdownError, StoreError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable
     from typing import TypeAlias
 
     from ._stats import StoreStats
@@ -173,19 +173,6 @@ class GroupCommitWriter:
         """Write one op durably; return the record as stored after it."""
         future, index = self.submit(op)
         return (await future)[index]
-
-    async def write_many(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
-        """Write several ops durably (in as few transactions as they fit)."""
-        slots = [self.submit(op) for op in ops]
-        out: list[PromiseRecord | None] = []
-        last: asyncio.Future[Results] | None = None
-        results: Results = []
-        for future, index in slots:
-            if future is not last:
-                results = await future
-                last = future
-            out.append(results[index])
-        return out
 
     def close(self) -> None:
         """Stop accepting writes once the queue is drained; :meth:`run` then returns."""
