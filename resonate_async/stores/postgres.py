@@ -16,6 +16,7 @@ import asyncio
 import logging
 import random
 from contextlib import asynccontextmanager
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import StoreError
@@ -108,6 +109,9 @@ def _import_asyncpg() -> Any:
 
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+_by_id = attrgetter("id")
 
 
 def _count(status: str) -> int:
@@ -283,7 +287,12 @@ class PostgresStore(StoreLifecycle):
                 return await self._write_exact(conn, ops)
 
     async def _write_fast(self, conn: Any, plan: FastPlan) -> list[PromiseRecord | None]:
-        creates, settles, unread = plan.creates, plan.settles, plan.unread
+        # Rows are written in id order, so that workers writing overlapping
+        # rows lock them in the same order (fewer deadlocks to retry); the
+        # results do not depend on it.
+        creates = sorted(plan.creates, key=_by_id)
+        settles = sorted(plan.settles, key=_by_id)
+        unread = plan.unread
         if creates:
             new_rows = [record_to_row(r) for r in creates]
             if _count(await conn.execute(_INSERT, new_rows)) != len(creates):
