@@ -650,18 +650,19 @@ def default_encoder() -> JSONEncoder:
     return JSONEncoder()
 
 
+# How the C encoder writes the scalars that the direct paths take.
+_FLAT: dict[type, Callable[[Any], str]] = {int: int.__repr__, str: encode_basestring_ascii}
+
+
 def _flat_items(items: list[object]) -> str | None:
     """``items`` as the C encoder writes them, comma-separated, if all are ints
     and strs; else ``None``."""
     parts: list[str] = []
     for x in items:
-        t = type(x)
-        if t is int:
-            parts.append(int.__repr__(x))
-        elif t is str:
-            parts.append(encode_basestring_ascii(x))  # type: ignore[arg-type]
-        else:
+        write = _FLAT.get(type(x))
+        if write is None:
             return None
+        parts.append(write(x))
     return ",".join(parts)
 
 
@@ -679,13 +680,10 @@ def _flat_writer(tag: str, names: tuple[str, ...]) -> Callable[[Any], str | None
         parts = [head]
         for name, key in keys:
             x = getattr(v, name)
-            t = type(x)
-            if t is int:
-                parts.append(key + int.__repr__(x))
-            elif t is str:
-                parts.append(key + encode_basestring_ascii(x))
-            else:
+            scalar = _FLAT.get(type(x))
+            if scalar is None:
                 return None
+            parts.append(key + scalar(x))
         parts.append("}")
         return "".join(parts)
 
