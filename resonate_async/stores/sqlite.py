@@ -240,7 +240,9 @@ def _write_planned(
             return -1, -1, []
         db.execute("COMMIT")
     except BaseException:
-        db.rollback()
+        # As _rollback: should the rollback fail too, the first error is the news.
+        with suppress(sqlite3.Error):
+            db.rollback()
         raise
     return inserted, updated, rows
 
