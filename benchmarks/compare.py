@@ -350,7 +350,7 @@ def main(
     console.print(render(results, title))
     console.print(
         "txns: promise-store transactions for resonate rows; users-db commits for (a)/(b). "
-        "Peak RSS is the process-wide high-water mark up to that run."
+        "Peak RSS is the process-wide high-water mark up to that pipeline's first run at that size."
     )
     if json_path:
         meta = {
