@@ -23,7 +23,8 @@ SQLite ``users`` table. Pipelines:
 Every pipeline is warmed up at a small size first; then ``--repeat`` rounds
 (default 3) run every pipeline in turn, and each figure is the pipeline's
 median run (this machine's speed drifts by tens of percent between runs;
-``--json`` keeps every run's seconds). ``--no-batch`` runs once. Every run
+``--json`` keeps every run's seconds). ``--no-batch`` runs once, last (see
+:func:`bench`). Every run
 checks that the table holds exactly N rows.
 """
 
@@ -198,28 +199,44 @@ async def bench(
 ) -> list[dict[str, Any]]:
     """Each pipeline at each size: warm-ups first, then ``repeat`` rounds of every
     pipeline in turn (so a drift of the machine's speed touches them alike),
-    keeping each pipeline's median run. ``--no-batch`` is measured once."""
-    results: list[dict[str, Any]] = []
+    keeping each pipeline's median run.
+
+    ``--no-batch`` is measured once, at the smallest size, after everything
+    else: its ~20,000 fsync'd commits left the runs that followed them
+    slower (10k batched 0.34-0.37 s before, 0.37-0.46 s after, in one
+    process), which skewed the medians and the 100k/10k ratio.
+    """
     smallest = min(sizes)
+    measured: dict[int, dict[str, dict[str, Any]]] = {}
+
+    async def measure(pipeline: str, users: int) -> dict[str, Any]:
+        result = await run_pipeline(pipeline, users, store, gather=gather)
+        if progress is not None:
+            progress.print(f"[dim]{LABELS[pipeline]} @ {users:,}: {result['seconds']:.3f}s[/dim]")
+        return result
+
+    batched = [p for p in PIPELINES if p != "resonate-no-batch"]
     for users in sizes:
-        pipelines = [p for p in PIPELINES if p != "resonate-no-batch" or users == smallest]
-        for pipeline in pipelines:
+        for pipeline in batched:
             await run_pipeline(pipeline, min(WARMUP_USERS, users), store, gather=gather)
-        samples: dict[str, list[dict[str, Any]]] = {p: [] for p in pipelines}
-        for round_no in range(repeat):
-            for pipeline in pipelines:
-                if pipeline == "resonate-no-batch" and round_no > 0:
-                    continue
-                result = await run_pipeline(pipeline, users, store, gather=gather)
-                samples[pipeline].append(result)
-                if progress is not None:
-                    progress.print(
-                        f"[dim]{LABELS[pipeline]} @ {users:,}: {result['seconds']:.3f}s[/dim]"
-                    )
-        by_pipeline = {p: median_run(runs) for p, runs in samples.items()}
-        for result in by_pipeline.values():
-            raw = by_pipeline["raw"]["seconds"]
-            floor = by_pipeline["dataloader"]["seconds"]
+        samples: dict[str, list[dict[str, Any]]] = {p: [] for p in batched}
+        for _ in range(repeat):
+            for pipeline in batched:
+                samples[pipeline].append(await measure(pipeline, users))
+        measured[users] = {p: median_run(runs) for p, runs in samples.items()}
+    if "resonate-no-batch" in PIPELINES:
+        await run_pipeline("resonate-no-batch", min(WARMUP_USERS, smallest), store, gather=gather)
+        no_batch = await measure("resonate-no-batch", smallest)
+        measured[smallest]["resonate-no-batch"] = median_run([no_batch])
+    results: list[dict[str, Any]] = []
+    for users in sizes:
+        by_pipeline = measured[users]
+        raw = by_pipeline["raw"]["seconds"]
+        floor = by_pipeline["dataloader"]["seconds"]
+        for pipeline in PIPELINES:
+            result = by_pipeline.get(pipeline)
+            if result is None:
+                continue
             result["ratio_raw"] = result["seconds"] / raw if raw else None
             result["ratio_dataloader"] = result["seconds"] / floor if floor else None
             results.append(result)
