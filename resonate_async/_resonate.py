@@ -93,7 +93,7 @@ class Resonate:
         heartbeat_seconds: float = 5.0,
         poll_seconds: float = 1.0,
         grace_seconds: float = 5.0,
-        max_rows_per_transaction: int = 5000,
+        max_rows_per_transaction: int = 1000,
         replay_every_step: bool = False,
         tracing: bool = False,
         tracer_provider: Any = None,

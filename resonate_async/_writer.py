@@ -109,7 +109,7 @@ class GroupCommitWriter:
         store: Store,
         stats: StoreStats,
         *,
-        max_rows_per_transaction: int = 5000,
+        max_rows_per_transaction: int = 1000,
         tracing: Tracing | None = None,
     ) -> None:
         if max_rows_per_transaction < 1:
