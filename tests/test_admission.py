@@ -349,3 +349,80 @@ async def test_the_next_transaction_is_formed_before_the_last_one_is_reported() 
         await running
     assert store.transactions == [["a"], ["b"], ["c"]]
     assert reported == ["a", "b", "c"]
+
+
+async def test_a_store_that_writes_in_order_gets_the_next_transaction_before_the_last_ends() -> (
+    None
+):
+    # pipeline_depth = 2 (SQLite): the writer hands over the next transaction
+    # while the last is still in the store, so the store never waits for the
+    # event loop between commits; outcomes are still reported in order, and a
+    # failed transaction does not hold back the next one.
+    class Serial(MemoryStore):
+        pipeline_depth = 2
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.started: list[list[str]] = []
+            self.gates: list[asyncio.Event] = []
+
+        async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+            ids = [op.record.id if isinstance(op, Create) else op.id for op in ops]
+            self.started.append(ids)
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            await gate.wait()
+            if ids == ["bad"]:
+                raise OSError("disk full")
+            return await super().write(ops)
+
+    store = Serial()
+    writer = GroupCommitWriter(store, StoreStats(), max_rows_per_transaction=1)
+    reported: list[tuple[str, str | None]] = []
+
+    def done(tag: str, stored: PromiseRecord | None, error: BaseException | None) -> None:
+        reported.append((tag, None if error is None else type(error).__name__))
+
+    async with store:
+        running = asyncio.create_task(writer.run())
+        for tag in ("bad", "b", "c"):
+            writer.write_then(Create(record(tag)), done, tag)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert store.started == [["bad"], ["b"]]  # two in the store at once, no more
+        store.gates[0].set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert reported == [("bad", "StoreError")]
+        assert store.started == [["bad"], ["b"], ["c"]]
+        for gate in store.gates[1:]:
+            gate.set()
+        writer.close()
+        await running
+    assert reported == [("bad", "StoreError"), ("b", None), ("c", None)]
+
+
+async def test_a_store_without_pipeline_depth_holds_one_transaction_at_a_time() -> None:
+    class Plain(RecordingStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+
+        async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+            self.transactions.append([op.record.id if isinstance(op, Create) else op.id for op in ops])
+            await self.gate.wait()
+            return await MemoryStore.write(self, ops)
+
+    store = Plain()
+    writer = GroupCommitWriter(store, StoreStats(), max_rows_per_transaction=1)
+    async with store:
+        running = asyncio.create_task(writer.run())
+        for tag in ("a", "b"):
+            writer.write_then(Create(record(tag)), ignore, tag)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert store.transactions == [["a"]]
+        store.gate.set()
+        writer.close()
+        await running
+    assert store.transactions == [["a"], ["b"]]

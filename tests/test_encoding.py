@@ -473,4 +473,7 @@ def test_the_direct_paths_write_the_same_bytes_as_the_json_encoder(
     assert encoder.encode(value) == general
     call = [args, {}]
     assert encoder.encode(call) == encoder._dump(encoder._walk(call)).encode()
-    assert encoder.decode(encoder.encode(call)) == encoder.decode(encoder._dump(call).encode())
+    # repr, not ==: a NaN argument decodes to a float that equals nothing.
+    assert repr(encoder.decode(encoder.encode(call))) == repr(
+        encoder.decode(encoder._dump(call).encode())
+    )

@@ -157,6 +157,25 @@ async def test_a_cancelled_write_is_rolled_back(store: SQLiteStore, tmp_path: Pa
         await slow.close()
 
 
+async def test_writes_queued_together_apply_in_order_across_a_fast_path_miss(
+    store: SQLiteStore,
+) -> None:
+    # The writer queues its next transaction while the last is being written.
+    # A write whose bulk statements miss (an id already taken) is redone
+    # exactly in the same call on the connection's thread, so the write
+    # queued behind it, which settles a promise the first one creates, sees
+    # it created: it never runs between the two attempts.
+    await store.write([Create(record("taken"))])
+    first = store.write([Create(record("new")), Create(record("taken", attempt=9))])
+    second = store.write([Settle("new", State.RESOLVED, b"1", 2.0)])
+    created, settled = await asyncio.gather(first, second)
+    assert [r.id if r else None for r in created] == ["new", "taken"]
+    assert created[1] is not None and created[1].attempt != 9  # the stored row, unchanged
+    [after] = settled
+    assert after is not None and after.state is State.RESOLVED and after.value == b"1"
+    assert (await store.get_many(["new"]))["new"].state is State.RESOLVED
+
+
 # -- several processes on one file ------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent
