@@ -127,6 +127,8 @@ class GroupCommitWriter:
         self._closing = False
         self._closed = False
         self._loop = asyncio.get_running_loop()
+        # How many transactions the store may hold at once (see run()).
+        self._depth = 2 if getattr(store, "pipeline_depth", 1) >= 2 else 1
 
     def submit(self, op: Op) -> tuple[asyncio.Future[Results], int]:
         """Queue ``op``; return the future of its transaction and its index in it."""
@@ -206,47 +208,59 @@ class GroupCommitWriter:
     async def run(self) -> None:
         """The writer loop. Never dies of a failed transaction; returns after close().
 
-        Under load it keeps the store busy: when a transaction ends and more
+        Under load it keeps the store busy. When a transaction ends and more
         writes are queued, the next transaction starts *before* the ended one
         is reported, so its rows are written while the event loop runs what
-        the report wakes. (So that work's own writes go in the transaction
-        after: the order of running work and admissions holds, one
-        transaction later.)
+        the report wakes. A store that runs its writes one after another in
+        the order they are queued (``pipeline_depth = 2``: SQLite, whose
+        writes share one thread) gets the next transaction even sooner,
+        while the last one is still being written: its thread then goes from
+        one commit straight to the next instead of waiting for the event loop
+        to hand it more. (So the work that a report wakes has its own writes
+        in a later transaction: the order of running work and admissions
+        holds, a transaction or two later.)
         """
         queue = self._queue
         admissions = self._admit_makes
-        txn: _Transaction | None = None
-        writing: asyncio.Task[Outcome] | None = None
+        depth = self._depth
+        # Transactions handed to the store, oldest first, with their writes.
+        in_flight: deque[tuple[_Transaction, asyncio.Task[Outcome]]] = deque()
         try:
             while True:
-                if txn is None or writing is None:
+                if not in_flight:
                     while not queue and not admissions:
                         if self._closing:
                             self._closed = True
                             return
                         self._wakeup.clear()
                         await self._wakeup.wait()
-                    txn = self._next()
-                    writing = self._loop.create_task(self._write(txn.ops))
+                self._hand_over(in_flight, depth)
+                ended, writing = in_flight[0]
                 results, error = await writing
-                ended, txn, writing = txn, None, None
-                if queue or admissions:
-                    txn = self._next()
-                    writing = self._loop.create_task(self._write(txn.ops))
+                in_flight.popleft()
+                self._hand_over(in_flight, depth)
                 ended.report(results, error)
-                del ended, results  # its ops and records may go as their runs do
-                if writing is None:
+                del ended, writing, results  # its ops and records may go as their runs do
+                if not in_flight:
                     # Let what the report woke queue its writes before the
                     # next transaction is formed: they are running work,
                     # which goes before admissions. (A store that answers
                     # without suspending would otherwise keep the loop.)
                     await asyncio.sleep(0)
         except asyncio.CancelledError:
-            if writing is not None:
+            for _, writing in in_flight:
                 writing.cancel()
-            if txn is not None:
+            for txn, _ in in_flight:
                 txn.report(None, ShutdownError("shut down while writing; nothing is lost"))
             raise
+
+    def _hand_over(
+        self, in_flight: deque[tuple[_Transaction, asyncio.Task[Outcome]]], depth: int
+    ) -> None:
+        """Start writing queued transactions until ``depth`` are in flight."""
+        while len(in_flight) < depth and (self._queue or self._admit_makes):
+            txn = self._next()
+            in_flight.append((txn, self._loop.create_task(self._write(txn.ops))))
 
     async def _write(self, ops: list[Op]) -> Outcome:
         """Write one transaction: its results, or the error that failed it."""

@@ -409,7 +409,8 @@ async def test_a_store_without_pipeline_depth_holds_one_transaction_at_a_time() 
             self.gate = asyncio.Event()
 
         async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
-            self.transactions.append([op.record.id if isinstance(op, Create) else op.id for op in ops])
+            ids = [op.record.id if isinstance(op, Create) else op.id for op in ops]
+            self.transactions.append(ids)
             await self.gate.wait()
             return await MemoryStore.write(self, ops)
 

@@ -5,7 +5,12 @@ is a thread hop. A write is one hop whatever its size: ``BEGIN IMMEDIATE``, a
 few multi-row statements for its creates and its settles, a read of the
 settled rows only for settles that carry no ``prior`` (and were not created
 in the batch), and ``COMMIT``, all in one function on the connection's thread
-(see the note on the bulk writes below).
+(see the note on the bulk writes below); should the bulk statements not
+apply as planned, the same call redoes the write exactly. So writes run in
+the order they were queued, and the group-commit writer may queue the next
+transaction while the last one is still being written
+(``pipeline_depth = 2``): the thread goes from one commit straight to the
+next, without waiting for the event loop to come back to it.
 
 Several processes may share one file (DESIGN §7): WAL lets readers run beside
 the writer, ``busy_timeout`` makes a writer wait for the lock instead of
@@ -34,6 +39,8 @@ from ._sql import (
     OTHER_ROOT_ROWS,
     SCHEMA_VERSION_DDL,
     SQLITE,
+    FastPathMiss,
+    FastPlan,
     check_limit,
     chunked,
     dump_tags,
@@ -207,20 +214,47 @@ def _changed(
     return changed
 
 
-def _write_planned(
+def _write_ops(
     db: sqlite3.Connection,
+    ops: Sequence[Op],
+    plan: FastPlan | None,
     inserts: list[object],
     updates: list[object],
-    unread: list[str],
     cancelled: threading.Event,
-) -> tuple[int, int, list[Any]]:
-    """One fast-path transaction, run on the connection's thread.
+) -> list[PromiseRecord | None] | None:
+    """One whole write, run on the connection's thread: the bulk statements of
+    ``plan`` or, when there is no plan or it did not apply, the exact path.
 
-    Returns the rows inserted, the rows updated and the rows of ``unread``;
-    the caller checks the counts (and redoes the write exactly if they are
-    short, see ``FastPathMiss``): a short count rolls back here. A write
-    whose caller was cancelled before its ``COMMIT`` rolls back too, and
-    reports counts of -1.
+    Returns the results, or ``None`` when the caller was cancelled before
+    ``COMMIT`` (the transaction is then rolled back). One call, so that a
+    write queued behind this one never runs between the two attempts.
+    """
+    if cancelled.is_set():
+        return None
+    if plan is not None:
+        try:
+            return _write_planned(db, plan, inserts, updates, cancelled)
+        except FastPathMiss:
+            pass  # rolled back: redo it exactly, in this same call
+    return _write_exact(db, ops, cancelled)
+
+
+def _write_planned(
+    db: sqlite3.Connection,
+    plan: FastPlan,
+    inserts: list[object],
+    updates: list[object],
+    cancelled: threading.Event,
+) -> list[PromiseRecord | None] | None:
+    """The bulk path: ``plan``'s results, or ``None`` if cancelled.
+
+    If every insert inserted and every update updated, each op's result is
+    the one planned, except for settles with neither a record created in
+    this batch nor a ``prior``: their rows are read back here.
+
+    Raises:
+        FastPathMiss: a statement changed fewer rows than planned (an id
+            taken, a promise settled already); the transaction is rolled back.
     """
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -229,22 +263,72 @@ def _write_planned(
             inserted = _changed(db, _insert_rows, inserts, _COLUMN_COUNT, _INSERT_PAD)
         if updates:
             updated = _changed(db, _settle_rows, updates, _SETTLE_PARAMS, _SETTLE_PAD)
-        if inserted * _COLUMN_COUNT != len(inserts) or updated * _SETTLE_PARAMS != len(updates):
-            db.rollback()
-            return inserted, updated, []
-        rows: list[Any] = []
-        for chunk in chunked(unread, _max_params()):
-            rows += db.execute(_select_in(len(chunk)), chunk).fetchall()
+        if inserted != len(plan.creates) or updated != len(plan.settles):
+            raise FastPathMiss  # rolled back below
+        stored = {row[0]: row_to_record(row) for row in _select_rows(db, plan.unread)}
         if cancelled.is_set():
             db.rollback()
-            return -1, -1, []
+            return None
         db.execute("COMMIT")
     except BaseException:
-        # As _rollback: should the rollback fail too, the first error is the news.
-        with suppress(sqlite3.Error):
-            db.rollback()
+        _rollback_quietly(db)
         raise
-    return inserted, updated, rows
+    return plan.fill(stored)
+
+
+def _write_exact(
+    db: sqlite3.Connection, ops: Sequence[Op], cancelled: threading.Event
+) -> list[PromiseRecord | None] | None:
+    """The exact path: read the touched rows, apply ``ops`` in order, write the changes.
+
+    ``BEGIN IMMEDIATE`` holds the write lock, so the rows read are the rows
+    the ops apply to.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        before = {row[0]: row_to_record(row) for row in _select_rows(db, touched_ids(ops))}
+        results, changed, _ = resolve_exactly(ops, before)
+        if changed:
+            db.executemany(_UPSERT, [record_to_row(r) for r in changed])
+        if cancelled.is_set():
+            db.rollback()
+            return None
+        db.execute("COMMIT")
+    except BaseException:
+        _rollback_quietly(db)
+        raise
+    return results
+
+
+def _select_rows(db: sqlite3.Connection, ids: Sequence[str]) -> list[Any]:
+    """The rows of ``ids`` (those that exist), read on the connection's thread."""
+    rows: list[Any] = []
+    for chunk in chunked(ids, _max_params()):
+        rows += db.execute(_select_in(len(chunk)), chunk).fetchall()
+    return rows
+
+
+def _rollback_quietly(db: sqlite3.Connection) -> None:
+    # As _rollback: should the rollback fail too, the first error is the news.
+    with suppress(sqlite3.Error):
+        db.rollback()
+
+
+def _submit(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """Queue ``fn(*args)`` on the connection's thread now; return the future of its result.
+
+    What aiosqlite's ``Connection._execute`` does, except that the call is
+    queued before this returns, not when a coroutine first runs: a write
+    holds the store's lock only while it queues its call (see
+    :meth:`SQLiteStore.write`). This reaches into aiosqlite's private
+    ``_tx`` queue; every write goes through here, so any change there fails
+    the whole test suite.
+    """
+    if not conn._running or conn._connection is None:
+        raise ValueError("Connection closed")
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    conn._tx.put_nowait((future, functools.partial(fn, *args)))
+    return future
 
 
 def _full_rows(width: int) -> int:
@@ -314,6 +398,8 @@ class SQLiteStore(StoreLifecycle):
 
     #: Only processes of this host share this store, so a dead pid means a dead worker.
     single_host = True
+    #: Writes run in the order they are queued (see the module's docstring).
+    pipeline_depth = 2
 
     def __init__(
         self,
@@ -486,38 +572,29 @@ class SQLiteStore(StoreLifecycle):
         if not ops:
             return []
         plan = fast_plan(ops)
+        inserts: list[object] = []
+        updates: list[object] = []
         if plan is not None:
-            # Change counts stand in for reads: if every insert inserted and
-            # every update updated, each op's result is the one planned,
-            # except for settles with neither a record created in this batch
-            # nor a ``prior``: their rows are read back.
             inserts = _insert_params(plan.creates)
             updates = _settle_params(plan.settles)
-            cancelled = threading.Event()
-            async with self._connection() as conn:
-                # aiosqlite's own way to run a function on the connection's
-                # thread (what its public methods do one statement at a time).
-                try:
-                    inserted, updated, rows = await conn._execute(  # type: ignore[no-untyped-call]
-                        _write_planned, conn._conn, inserts, updates, plan.unread, cancelled
-                    )
-                except asyncio.CancelledError:
-                    cancelled.set()  # it rolls back unless it is committing already
-                    raise
-            if inserted == len(plan.creates) and updated == len(plan.settles):
-                return plan.fill({row[0]: row_to_record(row) for row in rows})
-        async with self._transaction() as conn:
-            return await self._write_exact(conn, ops)
-
-    async def _write_exact(
-        self, conn: aiosqlite.Connection, ops: Sequence[Op]
-    ) -> list[PromiseRecord | None]:
-        # BEGIN IMMEDIATE holds the write lock, so the rows read here are the
-        # rows the ops apply to.
-        before = await self._select(conn, touched_ids(ops))
-        results, changed, _ = resolve_exactly(ops, before)
-        if changed:
-            await conn.executemany(_UPSERT, [record_to_row(r) for r in changed])
+        cancelled = threading.Event()
+        # The lock is held only while the write is queued: a caller running
+        # several statements in a row (a claim, a read) holds it for all of
+        # them, so this one call never lands between theirs, and writes queued
+        # one after another run in that order, the next waiting on the thread.
+        async with self._connection() as conn:
+            done = _submit(conn, _write_ops, conn._conn, ops, plan, inserts, updates, cancelled)
+        try:
+            results: list[PromiseRecord | None] | None = await done
+        except asyncio.CancelledError:
+            cancelled.set()  # it rolls back unless it is committing already
+            raise
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(
+                f"SQLite operation on {self._path!r} failed: {exc}; nothing was written"
+            ) from exc
+        if results is None:  # pragma: no cover - only a cancelled caller gets None
+            raise asyncio.CancelledError
         return results
 
     async def _select(
