@@ -325,7 +325,7 @@ def _submit(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> a
     the whole test suite.
     """
     if not conn._running or conn._connection is None:
-        raise ValueError("Connection closed")
+        raise sqlite3.ProgrammingError("the connection's thread has stopped")
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     conn._tx.put_nowait((future, functools.partial(fn, *args)))
     return future
