@@ -367,7 +367,8 @@ def main(
     console.print(render(results, title))
     console.print(
         "txns: promise-store transactions for resonate rows; users-db commits for (a)/(b). "
-        "Peak RSS is the process-wide high-water mark up to that pipeline's first run at that size."
+        "Peak RSS is the process-wide high-water mark up to that pipeline's first run at "
+        "that size; --no-batch runs last, after every size."
     )
     if json_path:
         meta = {

@@ -365,8 +365,8 @@ def exponential(
             exception types.
 
     Example:
-        >>> [exponential(max_retries=3).next_delay(a) for a in (2, 3, 4, 5)]
-        [1.0, 2.0, 4.0, None]
+        >>> tuple(exponential(max_retries=3).next_delay(a) for a in (2, 3, 4, 5))
+        (1.0, 2.0, 4.0, None)
     """
     return Exponential(
         delay, factor, max_delay, max_retries, retry_on=retry_on, non_retryable=non_retryable
