@@ -26,6 +26,9 @@ lint: $(VENV)/.dev
 
 types: $(VENV)/.dev
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests
+	$(VENV)/bin/mypy benchmarks
+	$(VENV)/bin/mypy examples
 
 unit: $(VENV)/.dev
 	$(VENV)/bin/pytest -q

@@ -96,13 +96,13 @@ def svg(data: dict[str, Any]) -> str:
     size_top = nice_ceiling(biggest)
 
     def x(t: float) -> float:
-        return left + plot_w * t / seconds
+        return float(left + plot_w * t / seconds)
 
     def y_size(size: float) -> float:
         return top + plot_h * (1 - size / size_top)
 
     def y_runs(n: float) -> float:
-        return top + plot_h * (1 - n / runs)
+        return float(top + plot_h * (1 - n / runs))
 
     title = (
         f"{data['runs']:,} blog runs on SQLite: {len(data['batches'])} handler calls, "

@@ -28,7 +28,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from crash_loop_workload import (  # found through the sys.path entry above
+from crash_loop_workload import (  # type: ignore[import-not-found]  # via sys.path above
     DEFAULT_CONCURRENCY,
     DEFAULT_STEP_DELAY,
     LoopConfig,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random as _random
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 
 from ._command import Command
 from ._registry import call_style, function_name
@@ -23,7 +23,7 @@ from .errors import NondeterminismError, NotFoundError, ShutdownError, StoreErro
 from .stores._base import Create, Kind, PromiseRecord, Settle, State
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Generator
+    from collections.abc import Awaitable, Callable, Generator
 
     from ._engine import Engine, RunState
     from .retry import RetryPolicy
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ("Context", "Promise")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 log = logging.getLogger("resonate_async")
 
 # What a Promise stands for.
@@ -122,6 +123,14 @@ class Context:
     @overload
     def lfi(self, target: Command[T], /) -> Promise[T]: ...
     @overload
+    def lfi(
+        self,
+        target: Callable[Concatenate[Context, P], Awaitable[T]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Promise[T]: ...
+    @overload
     def lfi(self, target: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Promise[Any]: ...
     def lfi(self, target: Any, /, *args: Any, **kwargs: Any) -> Promise[Any]:
         """Start a local function invocation (or a batched command); return its promise.
@@ -137,6 +146,14 @@ class Context:
 
     @overload
     def lfc(self, target: Command[T], /) -> Promise[T]: ...
+    @overload
+    def lfc(
+        self,
+        target: Callable[Concatenate[Context, P], Awaitable[T]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Promise[T]: ...
     @overload
     def lfc(self, target: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Promise[Any]: ...
     def lfc(self, target: Any, /, *args: Any, **kwargs: Any) -> Promise[Any]:
@@ -170,6 +187,18 @@ class Context:
         call_style(target)  # fail now if not callable
         return Promise(self, self._next_id(), _STEP, target, args, kwargs)
 
+    @overload
+    def rfi(
+        self,
+        target: Callable[Concatenate[Context, P], Awaitable[T]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Promise[T]: ...
+    @overload
+    def rfi(
+        self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any
+    ) -> Promise[Any]: ...
     def rfi(self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Promise[Any]:
         """Start a *remote* function invocation; any worker that registered it may run it.
 
@@ -183,6 +212,18 @@ class Context:
         promise = self._remote(target, args, kwargs)
         return self._start_child(promise)
 
+    @overload
+    def rfc(
+        self,
+        target: Callable[Concatenate[Context, P], Awaitable[T]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Promise[T]: ...
+    @overload
+    def rfc(
+        self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any
+    ) -> Promise[Any]: ...
     def rfc(self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Promise[Any]:
         """``rfi`` and await: ``value = await ctx.rfc("charge", order_id)``."""
         promise = self._remote(target, args, kwargs)

@@ -148,7 +148,8 @@ async def test_external_promise_settled_by_another_process_is_seen_by_polling() 
 
     @resonate.register(name="wait")
     async def wait(ctx: Context) -> str:
-        return await ctx.promise(id="ext")
+        value: str = await ctx.promise(id="ext")
+        return value
 
     async with resonate:
         handle = resonate.run("w", "wait")
@@ -171,7 +172,8 @@ async def test_external_promise_timeout() -> None:
 
     @resonate.register(name="wait")
     async def wait(ctx: Context) -> str:
-        return await ctx.promise(timeout=60)
+        value: str = await ctx.promise(timeout=60)
+        return value
 
     async with resonate:
         with pytest.raises(PromiseTimeoutError):

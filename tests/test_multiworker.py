@@ -598,7 +598,7 @@ async def test_a_killed_process_on_sqlite_is_taken_over_without_waiting_for_its_
             if users >= SQLITE_RUNS:
                 pytest.fail(f"every run finished before a kill moment came\n{fleet.describe()}")
             sql = "SELECT count(*) FROM promises WHERE owner = ? AND state = 'PENDING'"
-            return users >= SQLITE_RUNS // 10 and _sqlite_rows(store, sql, a_id)[0][0] >= 10
+            return users >= SQLITE_RUNS // 10 and int(_sqlite_rows(store, sql, a_id)[0][0]) >= 10
 
         await fleet.wait_for("a kill moment", kill_moment, 20)
         a.proc.send_signal(signal.SIGKILL)
@@ -614,7 +614,7 @@ async def test_a_killed_process_on_sqlite_is_taken_over_without_waiting_for_its_
 
         def all_roots_resolved() -> bool:
             sql = "SELECT count(*) FROM promises WHERE kind = 'run' AND state = 'RESOLVED'"
-            return _sqlite_rows(store, sql)[0][0] == SQLITE_RUNS
+            return int(_sqlite_rows(store, sql)[0][0]) == SQLITE_RUNS
 
         await fleet.wait_for("every root RESOLVED", all_roots_resolved, SQLITE_LEASE + 10)
         finished = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_asyncio
@@ -196,7 +196,7 @@ async def test_a_write_chosen_to_break_a_deadlock_is_retried(
     assert "rolled a transaction back" in caplog.text
 
 
-async def _wait_until_blocked(conn: asyncpg.Connection) -> None:
+async def _wait_until_blocked(conn: Any) -> None:  # an asyncpg.Connection
     """Until some other session waits for a lock that ``conn``'s transaction holds."""
     async with asyncio.timeout(10):
         while not await conn.fetchval(

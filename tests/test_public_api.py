@@ -31,7 +31,7 @@ def test_all_is_exactly_the_public_api() -> None:
 def test_postgres_store_is_available_lazily() -> None:
     from resonate_async.stores.postgres import PostgresStore
 
-    assert resonate_async.PostgresStore is PostgresStore  # type: ignore[attr-defined]
+    assert resonate_async.PostgresStore is PostgresStore
 
 
 def test_every_public_name_has_a_docstring() -> None:

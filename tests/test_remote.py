@@ -20,7 +20,8 @@ async def test_rfc_runs_on_a_worker_that_registered_the_function() -> None:
 
     @caller.register(name="parent")
     async def parent(ctx: Context, x: int) -> int:
-        return await ctx.rfc("double", x) + 1
+        doubled: int = await ctx.rfc("double", x)  # by name: the value is Any
+        return doubled + 1
 
     async with caller, worker:
         assert await caller.run("p", "parent", 20) == 41

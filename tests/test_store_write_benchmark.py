@@ -47,7 +47,7 @@ def test_one_workload_on_postgres_too() -> None:
 def test_blog_split_finishes_each_run_one_transaction_after_creating_it() -> None:
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        import store_write
+        import store_write  # type: ignore[import-not-found]  # via sys.path above
     finally:
         sys.path.remove(str(SCRIPT.parent))
     from resonate_async.stores import Create, Settle
