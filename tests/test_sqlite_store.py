@@ -163,17 +163,17 @@ async def test_writes_queued_together_apply_in_order_across_a_fast_path_miss(
     # The writer queues its next transaction while the last is being written.
     # A write whose bulk statements miss (an id already taken) is redone
     # exactly in the same call on the connection's thread, so the write
-    # queued behind it, which settles a promise the first one creates, sees
-    # it created: it never runs between the two attempts.
+    # queued behind it never runs between the two attempts: here the second
+    # write's create of "new" must find the first write's row, not take the id.
     await store.write([Create(record("taken"))])
-    first = store.write([Create(record("new")), Create(record("taken", attempt=9))])
-    second = store.write([Settle("new", State.RESOLVED, b"1", 2.0)])
-    created, settled = await asyncio.gather(first, second)
-    assert [r.id if r else None for r in created] == ["new", "taken"]
+    mine = record("new", attempt=1)
+    first = store.write([Create(mine), Create(record("taken", attempt=9))])
+    second = store.write([Create(record("new", attempt=2))])
+    created, again = await asyncio.gather(first, second)
+    assert created[0] is mine
     assert created[1] is not None and created[1].attempt != 9  # the stored row, unchanged
-    [after] = settled
-    assert after is not None and after.state is State.RESOLVED and after.value == b"1"
-    assert (await store.get_many(["new"]))["new"].state is State.RESOLVED
+    assert again == [mine]  # an id already taken answers with the stored row
+    assert (await store.get_many(["new"]))["new"].attempt == 1
 
 
 # -- several processes on one file ------------------------------------------------------

@@ -118,6 +118,28 @@ class StoreMachine(RuleBasedStateMachine):
             if isinstance(op, Create):
                 assert (result is op.record) == (expected is op.record)
 
+    @rule(batches=st.lists(st.lists(ops, min_size=1, max_size=6), min_size=2, max_size=4))
+    def write_together(self, batches: list[list[Op]]) -> None:
+        """Writes called together apply in call order on a store that says so.
+
+        ``pipeline_depth = 2`` lets the writer call ``write`` again before
+        the last call returned (SQLite queues them on one thread); each
+        result must still be the one of applying the batches one by one.
+        """
+        if getattr(self.store, "pipeline_depth", 1) < 2:
+            for batch in batches:
+                self.apply(batch)
+            return
+        wanted = []
+        for batch in batches:
+            want, self.model = expected_results(self.model, batch)
+            wanted.append(want)
+
+        async def together() -> list[list[PromiseRecord | None]]:
+            return list(await asyncio.gather(*(self.store.write(b) for b in batches)))
+
+        assert self.run(together()) == wanted
+
     def with_prior(self, op: Op, data: st.DataObject) -> Op:
         """``op``, or, if a settle, maybe the same settle carrying a ``prior``.
 
