@@ -600,11 +600,9 @@ class SQLiteStore(StoreLifecycle):
     async def _select(
         self, conn: aiosqlite.Connection, ids: Sequence[str]
     ) -> dict[str, PromiseRecord]:
-        found: dict[str, PromiseRecord] = {}
-        for chunk in chunked(ids, _max_params()):
-            for row in await conn.execute_fetchall(_select_in(len(chunk)), chunk):
-                found[row[0]] = row_to_record(row)
-        return found
+        # One trip to the connection's thread, however many statements.
+        rows = await _submit(conn, _select_rows, conn._conn, ids)
+        return {row[0]: row_to_record(row) for row in rows}
 
     async def get_many(self, ids: Sequence[str]) -> dict[str, PromiseRecord]:
         """The stored records among ``ids``; see :meth:`Store.get_many`."""
