@@ -55,7 +55,9 @@ class Resonate:
         poll_seconds: how often a waiter polls the store for promises settled
             by other processes.
         grace_seconds: how long ``aclose()`` lets in-flight batches finish.
-        max_rows_per_transaction: the group-commit writer's transaction size bound.
+        max_rows_per_transaction: the group-commit writer's transaction size
+            bound (rows written per commit; also how many fresh runs one
+            commit admits at most).
         replay_every_step: a testing mode: after every durable call settles
             for the first time, the workflow is re-run from the top against
             the store, so code that is not deterministic raises
