@@ -398,7 +398,10 @@ class SQLiteStore(StoreLifecycle):
 
     #: Only processes of this host share this store, so a dead pid means a dead worker.
     single_host = True
-    #: Writes run in the order they are queued (see the module's docstring).
+    #: Writes run in the order :meth:`write` is called (see the module's
+    #: docstring), so the writer may call it again before it returns. A
+    #: subclass whose ``write`` awaits anything before ``super().write()``
+    #: breaks that order and must set ``pipeline_depth = 1``.
     pipeline_depth = 2
 
     def __init__(
