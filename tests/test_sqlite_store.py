@@ -19,8 +19,9 @@ from resonate_async.stores import Create, Settle, SQLiteStore, State
 from resonate_async.stores.sqlite import _settle_rows, _shapes
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
 
+    from resonate_async.stores import PromiseRecord
     from resonate_async.stores._base import Op
 
 
@@ -261,3 +262,16 @@ async def test_bulk_settle_finds_rows_by_primary_key(tmp_path: Path) -> None:
     details = [row[-1] for row in plan]
     assert any("promises USING PRIMARY KEY" in d for d in details), details
     assert not any(d.startswith("SCAN promises") for d in details), details
+
+
+def test_only_an_unchanged_write_is_pipelined(tmp_path: Path) -> None:
+    # The writer hands SQLite the next transaction before the last returns
+    # only while write() queues in call order; a subclass's write may await
+    # before calling super().write(), so it gets one transaction at a time.
+    class Audited(SQLiteStore):
+        async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+            await asyncio.sleep(0)
+            return await super().write(ops)
+
+    assert SQLiteStore(tmp_path / "a.db").pipeline_depth == 2
+    assert Audited(tmp_path / "b.db").pipeline_depth == 1

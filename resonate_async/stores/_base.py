@@ -268,13 +268,13 @@ class Store(Protocol):
     implementation must pass the conformance suite in
     :mod:`resonate_async.testing`.
 
-    Two optional class attributes tell the engine more: ``single_host =
-    True`` when only processes of this host can share the store (a dead pid
-    then frees its leases at once), and ``pipeline_depth = 2`` when the
-    store applies concurrent :meth:`write` calls one at a time *in the
-    order they were called* (and a failed write leaves later ones
-    unaffected): the group-commit writer then calls ``write`` for the next
-    transaction before the last one has returned.
+    Two optional attributes tell the engine more: ``single_host = True``
+    when only processes of this host can share the store (a dead pid then
+    frees its leases at once), and ``pipeline_depth = 2`` when the store
+    applies concurrent :meth:`write` calls one at a time *in the order they
+    were called* (and a failed write leaves later ones unaffected): the
+    group-commit writer then calls ``write`` for the next transaction before
+    the last one has returned.
     """
 
     async def open(self) -> None:

@@ -398,11 +398,6 @@ class SQLiteStore(StoreLifecycle):
 
     #: Only processes of this host share this store, so a dead pid means a dead worker.
     single_host = True
-    #: Writes run in the order :meth:`write` is called (see the module's
-    #: docstring), so the writer may call it again before it returns. A
-    #: subclass whose ``write`` awaits anything before ``super().write()``
-    #: breaks that order and must set ``pipeline_depth = 1``.
-    pipeline_depth = 2
 
     def __init__(
         self,
@@ -423,6 +418,14 @@ class SQLiteStore(StoreLifecycle):
         # One connection serves every caller; the lock keeps one caller's
         # statements (a transaction) from interleaving with another's.
         self._lock = asyncio.Lock()
+
+    @property
+    def pipeline_depth(self) -> int:
+        """2: writes run in the order :meth:`write` is called (see the module's
+        docstring), so the group-commit writer may call it again before it
+        returns. 1 for a subclass that overrides ``write``: awaiting anything
+        before ``super().write()`` would break that order."""
+        return 2 if type(self).write is SQLiteStore.write else 1
 
     @property
     def path(self) -> str:
