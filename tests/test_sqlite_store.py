@@ -123,13 +123,16 @@ async def test_a_locked_database_fails_the_write_then_recovers(
     assert again is not None and again.id == "blocked"
 
 
-async def test_an_unstorable_value_fails_the_whole_write(store: SQLiteStore) -> None:
+@pytest.mark.parametrize("path", ["bulk", "exact"])
+async def test_an_unstorable_value_fails_the_whole_write(store: SQLiteStore, path: str) -> None:
     await store.write([Create(record("p"))])
     ops: list[Op] = [
         Settle("p", State.RESOLVED, b"1", 1.0),
         Create(record("ok")),
         Create(record("huge", attempt=2**64)),
     ]
+    if path == "exact":  # an id created twice in one write takes the exact path
+        ops.insert(1, Create(record("ok")))
     with pytest.raises(StoreError) as caught:
         await store.write(ops)
     assert isinstance(caught.value.__cause__, OverflowError)
