@@ -45,3 +45,10 @@ def test_every_public_name_has_a_docstring() -> None:
                     if attr.startswith(("_", "test_")) or not callable(member):
                         continue
                     assert inspect.getdoc(member), f"{name}.{attr} has no docstring"
+
+
+def test_the_package_says_it_is_typed() -> None:
+    # PEP 561: without the marker, a user's mypy treats the package as untyped.
+    from importlib.resources import files
+
+    assert files("resonate_async").joinpath("py.typed").is_file()
