@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resonate_async import BatchResultError, CanceledError, Command, Context, MemoryStore, Resonate
 from resonate_async.retry import constant, never
@@ -325,3 +327,106 @@ async def test_the_next_batch_runs_while_the_last_one_is_being_recorded() -> Non
         store.gate.set()
         assert (await first, await second) == (1, 2)
     assert calls == [[1], [2]]
+
+
+# -- a property over random workloads ------------------------------------------------
+
+
+@dataclass
+class Job(Command[int]):
+    i: int
+    n: int
+
+
+_workloads = st.lists(
+    st.tuples(st.integers(0, 12), st.sampled_from([0.0, 0.0, 0.0, 0.1, 0.25, 1.0])),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    jobs=_workloads,
+    maxlen=st.none() | st.integers(1, 5),
+    concurrency=st.integers(1, 3),
+    max_wait=st.sampled_from([0.0, 0.3]),
+    handler_seconds=st.sampled_from([0.0, 0.2]),
+    poison=st.sets(st.integers(0, 12), max_size=2),
+    rejected=st.sets(st.integers(0, 12), max_size=2),
+)
+def test_every_command_is_handled_once_and_gets_its_own_outcome(
+    jobs: list[tuple[int, float]],
+    maxlen: int | None,
+    concurrency: int,
+    max_wait: float,
+    handler_seconds: float,
+    poison: set[int],
+    rejected: set[int],
+) -> None:
+    # Commands arrive at random (virtual) times; the handler is slow or not,
+    # fails whole batches that hold a poison value, and rejects single items.
+    # Whatever the batch window makes of it: no batch exceeds maxlen, no more
+    # handler calls run at once than `concurrency`, every command is in
+    # exactly one handler call that returned (poison ones in none), and every
+    # workflow gets the outcome of its own command.
+    async def scenario() -> None:
+        clock = VirtualClock()
+        resonate = Resonate(MemoryStore(), clock=clock)
+        calls: list[list[int]] = []
+        returned: list[list[int]] = []
+        running = peak = 0
+
+        async def handler(ctx: Context, batch: list[Job]) -> list[object]:
+            nonlocal running, peak
+            calls.append([job.i for job in batch])
+            running += 1
+            peak = max(peak, running)
+            try:
+                if handler_seconds:
+                    await clock.sleep(handler_seconds)
+                if any(job.n in poison for job in batch):
+                    raise Poison(f"a batch of {len(batch)} holds poison")
+            finally:
+                running -= 1
+            returned.append([job.i for job in batch])
+            return [ValueError(job.n) if job.n in rejected else job.n * 2 for job in batch]
+
+        resonate.register_command_handler(
+            Job,
+            handler,
+            maxlen=maxlen,
+            concurrency=concurrency,
+            max_wait=max_wait,
+            retry_policy=never(),
+        )
+
+        @resonate.register(name="wf", retry_policy=never())
+        async def wf(ctx: Context, i: int, n: int, delay: float) -> int:
+            if delay:
+                await ctx.sleep(delay)
+            return await ctx.lfc(Job(i, n))
+
+        async with resonate:
+            handles = [resonate.run(f"w{i}", "wf", i, n, d) for i, (n, d) in enumerate(jobs)]
+            gathered = asyncio.gather(*handles, return_exceptions=True)
+            for _ in range(1000):
+                if gathered.done():
+                    break
+                await clock.advance(0.05)
+            results = await gathered
+
+        for (n, _), result in zip(jobs, results, strict=True):
+            if n in poison:
+                assert isinstance(result, Poison)
+            elif n in rejected:
+                assert isinstance(result, ValueError) and result.args == (n,)
+            else:
+                assert result == 2 * n
+        assert peak <= concurrency
+        if maxlen is not None:
+            assert max(len(c) for c in calls) <= maxlen
+        handled = sorted(i for batch in returned for i in batch)
+        assert handled == [i for i, (n, _) in enumerate(jobs) if n not in poison]
+
+    asyncio.run(scenario())
