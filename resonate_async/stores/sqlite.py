@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 from contextlib import asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import aiosqlite
 
@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
 __all__ = ("SQLiteStore",)
+
+_T = TypeVar("_T")
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 # OverflowError: an int beyond 64 bits cannot be bound; like any driver error
@@ -256,24 +258,16 @@ def _write_planned(
         FastPathMiss: a statement changed fewer rows than planned (an id
             taken, a promise settled already); the transaction is rolled back.
     """
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        inserted = updated = 0
-        if inserts:
-            inserted = _changed(db, _insert_rows, inserts, _COLUMN_COUNT, _INSERT_PAD)
-        if updates:
-            updated = _changed(db, _settle_rows, updates, _SETTLE_PARAMS, _SETTLE_PAD)
+
+    def apply() -> dict[str, PromiseRecord]:
+        inserted = _changed(db, _insert_rows, inserts, _COLUMN_COUNT, _INSERT_PAD) if inserts else 0
+        updated = _changed(db, _settle_rows, updates, _SETTLE_PARAMS, _SETTLE_PAD) if updates else 0
         if inserted != len(plan.creates) or updated != len(plan.settles):
-            raise FastPathMiss  # rolled back below
-        stored = {row[0]: row_to_record(row) for row in _select_rows(db, plan.unread)}
-        if cancelled.is_set():
-            db.rollback()
-            return None
-        db.execute("COMMIT")
-    except BaseException:
-        _rollback_quietly(db)
-        raise
-    return plan.fill(stored)
+            raise FastPathMiss
+        return {row[0]: row_to_record(row) for row in _select_rows(db, plan.unread)}
+
+    stored = _in_transaction(db, cancelled, apply)
+    return None if stored is None else plan.fill(stored)
 
 
 def _write_exact(
@@ -284,12 +278,29 @@ def _write_exact(
     ``BEGIN IMMEDIATE`` holds the write lock, so the rows read are the rows
     the ops apply to.
     """
-    db.execute("BEGIN IMMEDIATE")
-    try:
+
+    def apply() -> list[PromiseRecord | None]:
         before = {row[0]: row_to_record(row) for row in _select_rows(db, touched_ids(ops))}
         results, changed, _ = resolve_exactly(ops, before)
         if changed:
             db.executemany(_UPSERT, [record_to_row(r) for r in changed])
+        return results
+
+    return _in_transaction(db, cancelled, apply)
+
+
+def _in_transaction(
+    db: sqlite3.Connection, cancelled: threading.Event, work: Callable[[], _T]
+) -> _T | None:
+    """``work()`` between ``BEGIN IMMEDIATE`` and ``COMMIT``, on the connection's thread.
+
+    The thread-side twin of :meth:`SQLiteStore._transaction`: any error rolls
+    back (quietly, so that error is the one reported), and so does a caller
+    cancelled before ``COMMIT``, which then gets ``None``.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = work()
         if cancelled.is_set():
             db.rollback()
             return None
@@ -297,7 +308,7 @@ def _write_exact(
     except BaseException:
         _rollback_quietly(db)
         raise
-    return results
+    return result
 
 
 def _select_rows(db: sqlite3.Connection, ids: Sequence[str]) -> list[Any]:
@@ -547,9 +558,11 @@ class SQLiteStore(StoreLifecycle):
             try:
                 yield conn
             except _DRIVER_ERRORS as exc:
-                raise StoreError(
-                    f"SQLite operation on {self._path!r} failed: {exc}; nothing was written"
-                ) from exc
+                raise self._failed(exc) from exc
+
+    def _failed(self, exc: BaseException) -> StoreError:
+        """A driver error as the ``StoreError`` callers get (its transaction rolled back)."""
+        return StoreError(f"SQLite operation on {self._path!r} failed: {exc}; nothing was written")
 
     @asynccontextmanager
     async def _transaction(self, mode: str = "IMMEDIATE") -> AsyncIterator[aiosqlite.Connection]:
@@ -596,9 +609,7 @@ class SQLiteStore(StoreLifecycle):
             cancelled.set()  # it rolls back unless it is committing already
             raise
         except _DRIVER_ERRORS as exc:
-            raise StoreError(
-                f"SQLite operation on {self._path!r} failed: {exc}; nothing was written"
-            ) from exc
+            raise self._failed(exc) from exc
         if results is None:  # pragma: no cover - only a cancelled caller gets None
             raise asyncio.CancelledError
         return results
