@@ -220,13 +220,16 @@ def test_new_record_builds_the_same_record_as_the_dataclass() -> None:
         3.5, 4, "worker", 7.5, {"k": "v"},
     )  # fmt: skip
     built = new_record(*values)
-    assert built == PromiseRecord(*values)
+    assert type(built) is PromiseRecord and built == PromiseRecord(*values)
+    assert hash(new_record(*values[:-1], None)) == hash(PromiseRecord(*values[:-1], None))
     assert [getattr(built, f) for f in FIELDS] == list(values)
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.id = "other"  # type: ignore[misc]
 
 
 def test_new_create_and_new_settle_build_the_same_ops_as_the_dataclasses() -> None:
+    import dataclasses
+
     from resonate_async.stores._base import Settle, new_create, new_settle
 
     prior = PromiseRecord("r", State.PENDING, Kind.RUN, "r", 1.0)
@@ -240,3 +243,6 @@ def test_new_create_and_new_settle_build_the_same_ops_as_the_dataclasses() -> No
         2.0,
     )
     assert settle.prior is prior
+    assert type(settle) is Settle
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settle.id = "other"  # type: ignore[misc]
