@@ -23,9 +23,10 @@ Example:
 
 from ._clock import Clock, SystemClock
 from ._command import Command
-from ._context import Context, Promise
+from ._context import Context
 from ._encoding import Encoder, JSONEncoder
 from ._handle import Handle
+from ._promise import Promise
 from ._resonate import Promises, Resonate
 from ._stats import BatcherStats, Histogram, RunStats, Stats, StoreStats
 from .errors import (

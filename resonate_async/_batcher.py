@@ -32,8 +32,8 @@ from .stores._base import Kind, State, new_create, new_record
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
-    from ._context import Promise
     from ._engine import Engine
+    from ._promise import Promise
     from ._registry import HandlerEntry
     from .stores._base import PromiseRecord
 

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from ._batcher import Batcher
 from ._clock import with_deadline
-from ._context import Context, ReplayNow
+from ._context import Context
 from ._handle import Handle
 from ._invoke import invoke
 from ._leases import LeaseKeeper, abandoned_workers
+from ._promise import ReplayNow
 from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry
 from ._stats import RunStats, StoreStats
 from ._telemetry import Tracing

@@ -44,7 +44,7 @@ async def drive_generator(gen: Generator[Any, Any, Any]) -> Any:
     awaitable (``ctx.lfc(...)``, ``ctx.sleep(...)``), sends back its value or
     throws its error into the generator.
     """
-    from ._context import Promise
+    from ._promise import Promise
 
     send: Any = None
     error: BaseException | None = None

@@ -1,0 +1,419 @@
+"""``Promise``: one durable call of a workflow, awaited for its value.
+
+A promise is created by a :class:`~resonate_async.Context` call (``lfi``,
+``lfc``, ``rfi``, ``sleep``, ``promise``, ...) with its child id already
+assigned. When started it either returns the outcome stored for that id (a
+replay, checked to be the same call) or runs: an ``async def`` step inline
+in the awaiting task, a command through its type's batcher, a sleep, an
+external or a remote promise through the store. Its outcome is written once,
+when settled, by the group-commit writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+from ._registry import call_style, function_name
+from .errors import NondeterminismError, NotFoundError, ShutdownError, StoreError
+from .stores._base import Create, Kind, PromiseRecord, Settle, State
+
+if TYPE_CHECKING:
+    from collections.abc import Generator
+
+    from ._context import Context
+    from .retry import RetryPolicy
+
+__all__ = ("Promise", "ReplayNow")
+
+T = TypeVar("T")
+
+# What a Promise stands for.
+_STEP, _COMMAND, _SLEEP, _EXTERNAL, _REMOTE = range(5)
+_NOT_STARTED, _STARTED, _INLINE_DONE = range(3)
+_NO_KWARGS: dict[str, Any] = {}  # shared by every command; never mutated
+
+
+class ReplayNow(BaseException):
+    """Replay-every-step mode: unwind the workflow so it re-runs from the store.
+
+    A ``BaseException`` so that a workflow's own ``except Exception`` never
+    swallows it.
+    """
+
+
+# Outcomes that are not settled promises: nothing to replay from.
+_NOT_SETTLED = (asyncio.CancelledError, NondeterminismError, StoreError, ShutdownError)
+
+
+class Promise(Generic[T]):
+    """The promise of a durable call; ``await`` it for the value.
+
+    Attributes:
+        id: the promise's id in the store.
+    """
+
+    __slots__ = (
+        "_args",
+        "_awaited",
+        "_ctx",
+        "_error",
+        "_fresh",
+        "_future",
+        "_in_queue",
+        "_inline",
+        "_kwargs",
+        "_param",
+        "_retry_policy",
+        "_span",
+        "_state",
+        "_target",
+        "_timeout",
+        "_type",
+        "_value",
+        "_version",
+        "_yielded",
+        "id",
+    )
+
+    def __init__(
+        self,
+        ctx: Context,
+        id: str,
+        type: int,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.id = id
+        self._ctx = ctx
+        self._type = type
+        self._target = target
+        self._args = args
+        self._kwargs = kwargs
+        self._param: bytes | None = None
+        self._span: Any = None
+        self._retry_policy: RetryPolicy | None = None
+        self._timeout: float | None = target if type == _EXTERNAL else None
+        self._future: asyncio.Future[T] | None = None
+        self._state = _NOT_STARTED
+        self._inline = False
+        self._in_queue = False
+        self._fresh = False  # executed now, not replayed from the store
+        self._awaited = False
+        self._yielded = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._version = 1
+
+    def __repr__(self) -> str:
+        return f"Promise(id={self.id!r})"
+
+    def with_options(
+        self,
+        *,
+        retry_policy: RetryPolicy | None = None,
+        timeout: float | None = None,
+        id: str | None = None,
+    ) -> Promise[T]:
+        """Set options of this call before it starts; returns this promise.
+
+        Args:
+            retry_policy: how a failing step is retried (not for commands: a
+                batch follows its handler's policy).
+            timeout: seconds from now after which the call rejects with
+                ``PromiseTimeoutError`` (``REJECTED_TIMEDOUT``).
+            id: use this id instead of the child id (verbatim).
+
+        Raises:
+            RuntimeError: the call has already been dispatched, or a retry
+                policy was given for a command.
+        """
+        if self._state != _NOT_STARTED:
+            raise RuntimeError(
+                f"{self.id}: with_options must be called before the call starts "
+                "(right after lfi/lfc, before the next await)"
+            )
+        if retry_policy is not None:
+            if self._type == _COMMAND:
+                raise RuntimeError(
+                    f"{self.id}: a command's retries follow its handler's retry_policy; "
+                    "set it in register_command_handler"
+                )
+            self._retry_policy = retry_policy
+        if timeout is not None:
+            if timeout <= 0:
+                raise ValueError(f"timeout must be positive, got {timeout}")
+            self._timeout = timeout
+        if id is not None:
+            self.id = id
+        return self
+
+    # -- awaiting ------------------------------------------------------------
+
+    def __await__(self) -> Generator[Any, None, T]:
+        if (
+            self._type == _COMMAND
+            and self._state == _NOT_STARTED
+            and not self._ctx._engine.replay_every_step
+        ):
+            # The hot path of `await ctx.lfc(Command(...))`: await the future itself.
+            future = self._start()
+            if self._in_queue or future.done():
+                self._awaited = True
+                return future.__await__()
+        return self._await()
+
+    def _await(self) -> Generator[Any, None, T]:
+        self._awaited = True
+        state = self._state
+        if state == _INLINE_DONE:
+            return self._outcome()
+        if state == _NOT_STARTED and self._inline and self._type != _COMMAND:
+            self._state = _STARTED
+            try:
+                self._value = yield from self._run_inline().__await__()
+            except BaseException as exc:
+                self._error = exc
+                self._state = _INLINE_DONE
+                self._replay_now(exc)
+                raise
+            self._state = _INLINE_DONE
+            self._replay_now(None)
+            return cast("T", self._value)
+        future = self._start()
+        if self._type == _COMMAND and not future.done() and not self._in_queue:
+            yield from self._ctx._engine.batchers[type(self._target)].put(self).__await__()
+        try:
+            value = yield from future.__await__()
+        except Exception as exc:
+            self._replay_now(exc)
+            raise
+        self._replay_now(None)
+        return value
+
+    def _replay_now(self, error: BaseException | None) -> None:
+        """In replay-every-step mode, restart the workflow once this fresh call settled."""
+        if not self._fresh or not self._ctx._engine.replay_every_step or self._ctx._run is None:
+            return
+        if error is not None and isinstance(error, _NOT_SETTLED):
+            return
+        self._fresh = False
+        raise ReplayNow
+
+    def _outcome(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return cast("T", self._value)
+
+    def _cancel(self) -> None:
+        if self._future is not None and not self._future.done():
+            self._future.cancel()
+
+    def _start(self) -> asyncio.Future[T]:
+        """Dispatch once (idempotent): replay from the store, or run."""
+        future = self._future
+        if future is not None:
+            return future
+        if self._state == _INLINE_DONE:  # an lfc already awaited inline
+            future = self._ctx._engine.loop.create_future()
+            if self._error is not None:
+                future.set_exception(self._error)
+            else:
+                future.set_result(self._value)
+            self._future = future
+            return future
+        self._state = _STARTED
+        engine = self._ctx._engine
+        loop = engine.loop
+        stored = self._replayed()
+        self._fresh = stored is None
+        if stored is not None:
+            future = loop.create_future()
+            try:
+                future.set_result(engine.outcome(stored))
+            except Exception as exc:
+                future.set_exception(exc)
+        elif self._type == _COMMAND:
+            future = loop.create_future()
+            self._future = future
+            engine.batchers[type(self._target)].offer(self)
+            return future
+        elif self._type == _STEP:
+            future = loop.create_task(self._execute_step())
+        elif self._type == _EXTERNAL:
+            future = loop.create_task(self._execute_external())
+        elif self._type == _REMOTE:
+            future = loop.create_task(self._execute_remote())
+        else:  # sleeps are always inline
+            future = cast("asyncio.Future[T]", loop.create_task(self._execute_sleep()))
+        self._future = future
+        return future
+
+    def _stored(self) -> PromiseRecord | None:
+        """This call's row in the run's replay table, settled or not."""
+        run = self._ctx._run
+        return run.replay.get(self.id) if run is not None and run.replay else None
+
+    def _replayed(self) -> PromiseRecord | None:
+        """The stored, settled record of this call, checking it is the same call."""
+        stored = self._stored()
+        if stored is None:
+            return None
+        expected = self._func_name()
+        if stored.func != expected:
+            error = NondeterminismError(
+                f"{self.id}: the workflow now calls {expected!r} here, but the stored history "
+                f"recorded {stored.func!r}; deploy code compatible with the history or register "
+                "the changed workflow under a new version"
+            )
+            run = self._ctx._run
+            if run is not None:  # fatal for the run, even if the workflow catches it
+                run.fatal = error
+            raise error
+        if stored.state is State.PENDING and not self._ctx._engine.effectively_settled(stored):
+            return None
+        return stored
+
+    def _func_name(self) -> str | None:
+        if self._type == _COMMAND:
+            return self._ctx._engine.registry.handler(type(self._target)).name
+        if self._type == _STEP:
+            return function_name(self._target)
+        if self._type == _SLEEP:
+            return "resonate.sleep"
+        if self._type == _REMOTE:
+            return str(self._target)
+        return None
+
+    async def _run_inline(self) -> T:
+        stored = self._replayed()
+        self._fresh = stored is None
+        if stored is not None:
+            return cast("T", self._ctx._engine.outcome(stored))
+        if self._type == _STEP:
+            return await self._execute_step()
+        if self._type == _SLEEP:
+            await self._execute_sleep()
+            return cast("T", None)
+        if self._type == _REMOTE:
+            return await self._execute_remote()
+        return await self._execute_external()
+
+    # -- executions ------------------------------------------------------------
+
+    async def _execute_step(self) -> T:
+        ctx = self._ctx
+        engine = ctx._engine
+        fn = self._target
+        policy = self._retry_policy or engine.step_retry_policy
+        deadline = None if self._timeout is None else engine.clock.now() + self._timeout
+        call = engine.attempts(
+            ctx._run,
+            self.id,
+            ctx.root_id,
+            call_style(fn),
+            fn,
+            self._args,
+            self._kwargs,
+            policy,
+            deadline,
+        )
+        if engine.tracing.enabled:
+            attributes = {"resonate.id": self.id, "resonate.func": function_name(fn)}
+            call = engine.tracing.traced(call, "resonate.step", attributes)
+        state, data, attempt = await call
+        now = engine.clock.now()
+        record = PromiseRecord(
+            id=self.id,
+            state=state,
+            kind=Kind.STEP,
+            root_id=ctx.root_id,
+            created_at=now,
+            func=function_name(fn),
+            param=engine.try_encode_args(self._args, self._kwargs),
+            value=data,
+            parent_id=ctx.id,
+            settled_at=now,
+            attempt=attempt,
+        )
+        stored = await engine.writer.write(Create(record))
+        return cast("T", engine.settled_child(ctx._run, stored or record))
+
+    async def _execute_sleep(self) -> None:
+        ctx = self._ctx
+        engine = ctx._engine
+        run = ctx._run
+        stored = self._stored()
+        if stored is not None and stored.timeout_at is not None:
+            wake = stored.timeout_at
+        else:
+            now = engine.clock.now()
+            wake = now + float(self._target)
+            record = PromiseRecord(
+                id=self.id,
+                state=State.PENDING,
+                kind=Kind.SLEEP,
+                root_id=ctx.root_id,
+                created_at=now,
+                func="resonate.sleep",
+                parent_id=ctx.id,
+                timeout_at=wake,
+            )
+            stored = await engine.writer.write(Create(record))
+            if stored is not None and stored.timeout_at is not None:
+                wake = stored.timeout_at
+        await engine.clock.sleep(wake - engine.clock.now())
+        settled = await engine.writer.write(
+            Settle(self.id, State.RESOLVED, engine.encoded_none, engine.clock.now())
+        )
+        if settled is not None:
+            engine.settled_child(run, settled)
+
+    async def _execute_external(self) -> T:
+        ctx = self._ctx
+        engine = ctx._engine
+        run = ctx._run
+        stored = self._stored()
+        if stored is None:
+            now = engine.clock.now()
+            record = PromiseRecord(
+                id=self.id,
+                state=State.PENDING,
+                kind=Kind.EXTERNAL,
+                root_id=ctx.root_id,
+                created_at=now,
+                parent_id=ctx.id,
+                timeout_at=None if self._timeout is None else now + self._timeout,
+            )
+            stored = await engine.writer.write(Create(record))
+            if stored is None:  # pragma: no cover - a create always leaves a row
+                raise NotFoundError(self.id)
+        settled = await engine.wait_settled(stored)
+        return cast("T", engine.settled_child(run, settled))
+
+    async def _execute_remote(self) -> T:
+        ctx = self._ctx
+        engine = ctx._engine
+        now = engine.clock.now()
+        record = PromiseRecord(
+            id=self.id,
+            state=State.PENDING,
+            kind=Kind.REMOTE,
+            # A remote call is the root of its own tree: whoever claims it
+            # replays its children from there.
+            root_id=self.id,
+            created_at=now,
+            func=str(self._target),
+            version=self._version,
+            param=self._param,
+            parent_id=ctx.id,
+            timeout_at=None if self._timeout is None else now + self._timeout,
+        )
+        stored = await engine.writer.write(Create(record))
+        if stored is None:  # pragma: no cover - a create always leaves a row
+            raise NotFoundError(self.id)
+        if stored is record:
+            engine.remote_created()
+        settled = await engine.wait_settled(stored)
+        return cast("T", engine.settled_child(ctx._run, settled))
