@@ -24,8 +24,10 @@ Every pipeline is warmed up at a small size first; then ``--repeat`` rounds
 (default 3) run every pipeline in turn, and each figure is the pipeline's
 median run (this machine's speed drifts by tens of percent between runs;
 ``--json`` keeps every run's seconds). ``--no-batch`` runs once, last (see
-:func:`bench`). Every run
-checks that the table holds exactly N rows.
+:func:`bench`). Every run checks that the table holds exactly N rows, and
+reports how much of its time the cyclic GC took ("in GC"); after the table,
+each pipeline's growth from the smallest size to the larger ones is printed
+with and without that GC time.
 """
 
 from __future__ import annotations
@@ -67,6 +69,29 @@ LABELS = {
 # -- the pipelines -------------------------------------------------------------
 
 
+class GCClock:
+    """Seconds spent in the cyclic GC so far (a ``gc.callbacks`` hook).
+
+    A run reads it before and after its timed part: the difference is the
+    share of its wall time that the GC took (the GC runs on whatever thread
+    allocates, here nearly always the event loop's).
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+
+GC_CLOCK = GCClock()
+gc.callbacks.append(GC_CLOCK)
+
+
 def peak_rss_mb() -> float:
     """Process-wide peak RSS so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -94,11 +119,17 @@ def fresh_users_db(tmp: str) -> str:
 async def run_raw(users: int, tmp: str, store: str) -> dict[str, Any]:
     path = fresh_users_db(tmp)
     async with aiosqlite.connect(path) as db:
-        started = time.perf_counter()
+        started, in_gc = time.perf_counter(), GC_CLOCK.seconds
         await db.executemany(INSERT, [(u,) for u in range(users)])
         await db.commit()
-        elapsed = time.perf_counter() - started
-    return {"seconds": elapsed, "rows": count_rows(path), "transactions": 1, "batches": 1}
+        elapsed, in_gc = time.perf_counter() - started, GC_CLOCK.seconds - in_gc
+    return {
+        "seconds": elapsed,
+        "gc_seconds": in_gc,
+        "rows": count_rows(path),
+        "transactions": 1,
+        "batches": 1,
+    }
 
 
 async def run_dataloader(users: int, tmp: str, store: str) -> dict[str, Any]:
@@ -118,11 +149,12 @@ async def run_dataloader(users: int, tmp: str, store: str) -> dict[str, Any]:
         async def create(u: int) -> None:
             await loader.load(u)
 
-        started = time.perf_counter()
+        started, in_gc = time.perf_counter(), GC_CLOCK.seconds
         await asyncio.gather(*(create(u) for u in range(users)))
-        elapsed = time.perf_counter() - started
+        elapsed, in_gc = time.perf_counter() - started, GC_CLOCK.seconds - in_gc
     return {
         "seconds": elapsed,
+        "gc_seconds": in_gc,
         "rows": count_rows(path),
         "transactions": batches,
         "batches": batches,
@@ -143,20 +175,21 @@ async def run_resonate(
             resonate.set_dependency("log_batches", False)
             fn = create_user_batching if batch else create_user
             prefix = f"compare-{time.time_ns()}-{'b' if batch else 'n'}"
-            started = time.perf_counter()
+            started, in_gc = time.perf_counter(), GC_CLOCK.seconds
             handles = [resonate.run(f"{prefix}-{u}", fn, u) for u in range(users)]
             if gather:
                 await asyncio.gather(*handles)
             else:
                 for handle in handles:
                     await handle
-            elapsed = time.perf_counter() - started
+            elapsed, in_gc = time.perf_counter() - started, GC_CLOCK.seconds - in_gc
             stats = resonate.stats()
     finally:
         conn.close()
     batcher = stats.batchers.get("InsertUser")
     return {
         "seconds": elapsed,
+        "gc_seconds": in_gc,
         "rows": count_rows(path),
         "transactions": stats.store.transactions,
         "store_rows": stats.store.rows,
@@ -260,6 +293,7 @@ def render(results: list[dict[str, Any]], title: str) -> Table:
         ("users", "right"),
         ("pipeline", "left"),
         ("seconds", "right"),
+        ("in GC", "right"),
         ("µs/run", "right"),
         ("vs raw (a)", "right"),
         ("vs floor (b)", "right"),
@@ -278,6 +312,7 @@ def render(results: list[dict[str, Any]], title: str) -> Table:
             f"{r['users']:,}",
             LABELS[r["pipeline"]],
             f"{r['seconds']:.3f}",
+            f"{r['gc_seconds']:.3f}",
             f"{r['us_per_run']:.1f}",
             ratio(r["ratio_raw"]),
             ratio(r["ratio_dataloader"]),
@@ -287,6 +322,27 @@ def render(results: list[dict[str, Any]], title: str) -> Table:
             f"{r['peak_rss_mb']:.0f}",
         )
     return table
+
+
+def growth(results: list[dict[str, Any]]) -> list[str]:
+    """How each pipeline's time grows from the smallest size to each larger one,
+    with and without the time spent in the GC."""
+    by_size: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in results:
+        by_size.setdefault(r["pipeline"], {})[r["users"]] = r
+    lines = []
+    for pipeline, runs in by_size.items():
+        small = min(runs)
+        base = runs[small]
+        for users in sorted(runs)[1:]:
+            big = runs[users]
+            wall = big["seconds"] / base["seconds"]
+            no_gc = (big["seconds"] - big["gc_seconds"]) / (base["seconds"] - base["gc_seconds"])
+            lines.append(
+                f"{LABELS[pipeline]}: {users:,} users took {wall:.2f}x the time of {small:,} "
+                f"({no_gc:.2f}x without the GC's time; linear is {users / small:.0f}x)"
+            )
+    return lines
 
 
 def run_with_loop(loop: str, coro: Any) -> Any:
@@ -351,8 +407,8 @@ def main(
     if not counts or min(counts) < 1:
         raise click.BadParameter("sizes must be positive integers")
     console = Console()
-    if console.width < 132:  # keep the table readable when piped or in a narrow terminal
-        console = Console(width=132)
+    if console.width < 140:  # keep the table readable when piped or in a narrow terminal
+        console = Console(width=140)
     status = Console(stderr=True) if progress else None
     results = run_with_loop(loop, bench(counts, store, status, gather=gather, repeat=repeat))
     store_name = "postgres" if store.startswith("postgres") else "sqlite"
@@ -366,10 +422,13 @@ def main(
     )
     console.print(render(results, title))
     console.print(
+        "in GC: seconds of the run spent in the cyclic garbage collector. "
         "txns: promise-store transactions for resonate rows; users-db commits for (a)/(b). "
         "Peak RSS is the process-wide high-water mark up to that pipeline's first run at "
         "that size; --no-batch runs last, after every size."
     )
+    for line in growth(results):
+        console.print(line)
     if json_path:
         meta = {
             "loop": loop,

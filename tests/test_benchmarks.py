@@ -29,7 +29,7 @@ def test_compare_runs_every_pipeline_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "compare.json"
     proc = run_script("compare.py", "--sizes", "200", "--no-progress", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
-    for heading in ("pipeline", "µs/run", "rows/txn", "peak RSS MiB"):
+    for heading in ("pipeline", "in GC", "µs/run", "rows/txn", "peak RSS MiB"):
         assert heading in proc.stdout
     for label in ("raw executemany", "aiodataloader floor", "resonate batched", "--no-batch"):
         assert label in proc.stdout
@@ -37,6 +37,7 @@ def test_compare_runs_every_pipeline_and_writes_json(tmp_path: Path) -> None:
     pipelines = {r["pipeline"] for r in data["results"]}
     assert pipelines == {"raw", "dataloader", "resonate", "resonate-no-batch"}
     assert all(r["rows"] == 200 for r in data["results"])
+    assert all(0 <= r["gc_seconds"] <= r["seconds"] for r in data["results"])
 
 
 def test_compare_runs_no_batch_only_at_the_smallest_size(tmp_path: Path) -> None:
@@ -46,6 +47,9 @@ def test_compare_runs_no_batch_only_at_the_smallest_size(tmp_path: Path) -> None
     results = json.loads(out.read_text())["results"]
     no_batch = [r["users"] for r in results if r["pipeline"] == "resonate-no-batch"]
     assert no_batch == [50]
+    # How each batched pipeline grows from the smallest size, with and without the GC.
+    assert "(c) resonate batched: 100 users took" in proc.stdout
+    assert "without the GC's time; linear is 2x" in proc.stdout
 
 
 def test_compare_can_await_the_handles_with_gather(tmp_path: Path) -> None:
