@@ -1,10 +1,12 @@
-"""The engine: runs and their replay, waiting on promises, and the owned background tasks.
+"""The engine: runs and their replay, and the owned background tasks.
 
 ``Resonate`` is the public face; the engine is what exists between
 ``start()`` and ``aclose()``. It owns every task it starts: one per run, the
 group-commit writer, the batcher workers and the lease heartbeat. Shutdown
 stops them in order (runs, then batchers within the grace period, then the
 writer once drained), so no task outlives ``async with resonate``.
+Claiming and renewing leases is the ``LeaseKeeper`` half (``_leases``);
+waiting on promises settled elsewhere the ``SettleWatcher`` half (``_waiting``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ._promise import ReplayNow
 from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry
 from ._stats import RunStats, StoreStats
 from ._telemetry import Tracing
+from ._waiting import SettleWatcher
 from ._writer import GroupCommitWriter
 from .errors import (
     CanceledError,
@@ -137,7 +140,7 @@ def _not_started(task: asyncio.Task[Any]) -> bool:
     return inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
 
 
-class Engine(LeaseKeeper):
+class Engine(LeaseKeeper, SettleWatcher):
     """Everything that lives between start and shutdown."""
 
     def __init__(
@@ -725,96 +728,5 @@ class Engine(LeaseKeeper):
             run._set_exception(exc)
             return
         self._finish_run(run, settled)
-
-    # -- waiting on promises settled elsewhere -------------------------------
-
-    def wake(self, record: PromiseRecord) -> None:
-        """Tell local waiters that ``record`` settled (after a durable settle)."""
-        if self._waiters:
-            for waiter in self._waiters.pop(record.id, ()):
-                if not waiter.done():
-                    waiter.set_result(record)
-
-    def _on_settled_notice(self, id: str) -> None:
-        """NOTIFY from the store: a promise settled somewhere; wake its local waiters."""
-        if id in self._waiters and not self.closing:
-            self.spawn_other(self._refresh(id))
-
-    async def _refresh(self, id: str) -> None:
-        record = (await self.store.get_many([id])).get(id)
-        if record is not None and record.state is not State.PENDING:
-            self.wake(record)
-
-    async def wait_settled(self, record: PromiseRecord) -> PromiseRecord:
-        """Wait until ``record`` settles: woken in-process, else by polling the store.
-
-        A pending promise past its ``timeout_at`` is settled as timed out here.
-        """
-        clock = self.clock
-        while True:
-            state = self.effective_state(record)
-            if state is State.REJECTED_TIMEDOUT and record.state is State.PENDING:
-                error = self.encoder.encode_error(PromiseTimeoutError(f"{record.id} timed out"))
-                op = Settle(record.id, State.REJECTED_TIMEDOUT, error, clock.now())
-                record = await self.writer.write(op) or record
-                self.wake(record)
-                return record
-            if state is not State.PENDING:
-                return record
-            waiter: asyncio.Future[PromiseRecord] = self.loop.create_future()
-            self._waiters.setdefault(record.id, []).append(waiter)
-            deadline = clock.now() + self.poll_seconds
-            if record.timeout_at is not None:
-                deadline = min(deadline, record.timeout_at)
-            try:
-                record = await with_deadline(waiter, deadline, clock)
-                continue
-            except TimeoutError:
-                pass
-            finally:
-                waiters = self._waiters.get(record.id)
-                if waiters is not None and waiter in waiters:
-                    waiters.remove(waiter)
-                    if not waiters:
-                        del self._waiters[record.id]
-            fresh = (await self.store.get_many([record.id])).get(record.id)
-            if fresh is None:
-                raise NotFoundError(f"promise {record.id!r} disappeared from the store")
-            record = fresh
-
-    def spawn_other(self, coro: Any) -> asyncio.Task[Any]:
-        """Start an owned task that shutdown cancels (watchers, late recoveries)."""
-        task = self.loop.create_task(coro)
-        self._others.add(task)
-        task.add_done_callback(self._others.discard)
-        return task
-
-    def watch(self, id: str) -> Handle[Any]:
-        """A handle on a run that this process is not executing."""
-        handle: Handle[Any] = Handle(id, self.loop)
-        if id in self.stuck:
-            handle._set_exception(self.stuck[id])
-            return handle
-        self.spawn_other(self._watch(handle))
-        return handle
-
-    async def _watch(self, handle: Handle[Any]) -> None:
-        try:
-            record = (await self.store.get_many([handle.id])).get(handle.id)
-            if record is None:
-                raise NotFoundError(
-                    f"no run or promise with id {handle.id!r}; start it with resonate.run first"
-                )
-            handle._set_created()
-            record = await self.wait_settled(record)
-            try:
-                handle._set_result(self.outcome(record))
-            except Exception as exc:
-                handle._set_exception(exc)
-        except asyncio.CancelledError:
-            handle._set_exception(ShutdownError(f"stopped waiting for {handle.id!r}: shut down"))
-            raise
-        except Exception as exc:
-            handle._set_exception(exc)
 
     # -- recovery and leases -----------------------------------------------------
