@@ -110,7 +110,7 @@ class PromiseRecord:
 # builds three records per run. A plain class with the very same slots takes
 # ordinary attribute stores (0.13 µs), and an instance of it may then become
 # a PromiseRecord by assigning ``__class__``, which CPython allows exactly when
-# the two layouts are identical (0.25 µs in all). ``PromiseRecord`` has no
+# the two layouts are identical (0.20 µs in all). ``PromiseRecord`` has no
 # ``__post_init__`` to skip; the conformance suite compares every field of
 # what this builds.
 #: The field names of :class:`PromiseRecord`, in order (the stores' column order).
