@@ -56,7 +56,10 @@ async def main() -> None:
 
             started = time.perf_counter()
             handles = [resonate.run(f"insert-{u}", create_user, u) for u in range(USERS)]
-            total = sum(await asyncio.gather(*handles))
+            # In order: each await of a finished handle returns at once. (A
+            # handle is not a future, so asyncio.gather would wrap each one in
+            # a task of its own: about half as long again for this burst.)
+            total = sum([await handle for handle in handles])
             elapsed = time.perf_counter() - started
 
             async with db.execute("SELECT COUNT(*) FROM users") as cursor:
