@@ -16,7 +16,7 @@ import pytest_asyncio
 from resonate_async._store_suite import record
 from resonate_async.errors import StoreError
 from resonate_async.stores import Create, Settle, SQLiteStore, State
-from resonate_async.stores.sqlite import _settle_rows, _shapes
+from resonate_async.stores._sqlite_write import settle_rows, shapes
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -236,10 +236,10 @@ async def test_processes_sharing_a_file_never_claim_the_same_run(tmp_path: Path)
 
 @pytest.mark.parametrize("n", [1, 2, 3, 1023, 1024, 1025, 4097])
 def test_bulk_statements_cover_every_row_with_few_shapes(n: int) -> None:
-    shapes = _shapes(n, 1024)
-    assert 0 <= sum(shapes) - n < 1024  # the last statement's padding
-    assert all(s & (s - 1) == 0 and s <= 1024 for s in shapes)  # powers of two
-    assert shapes[:-1] == [1024] * (len(shapes) - 1)
+    sizes = shapes(n, 1024)
+    assert 0 <= sum(sizes) - n < 1024  # the last statement's padding
+    assert all(s & (s - 1) == 0 and s <= 1024 for s in sizes)  # powers of two
+    assert sizes[:-1] == [1024] * (len(sizes) - 1)
 
 
 async def test_large_writes_span_several_statements(store: SQLiteStore) -> None:
@@ -264,7 +264,7 @@ async def test_bulk_settle_finds_rows_by_primary_key(tmp_path: Path) -> None:
     try:
         conn.execute("ANALYZE")
         plan = conn.execute(
-            "EXPLAIN QUERY PLAN " + _settle_rows(2), ["RESOLVED", 0, 1.0, "p-1"] * 2
+            "EXPLAIN QUERY PLAN " + settle_rows(2), ["RESOLVED", 0, 1.0, "p-1"] * 2
         ).fetchall()
     finally:
         conn.close()

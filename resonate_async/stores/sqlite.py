@@ -5,8 +5,8 @@ is a thread hop. A write is one hop whatever its size: ``BEGIN IMMEDIATE``, a
 few multi-row statements for its creates and its settles, a read of the
 settled rows only for settles that carry no ``prior`` (and were not created
 in the batch), and ``COMMIT``, all in one function on the connection's thread
-(see the note on the bulk writes below); should the bulk statements not
-apply as planned, the same call redoes the write exactly. So writes run in
+(``_sqlite_write``); should the bulk statements not apply as planned, the
+same call redoes the write exactly. So writes run in
 the order they were queued, and the group-commit writer may queue the next
 transaction while the last one is still being written
 (``pipeline_depth = 2``): the thread goes from one commit straight to the
@@ -27,114 +27,44 @@ import sqlite3
 import threading
 import time
 from contextlib import asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiosqlite
 
 from ..errors import StoreError
-from ._base import Kind, Op, PromiseRecord, Settle, State, StoreLifecycle
+from ._base import Kind, Op, PromiseRecord, State, StoreLifecycle
 from ._sql import (
     COLUMN_LIST,
-    COLUMNS,
     OTHER_ROOT_ROWS,
     SCHEMA_VERSION_DDL,
     SQLITE,
-    FastPathMiss,
-    FastPlan,
     check_limit,
     chunked,
-    dump_tags,
     fast_plan,
     migrations,
-    record_to_row,
-    resolve_exactly,
     row_to_record,
     search_query,
-    touched_ids,
-    upsert_sql,
+)
+from ._sqlite_write import (
+    insert_params,
+    marks,
+    max_params,
+    select_rows,
+    settle_params,
+    submit,
+    write_ops,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncIterator, Sequence
 
 __all__ = ("SQLiteStore",)
-
-_T = TypeVar("_T")
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 # OverflowError: an int beyond 64 bits cannot be bound; like any driver error
 # it fails the whole transaction.
 _DRIVER_ERRORS = (sqlite3.Error, OverflowError)
 
-# Binding: sqlite3 binds an exact int, float or str as it is, but sends None,
-# bytes and str subclasses through its adapter lookup first, which costs more
-# than the rest of a row's binding (about 0.3 µs a parameter on CPython 3.11;
-# a blog run binds a dozen of them). The bulk statements therefore take a NULL
-# as a sentinel of a type its column never holds, turned back into NULL by
-# NULLIF: integer 0 in the text and blob columns, '' in the real ones; and a
-# blob as a bytearray, which binds directly. The stored rows are the same.
-_NULL_AS = {
-    "func": "0",
-    "param": "0",
-    "value": "0",
-    "parent_id": "0",
-    "timeout_at": "''",
-    "settled_at": "''",
-    "owner": "0",
-    "lease_expires_at": "''",
-    "tags": "0",
-}
-# The bulk writes. Each transaction of the writer is one call on the
-# connection's thread (one hop), and binds many rows to each statement (a
-# multi-row VALUES), not one statement per row: sqlite3 releases the GIL
-# around every step and reset of a statement, and the thread needs it back
-# after each. While the event loop's thread runs Python, every such return
-# waits up to a switch interval (5 ms) for the GIL, so executemany (one step
-# per row) let 5,000 inserts take 10 s beside a busy loop; a few statements
-# per transaction take a few of those waits.
-#
-# Statement shapes are fixed so that a handful are prepared once and then
-# found in the connection's statement cache: a full statement holds the
-# largest power of two of rows that the parameter limit allows (1,024 inserts,
-# 4,096 settles), and the rest of a transaction goes in one statement of the
-# next power of two, padded with rows that change nothing (an insert row with
-# id 0, which the SELECT filters out; a settle row with id NULL, which matches
-# no row).
-_COLUMN_COUNT = len(COLUMNS)
-_SETTLE_PARAMS = 4  # state, value, settled_at, id
-_INSERT_VALUES = ", ".join(
-    f"NULLIF(column{n}, {_NULL_AS[c]})" if c in _NULL_AS else f"column{n}"
-    for n, c in enumerate(COLUMNS, start=1)
-)
-_INSERT_PAD = (0,) * _COLUMN_COUNT
-_SETTLE_PAD = (0, 0, 0, None)
-
-
-@functools.lru_cache(maxsize=32)
-def _insert_rows(n: int) -> str:
-    """Insert ``n`` records (``_COLUMN_COUNT`` parameters each), skipping taken ids."""
-    row = f"({_marks(_COLUMN_COUNT)})"
-    # The WHERE drops padding rows, and keeps ON CONFLICT from being parsed
-    # as part of the SELECT.
-    return (
-        f"INSERT INTO promises ({COLUMN_LIST}) SELECT {_INSERT_VALUES} "
-        f"FROM (VALUES {', '.join([row] * n)}) WHERE column1 IS NOT 0 "
-        "ON CONFLICT (id) DO NOTHING"
-    )
-
-
-@functools.lru_cache(maxsize=32)
-def _settle_rows(n: int) -> str:
-    """Settle ``n`` pending promises (``_SETTLE_PARAMS`` parameters each)."""
-    return (
-        "UPDATE promises SET state = v.column1, value = NULLIF(v.column2, 0), "
-        "settled_at = v.column3, owner = NULL, lease_expires_at = NULL "
-        f"FROM (VALUES {', '.join(['(?, ?, ?, ?)'] * n)}) AS v "
-        "WHERE promises.id = v.column4 AND promises.state = 'PENDING'"
-    )
-
-
-_UPSERT = upsert_sql(SQLITE)
 # A tree in three parts that each use an index (see OTHER_ROOT_ROWS): the root
 # by id, the rows whose ids extend it ("root." <= id < "root/", as "/" follows
 # "."), and the rest through the partial index. Each row is in one part.
@@ -148,229 +78,11 @@ _TREE = (
 _RENEW = "UPDATE promises SET lease_expires_at = ? WHERE owner = ? AND state = 'PENDING'"
 
 
-def _insert_params(
-    records: list[PromiseRecord], _blob: type[bytearray] = bytearray
-) -> list[object]:
-    """The parameters of :func:`_insert_rows` for ``records``, flat (see the note on binding)."""
-    params: list[object] = []
-    extend = params.extend
-    for r in records:
-        extend(
-            (
-                r.id,
-                r.state._value_,
-                r.kind._value_,
-                r.root_id,
-                r.created_at,
-                0 if (func := r.func) is None else func,
-                r.version,
-                0 if (param := r.param) is None else _blob(param),
-                0 if (value := r.value) is None else _blob(value),
-                0 if (parent_id := r.parent_id) is None else parent_id,
-                "" if (timeout_at := r.timeout_at) is None else timeout_at,
-                "" if (settled_at := r.settled_at) is None else settled_at,
-                r.attempt,
-                0 if (owner := r.owner) is None else owner,
-                "" if (lease := r.lease_expires_at) is None else lease,
-                0 if (tags := r.tags) is None else dump_tags(tags),
-            )
-        )
-    return params
-
-
-def _settle_params(settles: list[Settle], _blob: type[bytearray] = bytearray) -> list[object]:
-    """The parameters of :func:`_settle_rows` for ``settles``, flat."""
-    params: list[object] = []
-    extend = params.extend
-    for s in settles:
-        extend((s.state._value_, 0 if (v := s.value) is None else _blob(v), s.settled_at, s.id))
-    return params
-
-
-def _shapes(n: int, full: int) -> list[int]:
-    """The statement sizes for ``n`` rows: full ones, then the next power of two."""
-    shapes = [full] * (n // full)
-    rest = n % full
-    if rest:
-        shapes.append(min(full, 1 << (rest - 1).bit_length()))
-    return shapes
-
-
-def _changed(
-    db: sqlite3.Connection,
-    sql: Callable[[int], str],
-    params: list[object],
-    width: int,
-    pad: tuple[object, ...],
-) -> int:
-    """Run ``sql`` over ``params`` (``width`` per row) in :func:`_shapes`; rows changed."""
-    changed = 0
-    start = 0
-    for k in _shapes(len(params) // width, _full_rows(width)):
-        chunk = params[start : start + k * width]
-        start += k * width
-        missing = k - len(chunk) // width
-        if missing:
-            chunk.extend(pad * missing)
-        changed += db.execute(sql(k), chunk).rowcount
-    return changed
-
-
-def _write_ops(
-    db: sqlite3.Connection,
-    ops: Sequence[Op],
-    plan: FastPlan | None,
-    inserts: list[object],
-    updates: list[object],
-    cancelled: threading.Event,
-) -> list[PromiseRecord | None] | None:
-    """One whole write, run on the connection's thread: the bulk statements of
-    ``plan`` or, when there is no plan or it did not apply, the exact path.
-
-    Returns the results, or ``None`` when the caller was cancelled before
-    ``COMMIT`` (the transaction is then rolled back). One call, so that a
-    write queued behind this one never runs between the two attempts.
-    """
-    if cancelled.is_set():
-        return None
-    if plan is not None:
-        try:
-            return _write_planned(db, plan, inserts, updates, cancelled)
-        except FastPathMiss:
-            pass  # rolled back: redo it exactly, in this same call
-    return _write_exact(db, ops, cancelled)
-
-
-def _write_planned(
-    db: sqlite3.Connection,
-    plan: FastPlan,
-    inserts: list[object],
-    updates: list[object],
-    cancelled: threading.Event,
-) -> list[PromiseRecord | None] | None:
-    """The bulk path: ``plan``'s results, or ``None`` if cancelled.
-
-    If every insert inserted and every update updated, each op's result is
-    the one planned, except for settles with neither a record created in
-    this batch nor a ``prior``: their rows are read back here.
-
-    Raises:
-        FastPathMiss: a statement changed fewer rows than planned (an id
-            taken, a promise settled already); the transaction is rolled back.
-    """
-
-    def apply() -> dict[str, PromiseRecord]:
-        inserted = _changed(db, _insert_rows, inserts, _COLUMN_COUNT, _INSERT_PAD) if inserts else 0
-        updated = _changed(db, _settle_rows, updates, _SETTLE_PARAMS, _SETTLE_PAD) if updates else 0
-        if inserted != len(plan.creates) or updated != len(plan.settles):
-            raise FastPathMiss
-        return {row[0]: row_to_record(row) for row in _select_rows(db, plan.unread)}
-
-    stored = _in_transaction(db, cancelled, apply)
-    return None if stored is None else plan.fill(stored)
-
-
-def _write_exact(
-    db: sqlite3.Connection, ops: Sequence[Op], cancelled: threading.Event
-) -> list[PromiseRecord | None] | None:
-    """The exact path: read the touched rows, apply ``ops`` in order, write the changes.
-
-    ``BEGIN IMMEDIATE`` holds the write lock, so the rows read are the rows
-    the ops apply to.
-    """
-
-    def apply() -> list[PromiseRecord | None]:
-        before = {row[0]: row_to_record(row) for row in _select_rows(db, touched_ids(ops))}
-        results, changed, _ = resolve_exactly(ops, before)
-        if changed:
-            db.executemany(_UPSERT, [record_to_row(r) for r in changed])
-        return results
-
-    return _in_transaction(db, cancelled, apply)
-
-
-def _in_transaction(
-    db: sqlite3.Connection, cancelled: threading.Event, work: Callable[[], _T]
-) -> _T | None:
-    """``work()`` between ``BEGIN IMMEDIATE`` and ``COMMIT``, on the connection's thread.
-
-    The thread-side twin of :meth:`SQLiteStore._transaction`: any error rolls
-    back (quietly, so that error is the one reported), and so does a caller
-    cancelled before ``COMMIT``, which then gets ``None``.
-    """
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        result = work()
-        if cancelled.is_set():
-            db.rollback()
-            return None
-        db.execute("COMMIT")
-    except BaseException:
-        _rollback_quietly(db)
-        raise
-    return result
-
-
-def _select_rows(db: sqlite3.Connection, ids: Sequence[str]) -> list[Any]:
-    """The rows of ``ids`` (those that exist), read on the connection's thread."""
-    rows: list[Any] = []
-    for chunk in chunked(ids, _max_params()):
-        rows += db.execute(_select_in(len(chunk)), chunk).fetchall()
-    return rows
-
-
-def _rollback_quietly(db: sqlite3.Connection) -> None:
-    # As _rollback: should the rollback fail too, the first error is the news.
-    with suppress(sqlite3.Error):
-        db.rollback()
-
-
-def _submit(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-    """Queue ``fn(*args)`` on the connection's thread now; return the future of its result.
-
-    What aiosqlite's ``Connection._execute`` does, except that the call is
-    queued before this returns, not when a coroutine first runs: a write
-    holds the store's lock only while it queues its call (see
-    :meth:`SQLiteStore.write`). This reaches into aiosqlite's private
-    ``_tx`` queue; every write goes through here, so any change there fails
-    the whole test suite.
-    """
-    if not conn._running or conn._connection is None:
-        raise sqlite3.ProgrammingError("the connection's thread has stopped")
-    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    conn._tx.put_nowait((future, functools.partial(fn, *args)))
-    return future
-
-
-def _full_rows(width: int) -> int:
-    """Rows of ``width`` parameters in a full statement: a power of two within the limit."""
-    return 1 << ((_max_params() // width).bit_length() - 1)
-
-
-@functools.cache
-def _max_params() -> int:
-    """How many ``?`` one statement may hold (999 in old builds, 32766+ now)."""
-    probe = sqlite3.connect(":memory:")
-    try:
-        return min(probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), 32766)
-    finally:
-        probe.close()
-
-
-def _marks(n: int) -> str:
-    return ", ".join(["?"] * n)
-
-
-@functools.lru_cache(maxsize=64)
-def _select_in(n: int) -> str:
-    return f"SELECT {COLUMN_LIST} FROM promises WHERE id IN ({_marks(n)})"
-
-
 @functools.lru_cache(maxsize=64)
 def _release(n: int) -> str:
     return (
         "UPDATE promises SET owner = NULL, lease_expires_at = NULL "
-        f"WHERE owner = ? AND id IN ({_marks(n)})"
+        f"WHERE owner = ? AND id IN ({marks(n)})"
     )
 
 
@@ -381,7 +93,7 @@ def _claim(n_kinds: int, n_funcs: int | None) -> str:
         funcs = f" AND (func, version) IN (VALUES {', '.join(['(?, ?)'] * n_funcs)})"
     return (
         "UPDATE promises SET owner = ?, lease_expires_at = ? WHERE id IN ("
-        f"SELECT id FROM promises WHERE state = 'PENDING' AND kind IN ({_marks(n_kinds)}) "
+        f"SELECT id FROM promises WHERE state = 'PENDING' AND kind IN ({marks(n_kinds)}) "
         f"AND (owner IS NULL OR lease_expires_at <= ?){funcs} "
         # RETURNING only the ids: SQLite returns REAL columns holding whole
         # numbers as ints there, so the rows are read back with a SELECT.
@@ -594,15 +306,15 @@ class SQLiteStore(StoreLifecycle):
         inserts: list[object] = []
         updates: list[object] = []
         if plan is not None:
-            inserts = _insert_params(plan.creates)
-            updates = _settle_params(plan.settles)
+            inserts = insert_params(plan.creates)
+            updates = settle_params(plan.settles)
         cancelled = threading.Event()
         # The lock is held only while the write is queued: a caller running
         # several statements in a row (a claim, a read) holds it for all of
         # them, so this one call never lands between theirs, and writes queued
         # one after another run in that order, the next waiting on the thread.
         async with self._connection() as conn:
-            done = _submit(conn, _write_ops, conn._conn, ops, plan, inserts, updates, cancelled)
+            done = submit(conn, write_ops, conn._conn, ops, plan, inserts, updates, cancelled)
         try:
             results: list[PromiseRecord | None] | None = await done
         except asyncio.CancelledError:
@@ -618,13 +330,13 @@ class SQLiteStore(StoreLifecycle):
         self, conn: aiosqlite.Connection, ids: Sequence[str]
     ) -> dict[str, PromiseRecord]:
         # One trip to the connection's thread, however many statements.
-        rows = await _submit(conn, _select_rows, conn._conn, ids)
+        rows = await submit(conn, select_rows, conn._conn, ids)
         return {row[0]: row_to_record(row) for row in rows}
 
     async def get_many(self, ids: Sequence[str]) -> dict[str, PromiseRecord]:
         """The stored records among ``ids``; see :meth:`Store.get_many`."""
         unique = list(dict.fromkeys(ids))
-        if len(unique) <= _max_params():
+        if len(unique) <= max_params():
             async with self._connection() as conn:
                 return await self._select(conn, unique)
         # Several statements: read them in one snapshot.
@@ -689,7 +401,7 @@ class SQLiteStore(StoreLifecycle):
         if not unique:
             return
         async with self._transaction() as conn:
-            for chunk in chunked(unique, _max_params() - 1):
+            for chunk in chunked(unique, max_params() - 1):
                 await conn.execute(_release(len(chunk)), (owner, *chunk))
 
 
