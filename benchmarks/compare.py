@@ -92,6 +92,20 @@ GC_CLOCK = GCClock()
 gc.callbacks.append(GC_CLOCK)
 
 
+class Stopwatch:
+    """Times a ``with`` block: ``seconds`` of wall time, ``gc_seconds`` of it in the GC."""
+
+    seconds = gc_seconds = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._started, self._in_gc = time.perf_counter(), GC_CLOCK.seconds
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._started
+        self.gc_seconds = GC_CLOCK.seconds - self._in_gc
+
+
 def peak_rss_mb() -> float:
     """Process-wide peak RSS so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -119,13 +133,12 @@ def fresh_users_db(tmp: str) -> str:
 async def run_raw(users: int, tmp: str, store: str) -> dict[str, Any]:
     path = fresh_users_db(tmp)
     async with aiosqlite.connect(path) as db:
-        started, in_gc = time.perf_counter(), GC_CLOCK.seconds
-        await db.executemany(INSERT, [(u,) for u in range(users)])
-        await db.commit()
-        elapsed, in_gc = time.perf_counter() - started, GC_CLOCK.seconds - in_gc
+        with Stopwatch() as timed:
+            await db.executemany(INSERT, [(u,) for u in range(users)])
+            await db.commit()
     return {
-        "seconds": elapsed,
-        "gc_seconds": in_gc,
+        "seconds": timed.seconds,
+        "gc_seconds": timed.gc_seconds,
         "rows": count_rows(path),
         "transactions": 1,
         "batches": 1,
@@ -149,12 +162,11 @@ async def run_dataloader(users: int, tmp: str, store: str) -> dict[str, Any]:
         async def create(u: int) -> None:
             await loader.load(u)
 
-        started, in_gc = time.perf_counter(), GC_CLOCK.seconds
-        await asyncio.gather(*(create(u) for u in range(users)))
-        elapsed, in_gc = time.perf_counter() - started, GC_CLOCK.seconds - in_gc
+        with Stopwatch() as timed:
+            await asyncio.gather(*(create(u) for u in range(users)))
     return {
-        "seconds": elapsed,
-        "gc_seconds": in_gc,
+        "seconds": timed.seconds,
+        "gc_seconds": timed.gc_seconds,
         "rows": count_rows(path),
         "transactions": batches,
         "batches": batches,
@@ -175,21 +187,20 @@ async def run_resonate(
             resonate.set_dependency("log_batches", False)
             fn = create_user_batching if batch else create_user
             prefix = f"compare-{time.time_ns()}-{'b' if batch else 'n'}"
-            started, in_gc = time.perf_counter(), GC_CLOCK.seconds
-            handles = [resonate.run(f"{prefix}-{u}", fn, u) for u in range(users)]
-            if gather:
-                await asyncio.gather(*handles)
-            else:
-                for handle in handles:
-                    await handle
-            elapsed, in_gc = time.perf_counter() - started, GC_CLOCK.seconds - in_gc
+            with Stopwatch() as timed:
+                handles = [resonate.run(f"{prefix}-{u}", fn, u) for u in range(users)]
+                if gather:
+                    await asyncio.gather(*handles)
+                else:
+                    for handle in handles:
+                        await handle
             stats = resonate.stats()
     finally:
         conn.close()
     batcher = stats.batchers.get("InsertUser")
     return {
-        "seconds": elapsed,
-        "gc_seconds": in_gc,
+        "seconds": timed.seconds,
+        "gc_seconds": timed.gc_seconds,
         "rows": count_rows(path),
         "transactions": stats.store.transactions,
         "store_rows": stats.store.rows,
