@@ -280,9 +280,10 @@ class SQLiteStore(StoreLifecycle):
     async def _transaction(self, mode: str = "IMMEDIATE") -> AsyncIterator[aiosqlite.Connection]:
         """One transaction: commit on success, roll back on any error.
 
-        This is the single transaction boundary of the store; the rollback
-        leaves the connection usable, so the next call succeeds once the
-        fault (a lock, a full disk) clears.
+        The store's transaction boundary on the event loop's side (a write
+        uses its twin on the connection's thread, ``_in_transaction`` in
+        ``_sqlite_write``); the rollback leaves the connection usable, so the
+        next call succeeds once the fault (a lock, a full disk) clears.
         """
         async with self._connection() as conn:
             try:
