@@ -24,7 +24,8 @@ from ._registry import call_style, function_name
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from ._engine import Engine, RunState
+    from ._engine import Engine
+    from ._runs import RunState
 
 __all__ = ("Context",)
 

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
     from ._clock import Clock
     from ._encoding import Encoder
-    from ._engine import RunState
     from ._registry import FunctionEntry, Registry
+    from ._runs import RunState
     from .errors import NondeterminismError
     from .stores._base import PromiseRecord, Store
 

@@ -1,0 +1,161 @@
+"""Calling a function until its retry policy gives up, and encoding the outcome.
+
+A step (``lfc``/``lfi`` of a function) and a run's body go through
+:meth:`Attempts.attempts` (a plain run makes its first attempt inline, in
+``_runs``, and continues here if it fails). Each attempt gets a fresh
+``Context`` numbered by its attempt; a failure the policy retries waits its
+delay on the engine's clock (the virtual one in tests) and runs again; the
+final value or error is encoded once, ready for the settle. Errors that must
+leave the promise PENDING (nondeterminism, a store failure, shutdown,
+cancellation: ``LEAVE_PENDING``) propagate instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, cast
+
+from ._clock import with_deadline
+from ._context import Context
+from ._invoke import invoke
+from ._promise import ReplayNow
+from ._registry import CallStyle
+from .errors import (
+    EncodingError,
+    NondeterminismError,
+    PromiseTimeoutError,
+    ShutdownError,
+    StoreError,
+)
+from .stores._base import State
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._clock import Clock
+    from ._encoding import Encoder
+    from ._engine import Engine
+    from ._runs import RunState
+    from .retry import RetryPolicy
+    from .stores._base import Store
+
+__all__ = ("LEAVE_PENDING", "Attempts")
+
+log = logging.getLogger("resonate_async")
+
+# Errors that end a run without settling it: it stays PENDING for recovery.
+_UNSETTLED = (NondeterminismError, StoreError, ShutdownError)
+#: What leaves a call's promise pending, after cancelling the call's children.
+LEAVE_PENDING = (asyncio.CancelledError, *_UNSETTLED)
+
+# Members read on every call: a module global is cheaper than an Enum class attribute.
+_RESOLVED = State.RESOLVED
+_ASYNC, _SYNC = CallStyle.ASYNC, CallStyle.SYNC
+
+
+class Attempts:
+    """Attempts of one call under its retry policy (a mixin of ``Engine``)."""
+
+    # Provided by Engine.
+    store: Store
+    encoder: Encoder
+    clock: Clock
+    encoded_none: bytes
+
+    async def attempts(
+        self,
+        run: RunState | None,
+        id: str,
+        root_id: str,
+        style: CallStyle,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...] | list[Any],
+        kwargs: dict[str, Any],
+        policy: RetryPolicy,
+        deadline: float | None,
+        first: int = 1,
+    ) -> tuple[State, bytes, int]:
+        """Call ``fn`` until it succeeds or its policy gives up; encode the outcome.
+
+        Returns the settled state, the encoded value or error, and the number
+        of attempts. Raises the errors that must leave the promise PENDING
+        (nondeterminism, store failure, shutdown, cancellation). ``first`` is
+        the number of the first attempt made here (a caller that made the
+        first attempt itself continues with 2).
+        """
+        clock = self.clock
+        attempt = first
+        while True:
+            # cast: Engine is the one class that mixes this in.
+            ctx = Context(cast("Engine", self), run, id, root_id, attempt, leaf=style is _SYNC)
+            try:
+                # An async function is awaited directly: no wrapper coroutine on the hot path.
+                call = (
+                    fn(ctx, *args, **kwargs)
+                    if style is _ASYNC
+                    else invoke(style, fn, ctx, args, kwargs)
+                )
+                value = await (call if deadline is None else with_deadline(call, deadline, clock))
+                if ctx._children:
+                    await ctx._join_children()
+            except ReplayNow:
+                # Replay-every-step mode: a fresh call settled; re-run from the store.
+                if ctx._children:
+                    for child in ctx._children:
+                        child._fresh = False  # the restart replays them all at once
+                    await ctx._join_children()
+                if run is not None:
+                    run.replay = {r.id: r for r in await self.store.tree(run.id)}
+                continue
+            except LEAVE_PENDING:
+                ctx._cancel_children()
+                raise
+            except Exception as exc:
+                final = await self._failed(run, id, ctx, exc, attempt, policy, deadline)
+                if final is not None:
+                    return final[0], final[1], attempt
+                attempt += 1
+                continue
+            state, data = self._succeeded(run, id, value)
+            return state, data, attempt
+
+    async def _failed(
+        self,
+        run: RunState | None,
+        id: str,
+        ctx: Context,
+        exc: Exception,
+        attempt: int,
+        policy: RetryPolicy,
+        deadline: float | None,
+    ) -> tuple[State, bytes] | None:
+        """After attempt ``attempt`` raised ``exc``: the settled outcome if the
+        policy gives up (or the deadline has come), else ``None`` once the
+        retry delay has passed."""
+        if ctx._children:
+            await ctx._join_children()
+        if run is not None and run.fatal is not None:
+            raise run.fatal from None
+        clock = self.clock
+        if deadline is not None and clock.now() >= deadline:
+            timeout = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
+            return State.REJECTED_TIMEDOUT, self.encoder.encode_error(timeout)
+        delay = policy.next_delay(attempt + 1) if policy.should_retry(exc) else None
+        if delay is None or (deadline is not None and clock.now() + delay >= deadline):
+            return State.REJECTED, self.encoder.encode_error(exc)
+        log.info("%s failed on attempt %d (%r); retrying in %.3fs", id, attempt, exc, delay)
+        await clock.sleep(delay)
+        return None
+
+    def _succeeded(self, run: RunState | None, id: str, value: Any) -> tuple[State, bytes]:
+        """The settled outcome of a call that returned ``value``."""
+        if run is not None and run.fatal is not None:
+            raise run.fatal
+        if value is None:
+            return _RESOLVED, self.encoded_none
+        try:
+            return _RESOLVED, self.encoder.encode(value)
+        except EncodingError as exc:
+            error = EncodingError(f"{id}: the return value is not encodable: {exc}")
+            return State.REJECTED, self.encoder.encode_error(error)
