@@ -22,26 +22,33 @@ import argparse
 import asyncio
 import json
 import os
-import pprint
 import re
 import sqlite3
 import sys
 import time
 from collections import Counter
 from contextlib import closing
-from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._cli_view import (
+    effective,
+    is_error,
+    iso,
+    outcome_text,
+    search,
+    stored_json,
+    summary,
+    table,
+)
 from ._encoding import JSONEncoder
-from .errors import CanceledError, EncodingError, PromiseTimeoutError, StoredError, StoreError
+from .errors import CanceledError, PromiseTimeoutError, StoreError
 from .stores import DEFAULT_STORE, store_from_spec
 from .stores._base import Kind, PromiseRecord, Settle, State
 from .stores.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable
 
     from .stores._base import Store
 
@@ -60,143 +67,6 @@ class CLIError(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
-
-
-# -- the reader's view -------------------------------------------------------
-
-
-def effective(record: PromiseRecord, now: float) -> PromiseRecord:
-    """``record`` as a reader sees it at ``now`` (timeouts applied, DESIGN §2)."""
-    deadline = record.timeout_at
-    if record.state is State.PENDING and deadline is not None and now >= deadline:
-        state = State.RESOLVED if record.kind is Kind.SLEEP else State.REJECTED_TIMEDOUT
-        return replace(record, state=state)
-    return record
-
-
-async def search(
-    store: Store,
-    *,
-    state: State | None,
-    kind: Kind | None,
-    prefix: str | None,
-    limit: int | None,
-) -> list[PromiseRecord]:
-    """``store.search`` filtered by *effective* state, oldest first.
-
-    A PENDING row may read as REJECTED_TIMEDOUT (or RESOLVED, for a sleep), so
-    those filters also sweep the pending rows, which the store cannot filter
-    by deadline; that sweep reads every pending row matching the other filters.
-    """
-    now = time.time()
-    if state is None:
-        rows = await store.search(kind=kind, prefix=prefix, limit=limit)
-        return [effective(r, now) for r in rows]
-    found = (
-        []
-        if state is State.PENDING
-        else await store.search(state=state, kind=kind, prefix=prefix, limit=limit)
-    )
-    sweep = state is State.PENDING or (state is State.REJECTED_TIMEDOUT and kind is not Kind.SLEEP)
-    sweep_kind = kind
-    if state is State.RESOLVED and kind in (None, Kind.SLEEP):
-        sweep, sweep_kind = True, Kind.SLEEP
-    if sweep:
-        # For PENDING a limited read suffices unless some of it timed out.
-        first = limit if state is State.PENDING else None
-        pending = await store.search(
-            state=State.PENDING, kind=sweep_kind, prefix=prefix, limit=first
-        )
-        kept = [r for r in (effective(p, now) for p in pending) if r.state is state]
-        if first is not None and len(pending) == first and len(kept) < len(pending):
-            pending = await store.search(
-                state=State.PENDING, kind=sweep_kind, prefix=prefix, limit=None
-            )
-            kept = [r for r in (effective(p, now) for p in pending) if r.state is state]
-        found = sorted([*found, *kept], key=lambda r: (r.created_at, r.id))
-    return found if limit is None else found[:limit]
-
-
-# -- formatting ----------------------------------------------------------------
-
-
-def iso(ts: float | None, timespec: str = "auto") -> str | None:
-    """Seconds since the epoch as an ISO 8601 UTC string (``None`` stays ``None``)."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str | None]]) -> str:
-    """Left-aligned columns two spaces apart; ``None`` cells print as ``-``."""
-    cells = [list(header), *([c if c is not None else "-" for c in row] for row in rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    )
-
-
-def summary(record: PromiseRecord) -> dict[str, object]:
-    """The fields of ``promises list --json``."""
-    return {
-        "id": record.id,
-        "state": record.state.value,
-        "kind": record.kind.value,
-        "func": record.func,
-        "version": record.version,
-        "parent_id": record.parent_id,
-        "root_id": record.root_id,
-        "attempt": record.attempt,
-        "created_at": iso(record.created_at),
-        "settled_at": iso(record.settled_at),
-        "timeout_at": iso(record.timeout_at),
-    }
-
-
-def stored_json(data: bytes | None) -> tuple[object, str | None]:
-    """Stored bytes as plain JSON (tags kept, nothing imported), else their repr."""
-    if data is None:
-        return None, None
-    try:
-        return json.loads(data), None
-    except ValueError:
-        return None, repr(data)
-
-
-def error_text(error: BaseException) -> str:
-    """``type: message`` of a decoded error, with the stored type name when rebuilt as-is."""
-    if isinstance(error, StoredError):
-        return f"{error.type}: {error.message}"
-    cls = type(error)
-    name = (
-        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    )
-    return f"{name}: {error}"
-
-
-def outcome_text(encoder: JSONEncoder, data: bytes | None, *, error: bool) -> str:
-    """A stored param, value or error decoded and pretty-printed for a person.
-
-    What the encoder cannot rebuild (say a dataclass whose module does not
-    import here) is shown as its stored JSON; bytes that are no JSON at all as
-    their repr.
-    """
-    if data is None:
-        return "-"
-    try:
-        if error:
-            return error_text(encoder.decode_error(data))
-        return pprint.pformat(encoder.decode(data), width=88, sort_dicts=False)
-    except EncodingError as exc:
-        raw, bad = stored_json(data)
-        if bad is not None:
-            return f"{bad}  (undecodable)"
-        return f"{json.dumps(raw, indent=2)}\n(stored JSON; not rebuilt: {exc})"
-
-
-def is_error(record: PromiseRecord) -> bool:
-    """Whether ``record.value`` holds an encoded error (a rejected state)."""
-    return record.state.settled and record.state is not State.RESOLVED
 
 
 # -- commands --------------------------------------------------------------------
