@@ -125,7 +125,7 @@ async def test_owner_queries_use_the_pending_index_or_the_primary_key(tmp_path: 
         pass
     db = sqlite3.connect(path)
 
-    def plan(sql: str, args: tuple[object, ...]) -> str:
+    def plan(sql: str, args: tuple[object, ...] | dict[str, object]) -> str:
         return "; ".join(r[3] for r in db.execute("EXPLAIN QUERY PLAN " + sql, args))
 
     try:
@@ -137,7 +137,7 @@ async def test_owner_queries_use_the_pending_index_or_the_primary_key(tmp_path: 
         assert "USING INDEX promises_pending" in claim
         # A tree: its root and its "root."-prefixed rows by primary key, the
         # rest through the partial index; never a scan of the table.
-        tree = plan(sqlite_store._TREE, ("r",))
+        tree = plan(sqlite_store._TREE, {"root": "r"})
         assert "USING PRIMARY KEY (id=?)" in tree and "USING PRIMARY KEY (id>? AND id<?)" in tree
         assert "USING INDEX promises_root_other" in tree and "SCAN promises" not in tree
     finally:

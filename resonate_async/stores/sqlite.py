@@ -56,7 +56,7 @@ from ._sqlite_write import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Mapping, Sequence
 
 __all__ = ("SQLiteStore",)
 
@@ -68,11 +68,13 @@ _DRIVER_ERRORS = (sqlite3.Error, OverflowError)
 # A tree in three parts that each use an index (see OTHER_ROOT_ROWS): the root
 # by id, the rows whose ids extend it ("root." <= id < "root/", as "/" follows
 # "."), and the rest through the partial index. Each row is in one part.
+# A named parameter, bound from a dict: Python 3.12.0-3.12.3 warn when a
+# sequence binds numbered ones (?1), as a tree's six uses of one id would.
 _TREE = (
-    f"SELECT {COLUMN_LIST} FROM promises WHERE id = ?1 AND root_id = ?1 "
+    f"SELECT {COLUMN_LIST} FROM promises WHERE id = :root AND root_id = :root "
     f"UNION ALL SELECT {COLUMN_LIST} FROM promises "
-    "WHERE id >= ?1 || '.' AND id < ?1 || '/' AND root_id = ?1 "
-    f"UNION ALL SELECT {COLUMN_LIST} FROM promises WHERE root_id = ?1 AND {OTHER_ROOT_ROWS} "
+    "WHERE id >= :root || '.' AND id < :root || '/' AND root_id = :root "
+    f"UNION ALL SELECT {COLUMN_LIST} FROM promises WHERE root_id = :root AND {OTHER_ROOT_ROWS} "
     "ORDER BY created_at, id"
 )
 _RENEW = "UPDATE promises SET lease_expires_at = ? WHERE owner = ? AND state = 'PENDING'"
@@ -344,14 +346,16 @@ class SQLiteStore(StoreLifecycle):
         async with self._transaction("DEFERRED") as conn:
             return await self._select(conn, unique)
 
-    async def _query(self, sql: str, args: Sequence[object]) -> list[PromiseRecord]:
+    async def _query(
+        self, sql: str, args: Sequence[object] | Mapping[str, object]
+    ) -> list[PromiseRecord]:
         async with self._connection() as conn:
             rows = await conn.execute_fetchall(sql, args)
         return [row_to_record(row) for row in rows]
 
     async def tree(self, root_id: str) -> list[PromiseRecord]:
         """Every record of the tree of ``root_id``, ordered by ``created_at`` then id."""
-        return await self._query(_TREE, (root_id,))
+        return await self._query(_TREE, {"root": root_id})
 
     async def search(
         self,
