@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint types unit bench docs clean
+.PHONY: demo test lint types unit pythons bench docs clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,18 @@ unit: $(VENV)/.dev
 
 test: lint types unit
 
+# The unit tests under each Python of PYTHONS that runs here, each in a venv
+# of its own (.venv-python3.12, ...). Give paths where versions are not on
+# PATH: make pythons PYTHONS="/opt/py312/bin/python3.12 python3.13".
+PYTHONS ?= python3.11 python3.12 python3.13 python3.14
+pythons:
+	@for py in $(PYTHONS); do \
+	  if $$py -c pass 2>/dev/null; then \
+	    echo "== $$py"; \
+	    $(MAKE) --no-print-directory unit PYTHON=$$py VENV=.venv-$$(basename $$py) || exit 1; \
+	  else echo "== $$py: not here, skipped"; fi; \
+	done
+
 bench: $(VENV)/.dev
 	$(PY) benchmarks/batching.py --batch --users 10000
 	$(PY) benchmarks/batching.py --no-batch --users 10000
@@ -43,4 +55,4 @@ docs: $(VENV)/.dev
 	$(VENV)/bin/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-python3.* site .pytest_cache .mypy_cache .ruff_cache
