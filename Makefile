@@ -36,14 +36,14 @@ unit: $(VENV)/.dev
 test: lint types unit
 
 # The unit tests under each Python of PYTHONS that runs here, each in a venv
-# of its own (.venv-python3.12, ...). Give paths where versions are not on
-# PATH: make pythons PYTHONS="/opt/py312/bin/python3.12 python3.13".
+# of its own named by its version (.venv-3.12.1, ...). Give paths where
+# versions are not on PATH: make pythons PYTHONS="/opt/py312/bin/python3.12".
 PYTHONS ?= python3.11 python3.12 python3.13 python3.14
 pythons:
 	@for py in $(PYTHONS); do \
-	  if $$py -c pass 2>/dev/null; then \
-	    echo "== $$py"; \
-	    $(MAKE) --no-print-directory unit PYTHON=$$py VENV=.venv-$$(basename $$py) || exit 1; \
+	  if version=$$($$py -c 'import platform; print(platform.python_version())' 2>/dev/null); then \
+	    echo "== $$py ($$version)"; \
+	    $(MAKE) --no-print-directory unit PYTHON=$$py VENV=.venv-$$version || exit 1; \
 	  else echo "== $$py: not here, skipped"; fi; \
 	done
 
@@ -55,4 +55,4 @@ docs: $(VENV)/.dev
 	$(VENV)/bin/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) .venv-python3.* site .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-3.* site .pytest_cache .mypy_cache .ruff_cache
