@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .retry import RetryPolicy
     from .stores._base import Store
 
-__all__ = ("Engine", "RunState")
+__all__ = ("Engine",)
 
 log = logging.getLogger("resonate_async")
 

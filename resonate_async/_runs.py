@@ -94,7 +94,7 @@ class RunState(Handle[Any]):
         self.param = param
         self.timeout_at = timeout_at
         # The root as this run created (or claimed) it: what it settles. A
-        # fresh run's is built when the writer admits it (see Engine._root_op).
+        # fresh run's is built when the writer admits it (see RunDriver._root_op).
         self.record = record
         self.args = args
         self.kwargs = kwargs
