@@ -27,12 +27,14 @@ median run (this machine's speed drifts by tens of percent between runs;
 :func:`bench`). Every run checks that the table holds exactly N rows, and
 reports how much of its time the cyclic GC took ("in GC"); after the table,
 each pipeline's growth from the smallest size to the larger ones is printed
-with and without that GC time.
+with and without that GC time. ``--gc-threshold`` and ``--gc-freeze`` try
+what an application can do about the GC (see docs/performance.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -43,7 +45,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 import click
@@ -54,6 +56,9 @@ from aiodataloader import DataLoader
 from batching import INSERT, SCHEMA, build, create_user, create_user_batching
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 WARMUP_USERS = 200
 
@@ -90,6 +95,20 @@ class GCClock:
 
 GC_CLOCK = GCClock()
 gc.callbacks.append(GC_CLOCK)
+
+
+@contextlib.contextmanager
+def frozen_gc(enabled: bool) -> Iterator[None]:
+    """With ``--gc-freeze``: everything alive on entry (the submitted work) is
+    left out of the cyclic GC's collections until the block ends."""
+    if not enabled:
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class Stopwatch:
@@ -145,7 +164,9 @@ async def run_raw(users: int, tmp: str, store: str) -> dict[str, Any]:
     }
 
 
-async def run_dataloader(users: int, tmp: str, store: str) -> dict[str, Any]:
+async def run_dataloader(
+    users: int, tmp: str, store: str, *, freeze: bool = False
+) -> dict[str, Any]:
     path = fresh_users_db(tmp)
     batches = 0
     async with aiosqlite.connect(path) as db:
@@ -163,7 +184,9 @@ async def run_dataloader(users: int, tmp: str, store: str) -> dict[str, Any]:
             await loader.load(u)
 
         with Stopwatch() as timed:
-            await asyncio.gather(*(create(u) for u in range(users)))
+            loads = asyncio.gather(*(create(u) for u in range(users)))
+            with frozen_gc(freeze):
+                await loads
     return {
         "seconds": timed.seconds,
         "gc_seconds": timed.gc_seconds,
@@ -174,7 +197,7 @@ async def run_dataloader(users: int, tmp: str, store: str) -> dict[str, Any]:
 
 
 async def run_resonate(
-    users: int, tmp: str, store: str, *, batch: bool, gather: bool = False
+    users: int, tmp: str, store: str, *, batch: bool, gather: bool = False, freeze: bool = False
 ) -> dict[str, Any]:
     path = fresh_users_db(tmp)
     resonate = build(store or os.path.join(tmp, "resonate.db"))
@@ -189,11 +212,12 @@ async def run_resonate(
             prefix = f"compare-{time.time_ns()}-{'b' if batch else 'n'}"
             with Stopwatch() as timed:
                 handles = [resonate.run(f"{prefix}-{u}", fn, u) for u in range(users)]
-                if gather:
-                    await asyncio.gather(*handles)
-                else:
-                    for handle in handles:
-                        await handle
+                with frozen_gc(freeze):
+                    if gather:
+                        await asyncio.gather(*handles)
+                    else:
+                        for handle in handles:
+                            await handle
             stats = resonate.stats()
     finally:
         conn.close()
@@ -210,16 +234,18 @@ async def run_resonate(
 
 
 async def run_pipeline(
-    pipeline: str, users: int, store: str, *, gather: bool = False
+    pipeline: str, users: int, store: str, *, gather: bool = False, freeze: bool = False
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         if pipeline == "raw":
             result = await run_raw(users, tmp, store)
         elif pipeline == "dataloader":
-            result = await run_dataloader(users, tmp, store)
+            result = await run_dataloader(users, tmp, store, freeze=freeze)
         else:
             batch = pipeline == "resonate"
-            result = await run_resonate(users, tmp, store, batch=batch, gather=gather)
+            result = await run_resonate(
+                users, tmp, store, batch=batch, gather=gather, freeze=freeze
+            )
     if result["rows"] != users:
         raise click.ClickException(f"{pipeline}: expected {users} rows, found {result['rows']}")
     if "rows_per_transaction" not in result:
@@ -239,6 +265,7 @@ async def bench(
     progress: Console | None,
     *,
     gather: bool = False,
+    freeze: bool = False,
     repeat: int = 1,
 ) -> list[dict[str, Any]]:
     """Each pipeline at each size: warm-ups first, then ``repeat`` rounds of every
@@ -254,7 +281,7 @@ async def bench(
     measured: dict[int, dict[str, dict[str, Any]]] = {}
 
     async def measure(pipeline: str, users: int) -> dict[str, Any]:
-        result = await run_pipeline(pipeline, users, store, gather=gather)
+        result = await run_pipeline(pipeline, users, store, gather=gather, freeze=freeze)
         if progress is not None:
             progress.print(f"[dim]{LABELS[pipeline]} @ {users:,}: {result['seconds']:.3f}s[/dim]")
         return result
@@ -262,14 +289,18 @@ async def bench(
     batched = [p for p in PIPELINES if p != "resonate-no-batch"]
     for users in sizes:
         for pipeline in batched:
-            await run_pipeline(pipeline, min(WARMUP_USERS, users), store, gather=gather)
+            await run_pipeline(
+                pipeline, min(WARMUP_USERS, users), store, gather=gather, freeze=freeze
+            )
         samples: dict[str, list[dict[str, Any]]] = {p: [] for p in batched}
         for _ in range(repeat):
             for pipeline in batched:
                 samples[pipeline].append(await measure(pipeline, users))
         measured[users] = {p: median_run(runs) for p, runs in samples.items()}
     if "resonate-no-batch" in PIPELINES:
-        await run_pipeline("resonate-no-batch", min(WARMUP_USERS, smallest), store, gather=gather)
+        await run_pipeline(
+            "resonate-no-batch", min(WARMUP_USERS, smallest), store, gather=gather, freeze=freeze
+        )
         no_batch = await measure("resonate-no-batch", smallest)
         measured[smallest]["resonate-no-batch"] = median_run([no_batch])
     results: list[dict[str, Any]] = []
@@ -384,6 +415,12 @@ def run_with_loop(loop: str, coro: Any) -> Any:
     "--gather", is_flag=True, help="Await the handles with asyncio.gather instead of in order."
 )
 @click.option(
+    "--gc-freeze",
+    "freeze",
+    is_flag=True,
+    help="Call gc.freeze() once a pipeline's work is submitted (gc.unfreeze() once done).",
+)
+@click.option(
     "--repeat",
     default=3,
     show_default=True,
@@ -402,6 +439,7 @@ def main(
     json_path: str | None,
     progress: bool,
     gather: bool,
+    freeze: bool,
     repeat: int,
     gc_threshold: str,
 ) -> None:
@@ -421,14 +459,16 @@ def main(
     if console.width < 140:  # keep the table readable when piped or in a narrow terminal
         console = Console(width=140)
     status = Console(stderr=True) if progress else None
-    results = run_with_loop(loop, bench(counts, store, status, gather=gather, repeat=repeat))
+    work = bench(counts, store, status, gather=gather, freeze=freeze, repeat=repeat)
+    results = run_with_loop(loop, work)
     store_name = "postgres" if store.startswith("postgres") else "sqlite"
     if store and store_name == "sqlite":
         store_name = f"sqlite ({store})"
     title = (
         f"Blog workload, loop={loop}, promise store={store_name}, "
         f"handles awaited {'with gather' if gather else 'in order'}, "
-        f"gc thresholds {gc.get_threshold()}, median of {repeat} runs, "
+        f"gc thresholds {gc.get_threshold()}{', gc.freeze() once submitted' if freeze else ''}, "
+        f"median of {repeat} runs, "
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs"
     )
     console.print(render(results, title))
@@ -451,6 +491,7 @@ def main(
             "gather": gather,
             "repeat": repeat,
             "gc_threshold": gc.get_threshold(),
+            "gc_freeze": freeze,
         }
         with open(json_path, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)

@@ -73,6 +73,18 @@ def test_compare_sets_the_gc_threshold_it_is_given(tmp_path: Path) -> None:
     assert run_script("compare.py", "--gc-threshold", "x").returncode != 0
 
 
+def test_compare_can_freeze_the_submitted_work(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    proc = run_script(
+        "compare.py", "--sizes", "60", "--no-progress", "--gc-freeze", "--json", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "gc.freeze() once submitted" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["gc_freeze"] is True
+    assert all(r["rows"] == 60 for r in data["results"])
+
+
 def test_batch_sizes_draws_every_batch(tmp_path: Path) -> None:
     svg, data = tmp_path / "sizes.svg", tmp_path / "sizes.json"
     args = ("--runs", "300", "--out", str(svg), "--json", str(data))
