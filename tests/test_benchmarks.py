@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,23 @@ def test_compare_keeps_the_median_of_its_repeats(tmp_path: Path) -> None:
         samples = result["samples"]
         assert len(samples) == (1 if result["pipeline"] == "resonate-no-batch" else 3)
         assert result["seconds"] == sorted(samples)[(len(samples) - 1) // 2]
+
+
+def test_the_blog_benchmark_inserts_every_user_batched_and_one_by_one() -> None:
+    batches = {}
+    for mode in ("--batch", "--no-batch"):
+        proc = run_script("batching.py", mode, "--users", "50", "--no-progress")
+        assert proc.returncode == 0, proc.stderr  # it exits 1 unless the table holds 50 rows
+        assert "Inserting 50 users took" in proc.stdout
+        found = re.search(r"^([\d,]+) batches,", proc.stdout, re.MULTILINE)
+        assert found is not None, proc.stdout
+        batches[mode] = int(found.group(1).replace(",", ""))
+    assert 1 <= batches["--batch"] < 50  # fifty commands, served by a few handler calls
+    assert batches["--no-batch"] == 0
+
+
+def test_the_crash_loop_script_kills_and_checks_at_a_tiny_size() -> None:
+    args = ("--kills", "2", "--runs", "20", "--kills-per-round", "2", "--seed", "7")
+    proc = run_script("crash_loop.py", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # it exits 1 on any anomaly
+    assert "kills=2 runs=20 anomalies=0" in proc.stdout
