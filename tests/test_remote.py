@@ -82,3 +82,48 @@ async def test_a_run_owned_by_a_vanished_worker_is_taken_over_when_its_lease_exp
         await clock.advance(10)
         assert await handle == "host-b:2:y"
     assert executions == ["host-a:1:x", "host-b:2:y"]
+
+
+async def test_a_stalled_worker_whose_run_was_taken_over_ends_with_the_stored_outcome() -> None:
+    # No fencing: a worker that lost its lease while stalled (here: its lease
+    # is freed under it) still finishes the run's body. What it may not do is
+    # disagree with the store: the step it completes late finds the new
+    # owner's outcome stored, and its body continues with that one.
+    store = MemoryStore()
+    gates = {"a": asyncio.Event(), "b": asyncio.Event()}
+    executed: list[str] = []
+    continued: list[tuple[str, str]] = []
+
+    def build(name: str) -> Resonate:
+        resonate = Resonate(store, worker_id=f"host-{name}:1:x", poll_seconds=60)
+
+        async def step(ctx: Context) -> str:
+            executed.append(name)
+            await gates[name].wait()
+            return f"step by {name}"
+
+        @resonate.register(name="job")
+        async def job(ctx: Context) -> str:
+            value: str = await ctx.lfc(step)
+            continued.append((name, value))
+            return value
+
+        return resonate
+
+    first, second = build("a"), build("b")
+    async with first, second:
+        stalled = first.run("job-1", "job")
+        while executed != ["a"]:
+            await asyncio.sleep(0)
+        await store.release("host-a:1:x", ["job-1"])  # its lease lapsed while it stalled
+
+        gates["b"].set()
+        assert await second.run("job-1", "job") == "step by b"  # taken over by an atomic claim
+
+        gates["a"].set()  # the stalled worker wakes up and finishes its step
+        assert await stalled == "step by b"
+
+    assert executed == ["a", "b"]  # the step ran twice: steps are at least once
+    assert continued == [("b", "step by b"), ("a", "step by b")]
+    stored = (await store.get_many(["job-1.1"]))["job-1.1"]
+    assert stored.value is not None and b"step by b" in stored.value
