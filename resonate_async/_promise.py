@@ -373,7 +373,6 @@ class Promise(Generic[T]):
     async def _execute_external(self) -> T:
         ctx = self._ctx
         engine = ctx._engine
-        run = ctx._run
         stored = self._stored()
         if stored is None:
             now = engine.clock.now()
@@ -386,11 +385,8 @@ class Promise(Generic[T]):
                 parent_id=ctx.id,
                 timeout_at=None if self._timeout is None else now + self._timeout,
             )
-            stored = await engine.writer.write(Create(record))
-            if stored is None:  # pragma: no cover - a create always leaves a row
-                raise NotFoundError(self.id)
-        settled = await engine.wait_settled(stored)
-        return cast("T", engine.settled_child(run, settled))
+            stored = await self._write_pending(record)
+        return await self._when_settled(stored)
 
     async def _execute_remote(self) -> T:
         ctx = self._ctx
@@ -410,10 +406,20 @@ class Promise(Generic[T]):
             parent_id=ctx.id,
             timeout_at=None if self._timeout is None else now + self._timeout,
         )
-        stored = await engine.writer.write(Create(record))
-        if stored is None:  # pragma: no cover - a create always leaves a row
-            raise NotFoundError(self.id)
+        stored = await self._write_pending(record)
         if stored is record:
             engine.remote_created()
+        return await self._when_settled(stored)
+
+    async def _write_pending(self, record: PromiseRecord) -> PromiseRecord:
+        """Create this call's PENDING promise (others must see it); the stored row."""
+        stored = await self._ctx._engine.writer.write(Create(record))
+        if stored is None:  # pragma: no cover - a create always leaves a row
+            raise NotFoundError(self.id)
+        return stored
+
+    async def _when_settled(self, stored: PromiseRecord) -> T:
+        """Wait until this call's promise is settled, wherever that happens; its outcome."""
+        engine = self._ctx._engine
         settled = await engine.wait_settled(stored)
-        return cast("T", engine.settled_child(ctx._run, settled))
+        return cast("T", engine.settled_child(self._ctx._run, settled))
