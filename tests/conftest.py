@@ -16,7 +16,12 @@ POSTGRES_DSN_ENV = "RESONATE_TEST_POSTGRES_DSN"
 
 # Scripts that tests run as subprocesses: never import them while collecting
 # (--doctest-modules would, and they act on sys.argv at import).
-collect_ignore = ["crash_worker.py", "crash_loop_workload.py", "multiworker_workload.py"]
+collect_ignore = [
+    "crash_worker.py",
+    "crash_loop_workload.py",
+    "multiworker_workload.py",
+    "scripts.py",
+]
 
 
 @pytest.fixture(scope="session")

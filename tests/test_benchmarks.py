@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from scripts import run_python
+
+if TYPE_CHECKING:
+    import subprocess
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -17,13 +20,7 @@ pytest.importorskip("aiosqlite")
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_python(BENCHMARKS / name, *args)
 
 
 def words(text: str) -> str:
@@ -59,16 +56,24 @@ def test_compare_runs_no_batch_only_at_the_smallest_size(tmp_path: Path) -> None
     assert "without the GC's time; linear is 2x" in proc.stdout
 
 
-def test_compare_can_await_the_handles_with_gather(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("flag", "title", "meta", "users"),
+    [
+        ("--gather", "handles awaited with gather", "gather", 100),
+        ("--gc-freeze", "gc.freeze() once submitted", "gc_freeze", 60),
+    ],
+)
+def test_compare_runs_every_pipeline_with_a_mode_flag(
+    tmp_path: Path, flag: str, title: str, meta: str, users: int
+) -> None:
     out = tmp_path / "compare.json"
-    proc = run_script(
-        "compare.py", "--sizes", "100", "--no-progress", "--gather", "--json", str(out)
-    )
+    args = ("--sizes", str(users), "--no-progress", flag, "--json", str(out))
+    proc = run_script("compare.py", *args)
     assert proc.returncode == 0, proc.stderr
-    assert "handles awaited with gather" in words(proc.stdout)
+    assert title in words(proc.stdout)
     data = json.loads(out.read_text())
-    assert data["meta"]["gather"] is True
-    assert all(r["rows"] == 100 for r in data["results"])
+    assert data["meta"][meta] is True
+    assert all(r["rows"] == users for r in data["results"])
 
 
 def test_compare_sets_the_gc_threshold_it_is_given(tmp_path: Path) -> None:
@@ -78,18 +83,6 @@ def test_compare_sets_the_gc_threshold_it_is_given(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["meta"]["gc_threshold"] == [700, 10, 100]
     assert run_script("compare.py", "--gc-threshold", "x").returncode != 0
-
-
-def test_compare_can_freeze_the_submitted_work(tmp_path: Path) -> None:
-    out = tmp_path / "compare.json"
-    proc = run_script(
-        "compare.py", "--sizes", "60", "--no-progress", "--gc-freeze", "--json", str(out)
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "gc.freeze() once submitted" in words(proc.stdout)
-    data = json.loads(out.read_text())
-    assert data["meta"]["gc_freeze"] is True
-    assert all(r["rows"] == 60 for r in data["results"])
 
 
 def test_batch_sizes_draws_every_batch(tmp_path: Path) -> None:

@@ -7,12 +7,11 @@ from __future__ import annotations
 import ast
 import re
 import sqlite3
-import subprocess
-import sys
 from contextlib import closing
 from pathlib import Path
 
 import pytest
+from scripts import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -36,14 +35,7 @@ def test_the_readme_example_runs_and_a_second_run_replays(tmp_path: Path) -> Non
     script.write_text(example)
 
     def run_it() -> str:
-        done = subprocess.run(
-            [sys.executable, str(script)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        done = run_python(script, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
