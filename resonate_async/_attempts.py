@@ -28,6 +28,7 @@ from .errors import (
     ShutdownError,
     StoreError,
 )
+from .retry import Never
 from .stores._base import State
 
 if TYPE_CHECKING:
@@ -86,6 +87,10 @@ class Attempts:
         """
         clock = self.clock
         attempt = first
+        if run is not None and run.replay is None and policy.__class__ is not Never:
+            # A retried attempt replays the children the failed ones settled
+            # (their ids repeat): remember them from the first attempt on.
+            run.replay = {}
         while True:
             # cast: Engine is the one class that mixes this in.
             ctx = Context(cast("Engine", self), run, id, root_id, attempt, leaf=style is _SYNC)
