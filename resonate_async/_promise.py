@@ -15,7 +15,13 @@ import asyncio
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._registry import call_style, function_name
-from .errors import NondeterminismError, NotFoundError, ShutdownError, StoreError
+from .errors import (
+    ConflictError,
+    NondeterminismError,
+    NotFoundError,
+    ShutdownError,
+    StoreError,
+)
 from .stores._base import Create, Kind, PromiseRecord, Settle, State
 
 if TYPE_CHECKING:
@@ -57,6 +63,7 @@ class Promise(Generic[T]):
         "_args",
         "_awaited",
         "_ctx",
+        "_custom_id",
         "_error",
         "_fresh",
         "_future",
@@ -105,6 +112,7 @@ class Promise(Generic[T]):
         self._value: Any = None
         self._error: BaseException | None = None
         self._version = 1
+        self._custom_id = False
 
     def __repr__(self) -> str:
         return f"Promise(id={self.id!r})"
@@ -147,6 +155,7 @@ class Promise(Generic[T]):
             self._timeout = timeout
         if id is not None:
             self.id = id
+            self._custom_id = True
         return self
 
     # -- awaiting ------------------------------------------------------------
@@ -338,7 +347,8 @@ class Promise(Generic[T]):
             attempt=attempt,
         )
         stored = await engine.writer.write(Create(record))
-        return cast("T", engine.settled_child(ctx._run, stored or record))
+        stored = record if stored is None else self._own(stored)
+        return cast("T", engine.settled_child(ctx._run, stored))
 
     async def _execute_sleep(self) -> None:
         ctx = self._ctx
@@ -361,8 +371,10 @@ class Promise(Generic[T]):
                 timeout_at=wake,
             )
             stored = await engine.writer.write(Create(record))
-            if stored is not None and stored.timeout_at is not None:
-                wake = stored.timeout_at
+            if stored is not None:
+                self._own(stored)
+                if stored.timeout_at is not None:
+                    wake = stored.timeout_at
         await engine.clock.sleep(wake - engine.clock.now())
         settled = await engine.writer.write(
             Settle(self.id, State.RESOLVED, engine.encoded_none, engine.clock.now())
@@ -416,7 +428,26 @@ class Promise(Generic[T]):
         stored = await self._ctx._engine.writer.write(Create(record))
         if stored is None:  # pragma: no cover - a create always leaves a row
             raise NotFoundError(self.id)
-        return stored
+        return self._own(stored)
+
+    def _own(self, stored: PromiseRecord) -> PromiseRecord:
+        """``stored``, the row found under this call's id, checked to be this call's.
+
+        A call's id is its parent's plus ``.n``, so a run whose id is another
+        run's plus ``.n`` holds the id of that run's n-th call: the row found
+        then is not a child of this call's parent, and taking its outcome would
+        answer this call with another workflow's. An id given with
+        ``with_options(id=...)`` is the caller's to share, and is not checked.
+        """
+        parent = self._ctx.id
+        if stored.parent_id == parent or self._custom_id:
+            return stored
+        raise ConflictError(
+            f"{self.id}: this call's id is already used by a promise of run "
+            f"{stored.root_id!r}, not by a call of {parent!r}; a workflow's calls get the ids "
+            f"'<its id>.1', '<its id>.2', ..., so a run id must not be another run's id "
+            "plus '.<number>' (or give this call its own id with with_options(id=...))"
+        )
 
     async def _when_settled(self, stored: PromiseRecord) -> T:
         """Wait until this call's promise is settled, wherever that happens; its outcome."""
