@@ -138,6 +138,7 @@ class RunDriver(Attempts):
     replay_every_step: bool
     worker_id: str
     lease_seconds: float
+    poll_seconds: float
     _waiters: dict[str, list[asyncio.Future[PromiseRecord]]]
     _on_root_op: Callable[[RunState], Create]
     _on_root_created: Callable[[RunState, PromiseRecord | None, BaseException | None], None]
@@ -317,11 +318,33 @@ class RunDriver(Attempts):
             for waiter in self._waiters.pop(run.id, ()):
                 if not waiter.done():
                     waiter.set_exception(exc)
-        except Exception as exc:
+        except Exception as exc:  # a store failure: the root stays PENDING
             run._set_exception(exc)
+            self._abandon(run, exc)
         finally:
             if not settling:
                 self._forget(run)
+
+    def _abandon(self, run: RunState, error: BaseException) -> None:
+        """A run stopped here without settling its root (the store failed): free
+        its lease in the background, so that a claim (this worker's next poll,
+        or another worker's) resumes it from its history once the store answers.
+        Otherwise this worker's heartbeat would renew the lease for ever."""
+        if self.closing or isinstance(error, ShutdownError):
+            return  # the next start resumes it (its leases are freed then)
+        log.warning("run %s stopped without settling: %s; it will be resumed", run.id, error)
+        self.spawn_other(self._release_abandoned(run.id))
+
+    async def _release_abandoned(self, id: str) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await self.store.release(self.worker_id, [id])
+                return
+            except Exception as exc:  # the store still fails: try again later
+                log.warning("freeing the lease of run %s failed: %s", id, exc)
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, self.poll_seconds)
 
     async def _after_first_attempt(
         self, run: RunState, entry: FunctionEntry, ctx: Context, exc: Exception
@@ -355,6 +378,7 @@ class RunDriver(Attempts):
         run.record = None
         if error is not None:
             run._set_exception(error)
+            self._abandon(run, error)
         else:
             self._finish_run(run, settled)
 
@@ -383,6 +407,12 @@ class RunDriver(Attempts):
         if stored is None:  # pragma: no cover - a create always leaves a row
             raise StoreError(f"run {run.id!r} was not stored")
         entry = run.entry
+        if stored.root_id != run.id:
+            raise ConflictError(
+                f"run id {run.id!r} is already the id of a call of run {stored.root_id!r}: "
+                "a workflow's calls get the ids '<its id>.1', '<its id>.2', ..., so use a "
+                "run id that is not another run's id plus '.<number>'"
+            )
         if (
             stored.func != entry.name
             or stored.version != entry.version
@@ -403,13 +433,16 @@ class RunDriver(Attempts):
         if self.runs.get(run.id) is run:
             del self.runs[run.id]
         self.stuck.pop(run.id, None)  # an explicit run() retries a stuck run
-        if stored.owner is not None and self._dead(stored.owner):
-            await self.store.release(stored.owner, [run.id])
+        owner = stored.owner
+        # This worker's own lease on a run that does not execute here (a stuck
+        # run, one stopped by a store failure) is as free as a dead worker's.
+        if owner is not None and (owner == self.worker_id or self._dead(owner)):
+            await self.store.release(owner, [run.id])
         await self.recover([(entry.name, entry.version)])
-        owner = self.runs.get(run.id)
-        if owner is not None:  # claimed here: answer with that execution's outcome
+        execution = self.runs.get(run.id)
+        if execution is not None:  # claimed here: answer with that execution's outcome
             try:
-                run._set_result(await owner)
+                run._set_result(await execution)
             except Exception as exc:
                 run._set_exception(exc)
             return

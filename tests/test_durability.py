@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -20,9 +21,16 @@ from resonate_async import (
     PromiseTimeoutError,
     Resonate,
     State,
+    StoreError,
 )
 from resonate_async.retry import constant, exponential, never
+from resonate_async.stores import Create, PromiseRecord, Settle
 from resonate_async.testing import VirtualClock, crash
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from resonate_async.stores._base import Op
 
 
 class Flaky(Exception):
@@ -362,3 +370,49 @@ async def test_constant_retry_of_whole_run_uses_clock() -> None:
         start = clock.now()
         assert await resonate.run("x", "r") == 2
         assert clock.now() - start == pytest.approx(5)
+
+
+class FailsOnce(MemoryStore):
+    """A memory store whose first write of a create (or a settle) of ``id`` fails."""
+
+    def __init__(self, op: type[Op], id: str) -> None:
+        super().__init__()
+        self.failing: tuple[type[Op], str] | None = (op, id)
+
+    async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+        written = [(type(op), op.record.id if isinstance(op, Create) else op.id) for op in ops]
+        if self.failing in written:
+            self.failing = None
+            raise OSError("disk full")
+        return await super().write(ops)
+
+
+# The step's row fails to commit (the body stops), or the run's settle does.
+@pytest.mark.parametrize(
+    ("op", "failing_id"), [(Create, "s.1"), (Settle, "s")], ids=["step", "settle"]
+)
+async def test_a_run_stopped_by_a_store_failure_is_resumed(op: type[Op], failing_id: str) -> None:
+    clock = VirtualClock(autojump=True)
+    store = FailsOnce(op, failing_id)
+    resonate = Resonate(store, clock=clock, lease_seconds=10, poll_seconds=1)
+    steps: list[str] = []
+
+    async def step(ctx: Context) -> int:
+        steps.append(ctx.id)
+        return 7
+
+    @resonate.register
+    async def flow(ctx: Context) -> int:
+        return await ctx.lfc(step)
+
+    async with resonate:
+        with pytest.raises(StoreError, match="disk full"):
+            await resonate.run("s", flow)
+        start = clock.now()
+        # Nobody calls run() again: the worker frees its own lease and its
+        # next claim resumes the run, long before the lease would expire.
+        assert await asyncio.wait_for(resonate.get("s").result(), 10) == 7
+        assert clock.now() - start < 10
+        assert await resonate.run("s", flow) == 7
+    # The step's row was lost with the failure, or it was stored and replayed.
+    assert steps == (["s.1", "s.1"] if failing_id == "s.1" else ["s.1"])

@@ -143,6 +143,9 @@ async def test_changed_code_raises_nondeterminism_naming_both_calls() -> None:
     async with second:
         with pytest.raises(NondeterminismError) as caught:
             await second.get("pay-1")
+        # An explicit run() tries the stuck run again: it fails again, not hangs.
+        with pytest.raises(NondeterminismError, match="refund"):
+            await asyncio.wait_for(second.run("pay-1", "pay").result(), 10)
     assert "refund" in str(caught.value) and "charge" in str(caught.value)
     record = (await store.get_many(["pay-1"]))["pay-1"]
     assert record.state is State.PENDING  # deploying compatible code resumes it

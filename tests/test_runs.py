@@ -18,7 +18,7 @@ from resonate_async import (
     Resonate,
     State,
 )
-from resonate_async.retry import constant, never
+from resonate_async.retry import RetryPolicy, constant, never
 
 
 @dataclass
@@ -241,6 +241,94 @@ async def test_run_body_retries_follow_its_policy_and_steps_are_not_redone() -> 
         assert clock.now() - start == pytest.approx(20)
     assert attempts == [1, 2, 3]
     assert step_calls == [1]  # the retried body replayed the settled step
+
+
+@pytest.mark.parametrize(
+    "run_policy", [never(), constant(delay=10, max_retries=1)], ids=["never", "constant"]
+)
+async def test_a_retried_step_does_not_redo_its_settled_children(run_policy: RetryPolicy) -> None:
+    from resonate_async.testing import VirtualClock
+
+    clock = VirtualClock(autojump=True)
+    resonate = Resonate(MemoryStore(), clock=clock)
+    charged: list[str] = []
+    attempts: list[int] = []
+
+    async def charge(ctx: Context) -> str:
+        charged.append(ctx.id)
+        return "charged"
+
+    async def pay(ctx: Context) -> str:
+        receipt = await ctx.lfc(charge)
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise ConnectionError("the network blinked after the charge")
+        return receipt
+
+    @resonate.register(retry_policy=run_policy)
+    async def order(ctx: Context) -> str:
+        return await ctx.lfc(pay).with_options(retry_policy=constant(delay=1, max_retries=3))
+
+    async with resonate:
+        assert await resonate.run("order", order) == "charged"
+    assert attempts == [1, 2]
+    assert charged == ["order.1.1"]  # the retry replayed the committed charge
+
+
+async def test_a_run_whose_id_is_another_runs_call_id_gets_a_conflict_not_its_outcome() -> None:
+    resonate = make()
+    charged: list[int] = []
+
+    async def charge(ctx: Context, amount: int) -> str:
+        charged.append(amount)
+        return f"receipt-{amount}"
+
+    async def ping(ctx: Context, pings: list[Ping]) -> list[str]:
+        return [f"pong-{p.n}" for p in pings]
+
+    resonate.register_command_handler(Ping, ping)
+
+    @resonate.register
+    async def order(ctx: Context, amount: int) -> str:
+        return await ctx.lfc(charge, amount)
+
+    @resonate.register
+    async def pinger(ctx: Context, n: int) -> str:
+        return await ctx.lfc(Ping(n))
+
+    async with resonate:
+        assert await resonate.run("shop.1", order, 100) == "receipt-100"
+        # Run "shop"'s first call has the id "shop.1": not the other run's receipt.
+        with pytest.raises(ConflictError, match=r"used by a promise of run 'shop\.1'"):
+            await resonate.run("shop", order, 5)
+        assert await resonate.run("pings.1", pinger, 1) == "pong-1"
+        with pytest.raises(ConflictError, match=r"used by a promise of run 'pings\.1'"):
+            await resonate.run("pings", pinger, 2)
+        # The other way round: the call's row is there first.
+        assert await resonate.run("cart", order, 7) == "receipt-7"
+        with pytest.raises(ConflictError, match="already the id of a call of run 'cart'"):
+            await resonate.run("cart.1", order, 7)
+    assert charged == [100, 5, 7]  # a step runs before its row is written (DESIGN §2)
+
+
+async def test_calls_given_the_same_id_share_the_first_outcome() -> None:
+    resonate = make()
+    charged: list[int] = []
+
+    async def charge(ctx: Context, amount: int) -> str:
+        charged.append(amount)
+        return f"receipt-{amount}"
+
+    @resonate.register
+    async def order(ctx: Context, amount: int) -> str:
+        return await ctx.lfc(charge, amount).with_options(id="charge-once")
+
+    async with resonate:
+        assert await resonate.run("first", order, 1) == "receipt-1"
+        assert await resonate.run("second", order, 2) == "receipt-1"
+    # A local step runs before its row is written once (DESIGN §2): the id
+    # shares the outcome that was stored first, not the execution.
+    assert charged == [1, 2]
 
 
 async def test_stats_count_runs_and_store_transactions() -> None:
