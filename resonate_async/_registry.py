@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from enum import Enum
+from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 from .errors import NotRegisteredError
@@ -23,12 +24,18 @@ class CallStyle(Enum):
     GENERATOR = "generator"  # driven by yielding promises (blog-era style)
 
 
-_styles: dict[Callable[..., Any], CallStyle] = {}
+# By code object: the closures a workflow makes on every run share their
+# def's code, so the cache neither grows with runs nor keeps those closures
+# (and what they capture) alive. Callables without code (partials, objects
+# with __call__) are classified on each call.
+_styles: dict[CodeType, CallStyle] = {}
+_MAX_STYLES = 4096  # code compiled at run time (exec, eval) could be endless
 
 
 def call_style(fn: Callable[..., Any]) -> CallStyle:
-    """Classify ``fn`` once; cached because steps ask for it on every call."""
-    style = _styles.get(fn)
+    """Classify ``fn``; cached by its code, because steps ask on every call."""
+    code = getattr(fn, "__code__", None)
+    style = _styles.get(code) if code is not None else None
     if style is None:
         if inspect.iscoroutinefunction(fn):
             style = CallStyle.ASYNC
@@ -38,7 +45,11 @@ def call_style(fn: Callable[..., Any]) -> CallStyle:
             style = CallStyle.SYNC
         else:
             raise TypeError(f"{fn!r} is not callable; pass a function or a Command instance")
-        _styles[fn] = style
+        # A function marked with inspect.markcoroutinefunction is not its code.
+        if type(code) is CodeType and "_is_coroutine_marker" not in getattr(fn, "__dict__", ()):
+            if len(_styles) >= _MAX_STYLES:
+                _styles.clear()
+            _styles[code] = style
     return style
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -329,6 +332,31 @@ async def test_calls_given_the_same_id_share_the_first_outcome() -> None:
     # A local step runs before its row is written once (DESIGN §2): the id
     # shares the outcome that was stored first, not the execution.
     assert charged == [1, 2]
+
+
+async def test_functions_a_workflow_makes_per_run_are_not_kept_alive() -> None:
+    resonate = make()
+    made: list[weakref.ref[Any]] = []
+
+    @resonate.register
+    async def flow(ctx: Context, i: int) -> int:
+        payload = bytearray(1000)
+
+        async def measure(ctx: Context) -> int:
+            return len(payload) + i
+
+        def measure_in_thread(ctx: Context) -> int:
+            return len(payload) + i
+
+        made.extend((weakref.ref(measure), weakref.ref(measure_in_thread)))
+        first: int = await ctx.lfc(measure)
+        second: int = await ctx.lfc(measure_in_thread)
+        return first + second
+
+    async with resonate:
+        assert [await resonate.run(f"made-{i}", flow, i) for i in range(3)] == [2000, 2002, 2004]
+    gc.collect()
+    assert len(made) == 6 and all(ref() is None for ref in made)
 
 
 async def test_stats_count_runs_and_store_transactions() -> None:
