@@ -19,6 +19,7 @@ from .errors import (
     ConflictError,
     NondeterminismError,
     NotFoundError,
+    PromiseTimeoutError,
     ShutdownError,
     StoreError,
 )
@@ -130,7 +131,10 @@ class Promise(Generic[T]):
             retry_policy: how a failing step is retried (not for commands: a
                 batch follows its handler's policy).
             timeout: seconds from now after which the call rejects with
-                ``PromiseTimeoutError`` (``REJECTED_TIMEDOUT``).
+                ``PromiseTimeoutError`` (``REJECTED_TIMEDOUT``). A command
+                that times out may still be in a batch: whichever of its
+                outcomes is recorded first (the handler's or the timeout) is
+                its outcome.
             id: use this id instead of the child id (verbatim).
 
         Raises:
@@ -247,6 +251,9 @@ class Promise(Generic[T]):
             future = loop.create_future()
             self._future = future
             engine.batchers[type(self._target)].offer(self)
+            if self._timeout is not None:
+                timer = engine.spawn_other(self._time_out_command(self._timeout))
+                future.add_done_callback(lambda _: timer.cancel())
             return future
         elif self._type == _STEP:
             future = loop.create_task(self._execute_step())
@@ -422,6 +429,46 @@ class Promise(Generic[T]):
         if stored is record:
             engine.remote_created()
         return await self._when_settled(stored)
+
+    async def _time_out_command(self, seconds: float) -> None:
+        """Reject this command ``REJECTED_TIMEDOUT`` if it has no outcome in time.
+
+        The command may be in a batch by then: its handler's outcome is not
+        recorded if the timeout's row is written first (and the other way round:
+        the row written first is the outcome, here and in every replay).
+        """
+        ctx = self._ctx
+        engine = ctx._engine
+        clock = engine.clock
+        deadline = clock.now() + seconds
+        await clock.sleep(seconds)
+        future = self._future
+        if future is None or future.done():
+            return
+        now = clock.now()
+        error = PromiseTimeoutError(f"{self.id} timed out after {seconds:g}s")
+        record = PromiseRecord(
+            id=self.id,
+            state=State.REJECTED_TIMEDOUT,
+            kind=Kind.COMMAND,
+            root_id=ctx.root_id,
+            created_at=now,
+            func=self._func_name(),
+            param=self._param,
+            value=engine.encoder.encode_error(error),
+            parent_id=ctx.id,
+            timeout_at=deadline,
+            settled_at=now,
+        )
+        try:
+            stored = await engine.writer.write(Create(record))
+            value = engine.settled_child(ctx._run, record if stored is None else self._own(stored))
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(value)
 
     async def _write_pending(self, record: PromiseRecord) -> PromiseRecord:
         """Create this call's PENDING promise (others must see it); the stored row."""

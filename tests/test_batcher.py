@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resonate_async import BatchResultError, CanceledError, Command, Context, MemoryStore, Resonate
+from resonate_async import (
+    BatchResultError,
+    CanceledError,
+    Command,
+    Context,
+    MemoryStore,
+    PromiseTimeoutError,
+    Resonate,
+    State,
+)
 from resonate_async.retry import constant, never
 from resonate_async.stores import Create, Kind
 from resonate_async.testing import VirtualClock
@@ -94,6 +103,45 @@ async def test_max_wait_lingers_for_a_fuller_batch() -> None:
         await clock.advance(0.4)
         assert await first == 2 and await second == 4
     assert calls == [[1, 2]]
+
+
+async def test_a_command_timeout_rejects_it_while_its_handler_still_runs() -> None:
+    clock = VirtualClock(autojump=True)
+    resonate = Resonate(MemoryStore(), clock=clock)
+    release = asyncio.Event()
+    handled: list[list[int]] = []
+
+    async def slow(ctx: Context, cmds: list[Add]) -> list[int]:
+        handled.append([c.n for c in cmds])
+        await release.wait()
+        return [c.n * 2 for c in cmds]
+
+    resonate.register_command_handler(Add, slow, retry_policy=never())
+
+    @resonate.register(name="bounded")
+    async def bounded(ctx: Context, n: int, seconds: float) -> int | str:
+        try:
+            return await ctx.lfc(Add(n)).with_options(timeout=seconds)
+        except PromiseTimeoutError as exc:
+            return f"timed out: {exc}"
+
+    async with resonate:
+        start = clock.now()
+        late = resonate.run("late", "bounded", 1, 0.5)
+        patient = resonate.run("patient", "bounded", 2, 60.0)
+        assert await late == "timed out: late.1 timed out after 0.5s"
+        assert clock.now() - start == pytest.approx(0.5)
+        release.set()
+        assert await patient == 4  # done before its timeout: its timer is gone
+        assert await resonate.run("quick", "bounded", 3, 5.0) == 6
+        stored = await resonate.promises.get("late.1")
+        assert stored is not None and stored.state is State.REJECTED_TIMEDOUT
+        # The handler's late outcome for the timed-out command was not recorded.
+        assert (
+            await resonate.run("late", "bounded", 1, 0.5)
+            == "timed out: late.1 timed out after 0.5s"
+        )
+    assert handled == [[1, 2], [3]]
 
 
 async def test_exception_items_reject_only_their_command() -> None:
