@@ -68,6 +68,7 @@ class RunState(Handle[Any]):
 
     __slots__ = (
         "args",
+        "attached",
         "cancel_requested",
         "entry",
         "fatal",
@@ -103,11 +104,16 @@ class RunState(Handle[Any]):
         self.replay: dict[str, PromiseRecord] | None = None
         self.fatal: NondeterminismError | None = None
         self.cancel_requested = False
+        # The id was stored already: this handle answers from that run (and
+        # does not execute it here, unless this worker claims it).
+        self.attached = False
 
     def cancel(self) -> bool:
         """See :meth:`Handle.cancel`; before the root is durable, the run is
-        settled ``REJECTED_CANCELED`` as soon as it is."""
-        if self.done():
+        settled ``REJECTED_CANCELED`` as soon as it is (and so is a run whose
+        id turns out to be stored already, wherever it runs). A handle on a
+        run that was stored before (``attached``) does not execute it: False."""
+        if self.done() or self.attached:
             return False
         task = self._task
         if task is None or _not_started(task):
@@ -241,6 +247,7 @@ class RunDriver(Attempts):
             self._forget(run)
             run._set_exception(error)
         else:  # the id was taken: a stored outcome, a conflict or a run elsewhere
+            run.attached = True
             run._task = self.spawn_other(self._attach(run, stored))
 
     @staticmethod
@@ -389,8 +396,6 @@ class RunDriver(Attempts):
         """The run's id already had a row: answer from it (a stored outcome, a
         conflict), or take the run over only through an atomic claim."""
         try:
-            if run.cancel_requested:  # cancelled before this task took its first step
-                raise asyncio.CancelledError
             await self._attach_to(run, stored)
         except asyncio.CancelledError:
             if self.closing:
@@ -426,6 +431,11 @@ class RunDriver(Attempts):
         run._set_created()
         if self.effectively_settled(stored):
             self._finish_run(run, stored)
+            return
+        if run.cancel_requested:
+            # cancel() was called before the id was known to be stored: it
+            # cancels that run, wherever it runs (as promises.cancel(id) does).
+            await self._settle_canceled(run)
             return
         # PENDING but not running here (a crashed run, or one another worker
         # runs): take it over only through an atomic claim, never by

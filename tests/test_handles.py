@@ -70,6 +70,42 @@ async def test_cancel_before_the_root_is_durable_settles_it_canceled() -> None:
         assert not handle.cancel()  # already done
 
 
+async def test_a_handle_on_a_run_of_another_worker_does_not_cancel_it_alone() -> None:
+    store = MemoryStore()
+    gate = asyncio.Event()
+    workers = [Resonate(store), Resonate(store)]
+    for worker in workers:
+
+        @worker.register(name="wait")
+        async def wait(ctx: Context, n: int) -> int:
+            await gate.wait()
+            return n * 2
+
+    first, second = workers
+    async with first, second:
+        running = first.run("elsewhere", "wait", 1)
+        await running.created()
+        attached = second.run("elsewhere", "wait", 1)
+        await attached.created()
+        assert not attached.cancel()  # not executing in `second`
+        gate.set()
+        assert await attached == 2 and await running == 2
+
+        # A cancel before the id is known to be stored cancels that run.
+        gate.clear()
+        running = first.run("cancelled-elsewhere", "wait", 2)
+        await running.created()
+        attached = second.run("cancelled-elsewhere", "wait", 2)
+        assert attached.cancel()
+        with pytest.raises(CanceledError):
+            await attached
+        record = await second.promises.get("cancelled-elsewhere")
+        assert record is not None and record.state is State.REJECTED_CANCELED
+        gate.set()
+        with pytest.raises(CanceledError):
+            await running
+
+
 async def test_created_raises_the_conflict_of_a_taken_id() -> None:
     resonate, gate = gated()
 
