@@ -21,8 +21,9 @@ Dataclasses and enums are rebuilt on decode by importing ``module:qualname``
 (which imports that module) and calling the class with the stored fields.
 
 Errors are written as ``{"type", "message", "traceback", "args", "state"}`` and
-rebuilt as their original class when it can be imported and constructed from
-its args; otherwise as :class:`~resonate_async.errors.StoredError`.
+rebuilt as their original class when it can be imported (by its constructor,
+or by ``__new__`` when the constructor takes other arguments than the error's
+``args``); otherwise as :class:`~resonate_async.errors.StoredError`.
 """
 
 from __future__ import annotations
@@ -532,9 +533,12 @@ class JSONEncoder:
     def decode_error(self, data: bytes) -> BaseException:
         """Rebuild an exception written by :meth:`encode_error`.
 
-        The original class is rebuilt as ``cls(*args)`` (attributes restored)
-        when it can be imported, is an ``Exception`` subclass and accepts its
-        args; otherwise the result is a :class:`StoredError` with the type
+        The original class is rebuilt as ``cls(*args)`` when it can be
+        imported and is an ``Exception`` subclass; a class whose constructor
+        takes other arguments than the ``args`` it stores (``CardDeclined(code,
+        reason)`` calling ``super().__init__(message)``) is rebuilt without
+        calling its constructor. Its attributes and ``args`` (so its message)
+        are then restored. Otherwise the result is a :class:`StoredError` with the type
         name, message and traceback. Either way, the stored traceback is
         attached as a note (PEP 678) beginning with :data:`NOTE_PREFIX`, so
         it prints below the new traceback. ``BaseException``-only types
@@ -560,18 +564,13 @@ class JSONEncoder:
         cls = self._error_class(name)
         args = record.get("args")
         if cls is not None and args is not None:
-            try:
-                error = cls(*args)
-            except Exception:
-                error = None
-            if isinstance(error, BaseException):
+            error = _construct(cls, args, record["message"])
+            if error is not None:
                 for key, attr in record.get("state", {}).items():
                     try:
                         setattr(error, key, attr)
                     except Exception:
                         continue
-            else:
-                error = None
         if error is None:
             error = StoredError(name, record["message"], tb)
         if tb:
@@ -596,6 +595,26 @@ class JSONEncoder:
             self._error_classes.clear()
         self._error_classes[name] = found
         return found
+
+
+def _construct(cls: type[BaseException], args: list[Any], message: str) -> BaseException | None:
+    """An instance of ``cls`` rebuilt from its reduced ``args``: by its
+    constructor if it takes them, else by ``__new__`` alone (its ``args``
+    then are ``args``); ``message`` is what ``str()`` gave originally."""
+    error: object = None
+    try:
+        error = cls(*args)
+    except Exception:
+        with contextlib.suppress(Exception):
+            error = cls.__new__(cls, *args)
+    if not isinstance(error, BaseException):
+        return None
+    # A constructor that formats its message (super().__init__(f"... {code}"))
+    # formats the stored message again: then the stored args are the message.
+    with contextlib.suppress(Exception):
+        if str(error) != message:
+            error.args = tuple(args)
+    return error
 
 
 def _tag_nonfinite(obj: object) -> object:
