@@ -95,15 +95,22 @@ class Attempts:
             # cast: Engine is the one class that mixes this in.
             ctx = Context(cast("Engine", self), run, id, root_id, attempt, leaf=style is _SYNC)
             try:
-                # An async function is awaited directly: no wrapper coroutine on the hot path.
-                call = (
-                    fn(ctx, *args, **kwargs)
-                    if style is _ASYNC
-                    else invoke(style, fn, ctx, args, kwargs)
-                )
-                value = await (call if deadline is None else with_deadline(call, deadline, clock))
-                if ctx._children:
-                    await ctx._join_children()
+                try:
+                    # An async function is awaited directly: no wrapper coroutine on the hot path.
+                    call = (
+                        fn(ctx, *args, **kwargs)
+                        if style is _ASYNC
+                        else invoke(style, fn, ctx, args, kwargs)
+                    )
+                    value = await (
+                        call if deadline is None else with_deadline(call, deadline, clock)
+                    )
+                    if ctx._children:
+                        await ctx._join_children()
+                except BaseExceptionGroup as group:  # an asyncio.TaskGroup in the body
+                    if group.subgroup(ReplayNow) is None:
+                        raise
+                    raise ReplayNow from None
             except ReplayNow:
                 # Replay-every-step mode: a fresh call settled; re-run from the store.
                 if ctx._children:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 
 from resonate_async import Command, Context, MemoryStore, NondeterminismError, Resonate
 from resonate_async.retry import never
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
 
 
 @dataclass
@@ -75,3 +79,26 @@ async def test_non_deterministic_code_is_caught_at_once() -> None:
     async with resonate:
         with pytest.raises(NondeterminismError, match="left"):
             await resonate.run("c", "coin")
+
+
+@pytest.mark.parametrize("replay", [False, True], ids=["plain", "replay-every-step"])
+async def test_a_workflow_with_a_task_group_replays(replay: bool) -> None:
+    resonate = Resonate(MemoryStore(), replay_every_step=replay)
+    ran: list[int] = []
+
+    async def square(ctx: Context, x: int) -> int:
+        ran.append(x)
+        return x * x
+
+    async def call(promise: Awaitable[int]) -> int:
+        return await promise
+
+    @resonate.register(name="grouped")
+    async def grouped(ctx: Context) -> int:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call(ctx.lfc(square, x))) for x in (2, 3)]
+        return sum(task.result() for task in tasks)
+
+    async with resonate:
+        assert await asyncio.wait_for(resonate.run("g", "grouped").result(), 10) == 13
+    assert sorted(ran) == [2, 3]  # each step body once, however often the body replayed
