@@ -17,11 +17,10 @@ import socket
 import uuid
 from typing import TYPE_CHECKING, Any, cast
 
-from ._clock import with_deadline
 from .stores._base import Kind, State
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Sequence
 
     from ._clock import Clock
     from ._encoding import Encoder
@@ -177,8 +176,17 @@ class LeaseKeeper:
 
     async def _heartbeat(self) -> None:
         clock = self.clock
+        poll = getattr(clock, "poll", None)
         while True:
-            await clock.sleep(self.heartbeat_seconds)
+            if poll is None:
+                await clock.sleep(self.heartbeat_seconds)
+            else:
+                # A virtual clock renews when it stops anyway (see _claim_loop),
+                # and at the latest where the real one would have renewed last.
+                await _first(
+                    poll(self.heartbeat_seconds),
+                    clock.sleep(self.lease_seconds - self.heartbeat_seconds),
+                )
             try:
                 await self.store.renew(self.worker_id, lease_until=clock.now() + self.lease_seconds)
             except asyncio.CancelledError:
@@ -189,14 +197,14 @@ class LeaseKeeper:
     async def _claim_loop(self) -> None:
         """Every ``poll_seconds`` (or at once when woken), claim free runs and remote calls."""
         clock = self.clock
+        # A poll is no timer of the clock's own where the clock offers that
+        # (VirtualClock.poll): a test that advances a virtual day does not
+        # stop 86,400 times to poll, and a poll still runs as time passes.
+        poll = getattr(clock, "poll", clock.sleep)
         polls = 0
         while True:
             self._claim_wakeup.clear()
-            try:
-                await with_deadline(
-                    self._claim_wakeup.wait(), clock.now() + self.poll_seconds, clock
-                )
-            except TimeoutError:
+            if await _first(poll(self.poll_seconds), self._claim_wakeup.wait()) == 0:
                 polls += 1
             try:
                 if self._single_host and polls % 30 == 29:
@@ -208,3 +216,14 @@ class LeaseKeeper:
                 raise
             except Exception as exc:
                 log.warning("claiming pending runs failed: %s", exc)
+
+
+async def _first(*awaitables: Awaitable[object]) -> int:
+    """Wait until one of ``awaitables`` is done, cancel the others; its index."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        return next(i for i, task in enumerate(tasks) if task in done)
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -83,6 +83,7 @@ class VirtualClock:
         self._seq = itertools.count()
         self._autojump = autojump
         self._jumper: asyncio.Task[None] | None = None
+        self._polls: list[tuple[float, asyncio.Future[None]]] = []
 
     def now(self) -> float:
         """The virtual time."""
@@ -102,6 +103,35 @@ class VirtualClock:
         finally:
             future.cancel()
 
+    async def poll(self, seconds: float) -> None:
+        """Return once virtual time has moved ``seconds`` forward, at the next
+        point where the clock stops anyway.
+
+        For the engine's background polls (claiming free runs): unlike
+        :meth:`sleep`, a poll is not a timer that :meth:`advance` stops at,
+        so advancing a virtual day does not stop at every second to poll. A
+        due poll returns when a timer fires, when an ``advance`` ends, or
+        when an autojump clock has no timer left to jump to.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._polls.append((self._now + seconds, future))
+        if self._autojump and (self._jumper is None or self._jumper.done()):
+            self._jumper = asyncio.get_running_loop().create_task(self._jump())
+        try:
+            await future
+        finally:
+            future.cancel()
+
+    def _release_polls(self) -> None:
+        """Return from every poll that is due."""
+        now = self._now
+        due = [future for when, future in self._polls if when <= now or future.done()]
+        if due:
+            self._polls = [(w, f) for w, f in self._polls if w > now and not f.done()]
+            for future in due:
+                if not future.done():
+                    future.set_result(None)
+
     @property
     def pending_timers(self) -> int:
         """How many sleeps are waiting."""
@@ -119,8 +149,10 @@ class VirtualClock:
                 continue
             self._now = max(self._now, when)
             future.set_result(None)
+            self._release_polls()
             await quiesce()
         self._now = target
+        self._release_polls()
         await quiesce()
 
     async def _jump(self) -> None:
@@ -128,11 +160,18 @@ class VirtualClock:
             await quiesce()
             while self._timers and self._timers[0][2].done():
                 heapq.heappop(self._timers)
+            polls = [when for when, future in self._polls if not future.done()]
             if not self._timers:
-                return
+                if not polls:
+                    return
+                # Nothing else would move time: jump to the next poll.
+                self._now = max(self._now, min(polls))
+                self._release_polls()
+                continue
             when, _, future = heapq.heappop(self._timers)
             self._now = max(self._now, when)
             future.set_result(None)
+            self._release_polls()
 
 
 async def crash(resonate: Resonate) -> None:

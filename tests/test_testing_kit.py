@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import TYPE_CHECKING, Any
+
 from resonate_async import Context, MemoryStore, Resonate
 from resonate_async.testing import VirtualClock, crash
+
+if TYPE_CHECKING:
+    from resonate_async.stores import PromiseRecord
 
 sent: list[str] = []
 
@@ -54,3 +60,51 @@ async def test_use_store_swaps_a_module_level_instance(memory_store: MemoryStore
     async with resonate:
         assert await resonate.run("h", "hello", "ada") == "hello ada"
     assert (await memory_store.get_many(["h"]))["h"].func == "hello"
+
+
+async def test_a_poll_waits_for_the_clock_to_stop_instead_of_stopping_it() -> None:
+    clock = VirtualClock()
+    returned: list[tuple[str, float]] = []
+
+    async def wait(name: str, seconds: float, *, poll: bool) -> None:
+        await (clock.poll(seconds) if poll else clock.sleep(seconds))
+        returned.append((name, clock.now() - start))
+
+    start = clock.now()
+    tasks = [
+        asyncio.create_task(wait("poll 1", 1, poll=True)),
+        asyncio.create_task(wait("poll 30", 30, poll=True)),
+        asyncio.create_task(wait("sleep 20", 20, poll=False)),
+    ]
+    await clock.advance(10)
+    assert returned == [("poll 1", 10)]  # due at 1, returned when the advance ended
+    await clock.advance(100)
+    # The timer stops the clock at 20 (poll 30 is not due yet); poll 30 goes at the end.
+    assert returned == [("poll 1", 10), ("sleep 20", 20), ("poll 30", 110)]
+    await asyncio.gather(*tasks)
+
+
+async def test_an_autojump_clock_jumps_to_a_poll_when_no_timer_is_left() -> None:
+    clock = VirtualClock(autojump=True)
+    start = clock.now()
+    await clock.poll(5)
+    assert clock.now() - start == 5
+
+
+async def test_a_virtual_day_polls_at_the_clocks_stops_not_every_second() -> None:
+    class Counting(MemoryStore):
+        claims = 0
+
+        async def claim(self, owner: str, **kwargs: Any) -> list[PromiseRecord]:
+            self.claims += 1
+            return await super().claim(owner, **kwargs)
+
+    store, clock = Counting(), VirtualClock()
+    resonate = build(store, clock)  # poll_seconds=1, lease 15 s, heartbeat 5 s
+    async with resonate:
+        handle = resonate.run("day", "remind", "water the plants")
+        await clock.advance(86_400)
+        assert await handle == "sent"
+    # Claims ran when the heartbeat stopped the clock (every 10 virtual
+    # seconds at the latest: lease - heartbeat), not at each of 86,400 seconds.
+    assert 86_400 / 10 <= store.claims <= 86_400 / 10 + 10
