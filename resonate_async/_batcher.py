@@ -52,6 +52,8 @@ class Batcher:
         self._engine = engine
         self.entry = entry
         self._queue: deque[Promise[Any]] = deque()
+        self._queued_at: deque[float] = deque()  # when each queued command came, in order
+        self._now = engine.clock.now
         self._limit = entry.queue_size
         self._nonempty = asyncio.Event()
         self._space = asyncio.Event()
@@ -71,6 +73,7 @@ class Batcher:
         if self._limit is not None and len(self._queue) >= self._limit:
             return False
         self._queue.append(promise)
+        self._queued_at.append(self._now())
         promise._in_queue = True
         if len(self._queue) == 1:
             self._nonempty.set()
@@ -122,14 +125,20 @@ class Batcher:
                 return
 
     def _take(self, maxlen: int | None) -> list[Promise[Any]]:
-        queue = self._queue
+        queue, queued_at = self._queue, self._queued_at
         batch: list[Promise[Any]] = []
+        oldest = 0.0
         while queue and (maxlen is None or len(batch) < maxlen):
             promise = queue.popleft()
+            came = queued_at.popleft()
             promise._in_queue = False
             future = promise._future
             if future is not None and not future.done():  # cancelled ones leave here
+                if not batch:
+                    oldest = came
                 batch.append(promise)
+        if batch:
+            self.stats.wait_seconds.add(self._now() - oldest)
         self._space.set()
         self.stats.queue_depth = len(queue)
         return batch

@@ -105,7 +105,12 @@ class StoreStats:
 
 @dataclass(slots=True)
 class BatcherStats:
-    """One command type's batcher: queue depth, batches, sizes, waits, handler time."""
+    """One command type's batcher: queue depth, batches, sizes, waits, handler time.
+
+    ``wait_seconds`` has one sample per batch: how long its oldest command
+    waited in the queue before the batch was taken (lingering for
+    ``max_wait`` included), on the engine's clock.
+    """
 
     name: str
     queue_depth: int = 0

@@ -102,6 +102,9 @@ async def test_max_wait_lingers_for_a_fuller_batch() -> None:
         second = resonate.run("b", "wf", 2)
         await clock.advance(0.4)
         assert await first == 2 and await second == 4
+        waits = resonate.stats().batchers["Add"].wait_seconds
+        # One batch, whose oldest command waited the whole window.
+        assert waits.n == 1 and waits.max == pytest.approx(0.5)
     assert calls == [[1, 2]]
 
 
