@@ -396,6 +396,14 @@ def open_store(spec: str | None) -> Store:
 
 async def run(store: Store, args: argparse.Namespace) -> int:
     """Open ``store``, run the command, close the store."""
+    holds_promises = getattr(store, "_holds_promises", None)  # PostgreSQL
+    if holds_promises is not None and not await holds_promises():
+        # Opening would create the tables: an inspection tool must not.
+        raise CLIError(
+            "no resonate_async store in that PostgreSQL database and schema (no promises "
+            "table); name the schema with ?schema=NAME in the URL",
+            2,
+        )
     await store.open()
     try:
         code: int = await args.handler(store, args)

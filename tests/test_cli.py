@@ -415,3 +415,37 @@ def test_tree_survives_a_parent_cycle(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     assert "promises" in capsys.readouterr().out
+
+
+def test_a_postgresql_store_in_its_own_schema_and_no_store_created(
+    postgres_dsn: str, postgres_schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from resonate_async.stores import PostgresStore
+
+    url = f"{postgres_dsn}?schema={postgres_schema}"
+    assert main(["promises", "list", "--store", url]) == 2
+    assert "no resonate_async store in that PostgreSQL database" in capsys.readouterr().err
+
+    async def tables() -> list[str]:
+        import asyncpg
+
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
+                postgres_schema,
+            )
+        finally:
+            await conn.close()
+        return sorted(r["table_name"] for r in rows)
+
+    assert asyncio.run(tables()) == []  # the CLI created nothing
+
+    async def fill() -> None:
+        async with PostgresStore(postgres_dsn, schema=postgres_schema) as store:
+            await store.write([Create(r) for r in RECORDS])
+
+    asyncio.run(fill())
+    assert main(["promises", "list", "--json", "--limit", "0", "--store", url]) == 0
+    listed = [r["id"] for r in json.loads(capsys.readouterr().out)]
+    assert sorted(listed) == sorted(r.id for r in RECORDS)

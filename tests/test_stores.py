@@ -167,6 +167,32 @@ def test_spec_postgres(scheme: str) -> None:
     assert isinstance(store_from_spec(f"{scheme}://u@h:5432/db"), PostgresStore)
 
 
+@pytest.mark.parametrize(
+    ("url", "dsn", "schema"),
+    [
+        ("postgresql://u@h/db", "postgresql://u@h/db", None),
+        ("postgresql://u@h/db?schema=resonate", "postgresql://u@h/db", "resonate"),
+        (
+            "postgres://u@h/db?sslmode=disable&schema=a%20b",
+            "postgres://u@h/db?sslmode=disable",
+            "a b",
+        ),
+    ],
+)
+def test_spec_postgres_schema_parameter(url: str, dsn: str, schema: str | None) -> None:
+    store = store_from_spec(url)
+    assert isinstance(store, PostgresStore)
+    assert (store._dsn, store._schema) == (dsn, schema)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://h/db?schema=", "postgresql://h/db?schema=a&schema=b"]
+)
+def test_spec_postgres_schema_must_be_one_name(url: str) -> None:
+    with pytest.raises(ValueError, match="one non-empty schema="):
+        store_from_spec(url)
+
+
 def test_spec_none_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RESONATE_STORE", ":memory:")
     assert isinstance(store_from_spec(None), MemoryStore)

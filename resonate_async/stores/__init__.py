@@ -7,6 +7,7 @@ needs asyncpg.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from ._base import Create, Kind, PromiseRecord, Settle, State, Store
@@ -57,7 +58,9 @@ def store_from_spec(spec: str | os.PathLike[str] | Store | None) -> Store:
             * ``"sqlite:///relative/path"`` or ``"sqlite:////absolute/path"``:
               a :class:`SQLiteStore`;
             * ``"postgresql://..."`` or ``"postgres://..."``: a
-              :class:`PostgresStore` (needs the ``postgres`` extra);
+              :class:`PostgresStore` (needs the ``postgres`` extra); a
+              ``schema=NAME`` query parameter is its ``schema``
+              (``postgresql://app@db/app?schema=resonate``);
             * any other string without ``://``, or a path object: a
               :class:`SQLiteStore` on that file.
 
@@ -89,10 +92,24 @@ def store_from_spec(spec: str | os.PathLike[str] | Store | None) -> Store:
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresStore
 
-        return PostgresStore(spec)
+        dsn, schema = _schema_parameter(spec)
+        return PostgresStore(dsn, schema=schema)
     if scheme == "sqlite":
         # sqlite:///app.db -> "app.db"; sqlite:////var/app.db -> "/var/app.db"
         if not rest.startswith("/") or rest == "/":
             raise ValueError(f"{spec!r} has no file path; write {_ACCEPTED}")
         return SQLiteStore(rest[1:])
     raise ValueError(f"unknown store URL scheme {scheme!r} in {spec!r}; pass {_ACCEPTED}")
+
+
+def _schema_parameter(url: str) -> tuple[str, str | None]:
+    """``url`` without its ``schema=`` query parameter, and that parameter."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [value for key, value in query if key == "schema"]
+    if not schemas:
+        return url, None
+    if len(schemas) > 1 or not schemas[0]:
+        raise ValueError(f"give one non-empty schema= in {url!r}")
+    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "schema"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), schemas[0]

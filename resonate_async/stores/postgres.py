@@ -218,6 +218,17 @@ class PostgresStore(StoreLifecycle):
                 raise
             self._pool = pool
 
+    async def _holds_promises(self) -> bool:
+        """Whether the schema holds a store already (without creating one)."""
+        try:
+            conn = await self._asyncpg.connect(self._dsn, server_settings=self._settings)
+        except self._errors as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            return bool(await conn.fetchval("SELECT to_regclass('promises') IS NOT NULL"))
+        finally:
+            await conn.close()
+
     async def _migrate(self, conn: Any) -> None:
         async with conn.transaction():
             # Workers starting together migrate once: the others wait here.
