@@ -399,11 +399,11 @@ class Resonate:
         if existing is not None:
             if existing.entry is entry and existing.param == param:
                 return existing
+            other = "" if existing.entry is not entry else " with other arguments"
             handle: Handle[Any] = Handle(id, asyncio.get_running_loop())
             handle._set_exception(
                 ConflictError(
-                    f"run id {id!r} is already running {existing.entry.name!r} with other "
-                    "arguments; use a new id"
+                    f"run id {id!r} is already running {existing.entry.name!r}{other}; use a new id"
                 )
             )
             return handle

@@ -418,15 +418,17 @@ class RunDriver(Attempts):
                 "a workflow's calls get the ids '<its id>.1', '<its id>.2', ..., so use a "
                 "run id that is not another run's id plus '.<number>'"
             )
-        if (
-            stored.func != entry.name
-            or stored.version != entry.version
-            or stored.param != run.param
-        ):
+        if stored.func != entry.name or stored.version != entry.version:
+            differs = f"{stored.func!r} version {stored.version}"
+        elif stored.param != run.param:
+            differs = f"{stored.func!r} version {stored.version} with other arguments"
+        else:
+            differs = None
+        if differs is not None:
             raise ConflictError(
-                f"run id {run.id!r} is already used by {stored.func!r} version {stored.version} "
-                "with other arguments; runs are idempotent by id, so use a new id (or the same "
-                "function and arguments to attach to the existing run)"
+                f"run id {run.id!r} is already used by {differs}; runs are idempotent by "
+                "id, so use a new id (or the same function and arguments to attach to the "
+                "existing run)"
             )
         run._set_created()
         if self.effectively_settled(stored):

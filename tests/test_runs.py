@@ -103,9 +103,9 @@ async def test_same_id_other_arguments_is_a_conflict_whatever_the_state() -> Non
         with pytest.raises(ConflictError, match="new id"):
             await resonate.run("c", f, 2)  # pending here
         assert await running == 1
-        with pytest.raises(ConflictError, match="already used"):
+        with pytest.raises(ConflictError, match=r"already used by .*f' version 1 with other arg"):
             await resonate.run("c", f, 2)  # completed, other arguments
-        with pytest.raises(ConflictError):
+        with pytest.raises(ConflictError, match=r"already used by .*f' version 1; runs"):
             await resonate.run("c", g, 1)  # completed, other function
 
 
