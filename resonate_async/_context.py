@@ -113,7 +113,13 @@ class Context:
         **kwargs: P.kwargs,
     ) -> Promise[T]: ...
     @overload
-    def lfi(self, target: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Promise[Any]: ...
+    def lfi(
+        self,
+        target: Callable[Concatenate[Context, P], Any],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Promise[Any]: ...
     def lfi(self, target: Any, /, *args: Any, **kwargs: Any) -> Promise[Any]:
         """Start a local function invocation (or a batched command); return its promise.
 
@@ -137,7 +143,13 @@ class Context:
         **kwargs: P.kwargs,
     ) -> Promise[T]: ...
     @overload
-    def lfc(self, target: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Promise[Any]: ...
+    def lfc(
+        self,
+        target: Callable[Concatenate[Context, P], Any],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Promise[Any]: ...
     def lfc(self, target: Any, /, *args: Any, **kwargs: Any) -> Promise[Any]:
         """``lfi`` and await: ``value = await ctx.lfc(fn, *args)``.
 
@@ -179,8 +191,14 @@ class Context:
     ) -> Promise[T]: ...
     @overload
     def rfi(
-        self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any
+        self,
+        target: Callable[Concatenate[Context, P], Any],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
     ) -> Promise[Any]: ...
+    @overload
+    def rfi(self, target: str, /, *args: Any, **kwargs: Any) -> Promise[Any]: ...
     def rfi(self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Promise[Any]:
         """Start a *remote* function invocation; any worker that registered it may run it.
 
@@ -204,8 +222,14 @@ class Context:
     ) -> Promise[T]: ...
     @overload
     def rfc(
-        self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any
+        self,
+        target: Callable[Concatenate[Context, P], Any],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
     ) -> Promise[Any]: ...
+    @overload
+    def rfc(self, target: str, /, *args: Any, **kwargs: Any) -> Promise[Any]: ...
     def rfc(self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Promise[Any]:
         """``rfi`` and await: ``value = await ctx.rfc("charge", order_id)``."""
         promise = self._remote(target, args, kwargs)

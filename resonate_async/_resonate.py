@@ -368,8 +368,15 @@ class Resonate:
     ) -> Handle[R]: ...
     @overload
     def run(
-        self, id: str, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any
+        self,
+        id: str,
+        fn: Callable[Concatenate[Context, P], Any],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
     ) -> Handle[Any]: ...
+    @overload
+    def run(self, id: str, fn: str, /, *args: Any, **kwargs: Any) -> Handle[Any]: ...
     def run(
         self, id: str, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any
     ) -> Handle[Any]:

@@ -383,7 +383,7 @@ async def test_arguments_the_function_does_not_take_reject_the_run() -> None:
 
     async with resonate:
         with pytest.raises(TypeError, match="argument"):
-            await resonate.run("two-args", one, 1, 2)
+            await resonate.run("two-args", one, 1, 2)  # type: ignore[call-overload]
         stored = await resonate.promises.get("two-args")
         assert stored is not None and stored.state is State.REJECTED
 

@@ -44,3 +44,19 @@ async def test_awaiting_typed_calls_gives_their_values() -> None:
         handle = resonate.run("typed", workflow, 21)
         assert_type(handle, Handle[int])
         assert await handle == 42
+
+
+def step_in_thread(ctx: Context, x: int) -> int:
+    return x
+
+
+def wrong_arguments_do_not_type_check(resonate: Resonate, ctx: Context) -> None:
+    """Never called: mypy --strict (warn_unused_ignores) fails if a line type-checks."""
+    resonate.run("x", workflow, "21")  # type: ignore[call-overload]
+    resonate.run("x", workflow)  # type: ignore[call-overload]
+    resonate.run("x", step_in_thread, 1, 2)  # type: ignore[call-overload]
+    ctx.lfc(double, "21")  # type: ignore[call-overload]
+    ctx.lfi(double, x=1, y=2)  # type: ignore[call-overload]
+    ctx.lfc(step_in_thread, "21")  # type: ignore[call-overload]
+    ctx.rfc(double)  # type: ignore[call-overload]
+    ctx.rfi(double, 1, 2)  # type: ignore[call-overload]
