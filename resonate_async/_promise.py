@@ -12,6 +12,7 @@ when settled, by the group-commit writer.
 from __future__ import annotations
 
 import asyncio
+import warnings
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._registry import call_style, function_name
@@ -117,6 +118,17 @@ class Promise(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Promise(id={self.id!r})"
+
+    def __del__(self) -> None:
+        # Like a coroutine never awaited: `ctx.lfc(...)` without `await` did
+        # nothing (an lfc starts when awaited) and only used up an id.
+        if self._state == _NOT_STARTED and not self._awaited:
+            warnings.warn(
+                f"{self.id}: ctx.lfc(...) was never awaited, so it never ran; await it "
+                "(or start it with ctx.lfi to await it later)",
+                RuntimeWarning,
+                stacklevel=1,
+            )
 
     def with_options(
         self,

@@ -359,6 +359,27 @@ async def test_functions_a_workflow_makes_per_run_are_not_kept_alive() -> None:
     assert len(made) == 6 and all(ref() is None for ref in made)
 
 
+async def test_an_lfc_never_awaited_warns_and_runs_nothing() -> None:
+    resonate = make()
+    ran: list[str] = []
+
+    async def step(ctx: Context) -> None:
+        ran.append(ctx.id)
+
+    @resonate.register
+    async def forgetful(ctx: Context) -> str:
+        ctx.lfc(step)  # no await: nothing runs, as with a coroutine never awaited
+        await ctx.lfc(step)
+        return "done"
+
+    async with resonate:
+        with pytest.warns(
+            RuntimeWarning, match=r"forgetful\.1: ctx\.lfc\(\.\.\.\) was never awaited"
+        ):
+            assert await resonate.run("forgetful", forgetful) == "done"
+    assert ran == ["forgetful.2"]
+
+
 async def test_stats_count_runs_and_store_transactions() -> None:
     resonate = make()
 

@@ -21,13 +21,17 @@ async def double(ctx: Context, x: int) -> int:
     return 2 * x
 
 
-async def workflow(ctx: Context, x: int) -> int:
+def typed_promises(ctx: Context, x: int) -> None:
+    """Never called: an lfc never awaited does nothing (and warns when collected)."""
     assert_type(ctx.lfc(double, x), Promise[int])
     assert_type(ctx.lfi(double, x), Promise[int])
     assert_type(ctx.rfc(double, x), Promise[int])
     assert_type(ctx.rfi(double, x), Promise[int])
     assert_type(ctx.lfc(Greet("ada")), Promise[str])
     assert_type(ctx.rfc("double", x), Promise[Any])  # by name: nothing to infer from
+
+
+async def workflow(ctx: Context, x: int) -> int:
     value = await ctx.lfc(double, x)
     assert_type(value, int)
     greeting = await ctx.lfc(Greet("ada"))
