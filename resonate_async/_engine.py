@@ -110,6 +110,8 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         self._waiters: dict[str, list[asyncio.Future[PromiseRecord]]] = {}
         # Runs stopped by nondeterminism: PENDING in the store, not retried here.
         self.stuck: dict[str, NondeterminismError] = {}
+        # Runs stopped here by a store failure, whose leases the claim loop frees.
+        self.store_failed: set[str] = set()
         self._claim_wakeup = asyncio.Event()
         self._listening = False
         # Stores that only processes of this host can open (SQLite) let a dead

@@ -93,6 +93,7 @@ class LeaseKeeper:
     closing: bool
     runs: dict[str, RunState]
     stuck: dict[str, NondeterminismError]
+    store_failed: set[str]
     _single_host: bool
     _claim_wakeup: asyncio.Event
 
@@ -174,6 +175,21 @@ class LeaseKeeper:
         for owner, ids in dead.items():
             await self.store.release(owner, ids)
 
+    async def _release_store_failed(self) -> None:
+        """Free the leases of runs a store failure stopped here, before claiming:
+        the claim that follows (here or elsewhere) resumes them. In this task,
+        so a release never lands after this worker claimed the run again."""
+        stopped = self.store_failed
+        if not stopped:
+            return
+        running = [id for id in stopped if id in self.runs]  # resumed here meanwhile
+        stopped.difference_update(running)
+        ids = list(stopped)
+        if ids:
+            await self.store.release(self.worker_id, ids)  # raises: kept for the next poll
+            stopped.difference_update(ids)
+            log.info("freed the leases of %d runs stopped by a store failure", len(ids))
+
     async def _heartbeat(self) -> None:
         clock = self.clock
         poll = getattr(clock, "poll", None)
@@ -207,6 +223,7 @@ class LeaseKeeper:
             if await _first(poll(self.poll_seconds), self._claim_wakeup.wait()) == 0:
                 polls += 1
             try:
+                await self._release_store_failed()
                 if self._single_host and polls % 30 == 29:
                     # Now and then, free the leases of dead processes of this host
                     # (elsewhere only an expired lease frees a run).

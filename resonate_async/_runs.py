@@ -140,11 +140,11 @@ class RunDriver(Attempts):
     run_stats: RunStats
     runs: dict[str, RunState]
     stuck: dict[str, NondeterminismError]
+    store_failed: set[str]
     closing: bool
     replay_every_step: bool
     worker_id: str
     lease_seconds: float
-    poll_seconds: float
     _waiters: dict[str, list[asyncio.Future[PromiseRecord]]]
     _on_root_op: Callable[[RunState], Create]
     _on_root_created: Callable[[RunState, PromiseRecord | None, BaseException | None], None]
@@ -333,25 +333,15 @@ class RunDriver(Attempts):
                 self._forget(run)
 
     def _abandon(self, run: RunState, error: BaseException) -> None:
-        """A run stopped here without settling its root (the store failed): free
-        its lease in the background, so that a claim (this worker's next poll,
-        or another worker's) resumes it from its history once the store answers.
-        Otherwise this worker's heartbeat would renew the lease for ever."""
+        """A run stopped here without settling its root (the store failed): its
+        lease is freed by the claim loop's next poll, which then claims it
+        again (or another worker does) and resumes it from its history once
+        the store answers. Otherwise this worker's heartbeat would renew the
+        lease for ever and nobody would resume the run."""
         if self.closing or isinstance(error, ShutdownError):
             return  # the next start resumes it (its leases are freed then)
         log.warning("run %s stopped without settling: %s; it will be resumed", run.id, error)
-        self.spawn_other(self._release_abandoned(run.id))
-
-    async def _release_abandoned(self, id: str) -> None:
-        delay = 0.05
-        while True:
-            try:
-                await self.store.release(self.worker_id, [id])
-                return
-            except Exception as exc:  # the store still fails: try again later
-                log.warning("freeing the lease of run %s failed: %s", id, exc)
-                await self.clock.sleep(delay)
-                delay = min(delay * 2, self.poll_seconds)
+        self.store_failed.add(run.id)
 
     async def _after_first_attempt(
         self, run: RunState, entry: FunctionEntry, ctx: Context, exc: Exception
@@ -445,6 +435,7 @@ class RunDriver(Attempts):
         if self.runs.get(run.id) is run:
             del self.runs[run.id]
         self.stuck.pop(run.id, None)  # an explicit run() retries a stuck run
+        self.store_failed.discard(run.id)  # its lease is freed right here
         owner = stored.owner
         # This worker's own lease on a run that does not execute here (a stuck
         # run, one stopped by a store failure) is as free as a dead worker's.

@@ -375,9 +375,16 @@ async def test_constant_retry_of_whole_run_uses_clock() -> None:
 class FailsOnce(MemoryStore):
     """A memory store whose first write of a create (or a settle) of ``id`` fails."""
 
-    def __init__(self, op: type[Op], id: str) -> None:
+    def __init__(self, op: type[Op], id: str, *, failed_releases: int = 0) -> None:
         super().__init__()
         self.failing: tuple[type[Op], str] | None = (op, id)
+        self.failed_releases = failed_releases  # the store stays down a while
+
+    async def release(self, owner: str, ids: Sequence[str]) -> None:
+        if self.failed_releases:
+            self.failed_releases -= 1
+            raise OSError("still down")
+        await super().release(owner, ids)
 
     async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
         written = [(type(op), op.record.id if isinstance(op, Create) else op.id) for op in ops]
@@ -387,13 +394,18 @@ class FailsOnce(MemoryStore):
         return await super().write(ops)
 
 
-# The step's row fails to commit (the body stops), or the run's settle does.
+# The step's row fails to commit (the body stops), or the run's settle does;
+# the store may still be down at the next polls.
 @pytest.mark.parametrize(
-    ("op", "failing_id"), [(Create, "s.1"), (Settle, "s")], ids=["step", "settle"]
+    ("op", "failing_id", "failed_releases"),
+    [(Create, "s.1", 0), (Settle, "s", 0), (Create, "s.1", 3)],
+    ids=["step", "settle", "store-down-for-three-polls"],
 )
-async def test_a_run_stopped_by_a_store_failure_is_resumed(op: type[Op], failing_id: str) -> None:
+async def test_a_run_stopped_by_a_store_failure_is_resumed(
+    op: type[Op], failing_id: str, failed_releases: int
+) -> None:
     clock = VirtualClock(autojump=True)
-    store = FailsOnce(op, failing_id)
+    store = FailsOnce(op, failing_id, failed_releases=failed_releases)
     resonate = Resonate(store, clock=clock, lease_seconds=10, poll_seconds=1)
     steps: list[str] = []
 
