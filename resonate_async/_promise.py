@@ -494,12 +494,15 @@ class Promise(Generic[T]):
 
         A call's id is its parent's plus ``.n``, so a run whose id is another
         run's plus ``.n`` holds the id of that run's n-th call: the row found
-        then is not a child of this call's parent, and taking its outcome would
+        then is not a child of this call's parent in this call's tree, and taking its outcome would
         answer this call with another workflow's. An id given with
         ``with_options(id=...)`` is the caller's to share, and is not checked.
         """
-        parent = self._ctx.id
-        if stored.parent_id == parent or self._custom_id:
+        ctx = self._ctx
+        parent = ctx.id
+        # A remote call is the root of its own tree; any other call is in its run's.
+        root = self.id if self._type == _REMOTE else ctx.root_id
+        if (stored.parent_id == parent and stored.root_id == root) or self._custom_id:
             return stored
         raise ConflictError(
             f"{self.id}: this call's id is already used by a promise of run "

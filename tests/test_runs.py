@@ -314,6 +314,35 @@ async def test_a_run_whose_id_is_another_runs_call_id_gets_a_conflict_not_its_ou
     assert charged == [100, 5, 7]  # a step runs before its row is written (DESIGN §2)
 
 
+async def test_a_nested_call_of_another_run_is_a_conflict_too() -> None:
+    resonate = make()
+    gate = asyncio.Event()
+
+    async def inner(ctx: Context, who: str) -> str:
+        return f"from run {who}"
+
+    async def outer(ctx: Context) -> str:
+        return await ctx.lfc(inner, "shop")  # id shop.1.1, a child of shop.1
+
+    @resonate.register
+    async def shop(ctx: Context) -> str:
+        return await ctx.lfc(outer)  # id shop.1: the id of the other run
+
+    @resonate.register
+    async def shop_1(ctx: Context) -> str:
+        await gate.wait()
+        return await ctx.lfc(inner, "shop.1")  # id shop.1.1, written by shop first
+
+    async with resonate:
+        other = resonate.run("shop.1", shop_1)
+        await other.created()
+        with pytest.raises(ConflictError, match=r"used by a promise of run 'shop\.1'"):
+            await resonate.run("shop", shop)
+        gate.set()
+        with pytest.raises(ConflictError, match=r"shop\.1\.1: .* of run 'shop',"):
+            await other
+
+
 async def test_calls_given_the_same_id_share_the_first_outcome() -> None:
     resonate = make()
     charged: list[int] = []
