@@ -111,7 +111,8 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         # Runs stopped by nondeterminism: PENDING in the store, not retried here.
         self.stuck: dict[str, NondeterminismError] = {}
         # Runs stopped here by a store failure, whose leases the claim loop frees.
-        self.store_failed: set[str] = set()
+        self.store_failed: dict[str, float] = {}  # id -> when to free its lease
+        self.store_failures: dict[str, int] = {}  # id -> store failures in a row
         self._claim_wakeup = asyncio.Event()
         self._listening = False
         # Stores that only processes of this host can open (SQLite) let a dead

@@ -93,7 +93,7 @@ class LeaseKeeper:
     closing: bool
     runs: dict[str, RunState]
     stuck: dict[str, NondeterminismError]
-    store_failed: set[str]
+    store_failed: dict[str, float]
     _single_host: bool
     _claim_wakeup: asyncio.Event
 
@@ -182,12 +182,14 @@ class LeaseKeeper:
         stopped = self.store_failed
         if not stopped:
             return
-        running = [id for id in stopped if id in self.runs]  # resumed here meanwhile
-        stopped.difference_update(running)
-        ids = list(stopped)
+        now = self.clock.now()
+        for id in [id for id in stopped if id in self.runs]:  # resumed here meanwhile
+            del stopped[id]
+        ids = [id for id, due in stopped.items() if due <= now]
         if ids:
             await self.store.release(self.worker_id, ids)  # raises: kept for the next poll
-            stopped.difference_update(ids)
+            for id in ids:
+                del stopped[id]
             log.info("freed the leases of %d runs stopped by a store failure", len(ids))
 
     async def _heartbeat(self) -> None:

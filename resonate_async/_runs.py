@@ -57,6 +57,8 @@ log = logging.getLogger("resonate_async")
 # Members read on every run: a module global is cheaper than an Enum class attribute.
 _PENDING, _RUN = State.PENDING, Kind.RUN
 _ASYNC = CallStyle.ASYNC
+# The longest wait before a run stopped by store failures is resumed again.
+_MAX_RESUME_DELAY = 300.0
 
 
 class RunState(Handle[Any]):
@@ -140,7 +142,9 @@ class RunDriver(Attempts):
     run_stats: RunStats
     runs: dict[str, RunState]
     stuck: dict[str, NondeterminismError]
-    store_failed: set[str]
+    store_failed: dict[str, float]
+    store_failures: dict[str, int]
+    poll_seconds: float
     closing: bool
     replay_every_step: bool
     worker_id: str
@@ -246,6 +250,9 @@ class RunDriver(Attempts):
         elif error is not None:
             self._forget(run)
             run._set_exception(error)
+            # The create may have committed though its answer was lost: then
+            # its row is PENDING under this worker's lease, to be resumed.
+            self._abandon(run, error)
         else:  # the id was taken: a stored outcome, a conflict or a run elsewhere
             run.attached = True
             run._task = self.spawn_other(self._attach(run, stored))
@@ -340,8 +347,17 @@ class RunDriver(Attempts):
         lease for ever and nobody would resume the run."""
         if self.closing or isinstance(error, ShutdownError):
             return  # the next start resumes it (its leases are freed then)
-        log.warning("run %s stopped without settling: %s; it will be resumed", run.id, error)
-        self.store_failed.add(run.id)
+        # A store that keeps failing (a full disk) must not turn every poll into
+        # another replay of the run's in-flight step: wait longer each time.
+        failures = self.store_failures[run.id] = self.store_failures.get(run.id, 0) + 1
+        delay = min(self.poll_seconds * 2 ** (failures - 1), _MAX_RESUME_DELAY)
+        log.warning(
+            "run %s stopped without settling: %s; it will be resumed in %.0fs",
+            run.id,
+            error,
+            delay,
+        )
+        self.store_failed[run.id] = self.clock.now() + delay
 
     async def _after_first_attempt(
         self, run: RunState, entry: FunctionEntry, ctx: Context, exc: Exception
@@ -377,6 +393,8 @@ class RunDriver(Attempts):
             run._set_exception(error)
             self._abandon(run, error)
         else:
+            if self.store_failures:
+                self.store_failures.pop(run.id, None)
             self._finish_run(run, settled)
 
     async def _load_history(self, run: RunState) -> None:
@@ -435,7 +453,7 @@ class RunDriver(Attempts):
         if self.runs.get(run.id) is run:
             del self.runs[run.id]
         self.stuck.pop(run.id, None)  # an explicit run() retries a stuck run
-        self.store_failed.discard(run.id)  # its lease is freed right here
+        self.store_failed.pop(run.id, None)  # its lease is freed right here
         owner = stored.owner
         # This worker's own lease on a run that does not execute here (a stuck
         # run, one stopped by a store failure) is as free as a dead worker's.

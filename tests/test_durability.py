@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -428,3 +429,65 @@ async def test_a_run_stopped_by_a_store_failure_is_resumed(
         assert await resonate.run("s", flow) == 7
     # The step's row was lost with the failure, or it was stored and replayed.
     assert steps == (["s.1", "s.1"] if failing_id == "s.1" else ["s.1"])
+
+
+async def test_a_run_the_store_keeps_failing_is_resumed_ever_less_often() -> None:
+    class FullDisk(MemoryStore):
+        async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+            if any(isinstance(op, Create) and op.record.id == "s.1" for op in ops):
+                raise OSError("disk full")
+            return await super().write(ops)
+
+    clock = VirtualClock()
+    resonate = Resonate(FullDisk(), clock=clock, lease_seconds=10, poll_seconds=1)
+    attempts: list[float] = []
+
+    async def step(ctx: Context) -> int:
+        attempts.append(clock.now() - start)
+        return 7
+
+    @resonate.register
+    async def flow(ctx: Context) -> int:
+        return await ctx.lfc(step)
+
+    start = clock.now()
+    async with resonate:
+        with pytest.raises(StoreError, match="disk full"):
+            await resonate.run("s", flow)
+        for _ in range(120):  # two virtual minutes, a second at a time
+            await clock.advance(1)
+    # Resumed after 1, 2, 4, 8, 16, 32 s (each at the next poll): not 120 times.
+    assert len(attempts) == 7
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    assert all(later > earlier for earlier, later in itertools.pairwise(gaps))
+
+
+async def test_a_root_create_whose_answer_was_lost_is_resumed() -> None:
+    class LostAnswer(MemoryStore):
+        lose = True
+
+        async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+            results = await super().write(ops)
+            if self.lose and any(isinstance(op, Create) and op.record.id == "r" for op in ops):
+                self.lose = False
+                raise OSError("connection lost after the commit")
+            return results
+
+    clock = VirtualClock(autojump=True)
+    resonate = Resonate(LostAnswer(), clock=clock, lease_seconds=10, poll_seconds=1)
+    ran: list[str] = []
+
+    @resonate.register
+    async def flow(ctx: Context) -> int:
+        ran.append(ctx.id)
+        return 5
+
+    async with resonate:
+        with pytest.raises(StoreError, match="connection lost"):
+            await resonate.run("r", flow)
+        # The root was committed under this worker's lease: it is resumed,
+        # before the lease (which the heartbeat renews) could expire.
+        start = clock.now()
+        assert await asyncio.wait_for(resonate.get("r").result(), 10) == 5
+        assert clock.now() - start < 10
+    assert ran == ["r"]
