@@ -564,13 +564,7 @@ class JSONEncoder:
         cls = self._error_class(name)
         args = record.get("args")
         if cls is not None and args is not None:
-            error = _construct(cls, args, record["message"])
-            if error is not None:
-                for key, attr in record.get("state", {}).items():
-                    try:
-                        setattr(error, key, attr)
-                    except Exception:
-                        continue
+            error = _construct(cls, args, record.get("state", {}), record["message"])
         if error is None:
             error = StoredError(name, record["message"], tb)
         if tb:
@@ -597,24 +591,43 @@ class JSONEncoder:
         return found
 
 
-def _construct(cls: type[BaseException], args: list[Any], message: str) -> BaseException | None:
-    """An instance of ``cls`` rebuilt from its reduced ``args``: by its
-    constructor if it takes them, else by ``__new__`` alone (its ``args``
-    then are ``args``); ``message`` is what ``str()`` gave originally."""
+def _construct(
+    cls: type[BaseException], args: list[Any], state: dict[str, Any], message: str
+) -> BaseException | None:
+    """An instance of ``cls`` rebuilt from its reduced ``args`` and ``state``
+    (its ``__dict__``); ``message`` is what ``str()`` gave originally.
+
+    By its constructor if it takes ``args``, else by ``__new__`` alone, which
+    is kept only if the result prints the original message (a class with
+    slots or a constructor of its own would come back incomplete).
+    """
     error: object = None
+    constructed = True
     try:
         error = cls(*args)
     except Exception:
+        constructed = False
         with contextlib.suppress(Exception):
             error = cls.__new__(cls, *args)
     if not isinstance(error, BaseException):
         return None
+    for key, attr in state.items():
+        with contextlib.suppress(Exception):
+            setattr(error, key, attr)
+    if _prints(error, message):
+        return error
     # A constructor that formats its message (super().__init__(f"... {code}"))
     # formats the stored message again: then the stored args are the message.
     with contextlib.suppress(Exception):
-        if str(error) != message:
-            error.args = tuple(args)
-    return error
+        error.args = tuple(args)
+    return error if constructed or _prints(error, message) else None
+
+
+def _prints(error: BaseException, message: str) -> bool:
+    try:
+        return str(error) == message
+    except Exception:
+        return False
 
 
 def _tag_nonfinite(obj: object) -> object:

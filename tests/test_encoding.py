@@ -89,6 +89,26 @@ class KeywordOnly(Exception):
         self.code = code
 
 
+class SlottedStr(Exception):
+    """Its attribute lives in a slot, which an error's reduced state lacks."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code: int) -> None:
+        super().__init__()
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"code={self.code}"
+
+
+class MissingData(OSError):
+    """An OSError whose constructor takes other arguments than OSError's."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(2, "custom missing", path)
+
+
 class BadStr(Exception):
     def __str__(self) -> str:
         raise RuntimeError("no str for you")
@@ -422,8 +442,11 @@ def test_store_error_keeps_its_message_not_its_cause() -> None:
         (ValueError({1, 2}), "ValueError", "{1, 2}"),
         (asyncio.CancelledError("stop"), "asyncio.exceptions.CancelledError", "stop"),
         (KeyboardInterrupt(), "KeyboardInterrupt", ""),
+        # Rebuilt without their constructor they would not print their message.
+        (SlottedStr(7), f"{MOD}.SlottedStr", "code=7"),
+        (MissingData("/data/x"), f"{MOD}.MissingData", "[Errno 2] custom missing: '/data/x'"),
     ],
-    ids=["unencodable-args", "cancelled", "keyboard-interrupt"],
+    ids=["unencodable-args", "cancelled", "keyboard-interrupt", "slots", "oserror-subclass"],
 )
 def test_errors_that_cannot_be_rebuilt_become_stored_error(
     error: BaseException, type_name: str, message: str
