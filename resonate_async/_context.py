@@ -174,7 +174,11 @@ class Context:
                 raise TypeError("a Command carries its own arguments; pass only the instance")
             self._engine.registry.handler(type(target))  # fail now if no handler
             promise: Promise[Any] = Promise(self, self._next_id(), _COMMAND, target, (), _NO_KWARGS)
-            promise._param = self._engine.encode_for(target, promise.id)  # fail now if unencodable
+            try:
+                promise._param = self._engine.encode_for(target, promise.id)  # fail now
+            except BaseException:
+                promise._awaited = True  # the call is an error: no never-awaited warning on top
+                raise
             if self._engine.tracing.enabled:  # the batch span links to this run's span
                 promise._span = self._engine.tracing.current()
             return promise
@@ -248,7 +252,11 @@ class Context:
             name = entry.name if entry is not None else function_name(target)
         promise: Promise[Any] = Promise(self, self._next_id(), _REMOTE, name, args, kwargs)
         promise._version = entry.version if entry is not None else 1
-        promise._param = self._engine.encode_for([list(args), kwargs], promise.id)
+        try:
+            promise._param = self._engine.encode_for([list(args), kwargs], promise.id)
+        except BaseException:
+            promise._awaited = True  # the call is an error: no never-awaited warning on top
+            raise
         return promise
 
     def sleep(self, seconds: float) -> Promise[None]:

@@ -39,6 +39,8 @@ T = TypeVar("T")
 # What a Promise stands for.
 _STEP, _COMMAND, _SLEEP, _EXTERNAL, _REMOTE = range(5)
 _NOT_STARTED, _STARTED, _INLINE_DONE = range(3)
+# What a user wrote to make a promise of each kind, for the never-awaited warning.
+_CALLS = {_REMOTE: "ctx.rfc", _EXTERNAL: "ctx.promise", _SLEEP: "ctx.sleep"}
 _NO_KWARGS: dict[str, Any] = {}  # shared by every command; never mutated
 
 
@@ -121,11 +123,15 @@ class Promise(Generic[T]):
 
     def __del__(self) -> None:
         # Like a coroutine never awaited: `ctx.lfc(...)` without `await` did
-        # nothing (an lfc starts when awaited) and only used up an id.
+        # nothing (an lfc starts when awaited) and only used up an id. Not
+        # when a shutdown, a crash or replay-every-step cut the body short.
         if self._state == _NOT_STARTED and not self._awaited:
+            engine = self._ctx._engine
+            if engine.closing or engine.replay_every_step:
+                return
+            call = _CALLS.get(self._type, "ctx.lfc")
             warnings.warn(
-                f"{self.id}: ctx.lfc(...) was never awaited, so it never ran; await it "
-                "(or start it with ctx.lfi to await it later)",
+                f"{self.id}: {call}(...) was never awaited, so it never ran; await it",
                 RuntimeWarning,
                 stacklevel=1,
             )
@@ -160,6 +166,7 @@ class Promise(Generic[T]):
             )
         if retry_policy is not None:
             if self._type == _COMMAND:
+                self._awaited = True  # the call is an error: no warning on top
                 raise RuntimeError(
                     f"{self.id}: a command's retries follow its handler's retry_policy; "
                     "set it in register_command_handler"
@@ -167,6 +174,7 @@ class Promise(Generic[T]):
             self._retry_policy = retry_policy
         if timeout is not None:
             if timeout <= 0:
+                self._awaited = True
                 raise ValueError(f"timeout must be positive, got {timeout}")
             self._timeout = timeout
         if id is not None:

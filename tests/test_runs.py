@@ -19,6 +19,7 @@ from resonate_async import (
     NotFoundError,
     NotRegisteredError,
     Resonate,
+    ShutdownError,
     State,
 )
 from resonate_async.retry import RetryPolicy, constant, never
@@ -407,6 +408,42 @@ async def test_an_lfc_never_awaited_warns_and_runs_nothing() -> None:
         ):
             assert await resonate.run("forgetful", forgetful) == "done"
     assert ran == ["forgetful.2"]
+
+
+async def test_calls_that_failed_or_were_interrupted_do_not_warn() -> None:
+    # filterwarnings = error: a never-awaited warning here would fail the test.
+    resonate = make()
+    gate = asyncio.Event()
+
+    async def step(ctx: Context) -> int:
+        return 1
+
+    async def ping(ctx: Context, pings: list[Ping]) -> list[str]:
+        return ["pong" for _ in pings]
+
+    resonate.register_command_handler(Ping, ping)
+
+    @resonate.register
+    async def unencodable(ctx: Context) -> str:
+        try:
+            ctx.lfc(Ping(object()))  # type: ignore[arg-type]
+        except EncodingError:
+            return "refused"
+        return "sent"
+
+    @resonate.register
+    async def interrupted(ctx: Context) -> int:
+        later = ctx.lfc(step)
+        await gate.wait()  # shut down here
+        return await later
+
+    async with resonate:
+        assert await resonate.run("unencodable", unencodable) == "refused"
+        handle = resonate.run("interrupted", interrupted)
+        await handle.created()
+    with pytest.raises(ShutdownError):
+        await handle
+    gc.collect()
 
 
 async def test_stats_count_runs_and_store_transactions() -> None:
