@@ -127,6 +127,9 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
 
     async def start(self) -> None:
         """Start the writer, the batchers and the heartbeat, then recover runs."""
+        # A worker id that testing.crash abandoned is alive again once restarted
+        # (its previous incarnation's leases are freed below, at start).
+        abandoned_workers.discard(self.worker_id)
         self._services.append(self._spawn_service(self.writer.run(), "writer"))
         for entry in self.registry.handlers():
             self.add_batcher(entry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from resonate_async import Context, Kind, MemoryStore, Resonate, State
+from resonate_async.testing import VirtualClock, crash
 
 
 async def test_rfc_runs_on_a_worker_that_registered_the_function() -> None:
@@ -127,3 +128,29 @@ async def test_a_stalled_worker_whose_run_was_taken_over_ends_with_the_stored_ou
     assert continued == [("b", "step by b"), ("a", "step by b")]
     stored = (await store.get_many(["job-1.1"]))["job-1.1"]
     assert stored.value is not None and b"step by b" in stored.value
+
+
+async def test_a_worker_id_restarted_after_a_crash_keeps_its_runs() -> None:
+    clock = VirtualClock()
+    store = MemoryStore()
+    starts: list[str] = []
+
+    async def job(ctx: Context, seconds: float) -> str:
+        starts.append(ctx._engine.worker_id)
+        await ctx.sleep(seconds)
+        return "done"
+
+    def worker(id: str) -> Resonate:
+        resonate = Resonate(store, clock=clock, worker_id=id)
+        resonate.register(job)
+        return resonate
+
+    crashed = worker("a")
+    await crashed.start()
+    await crash(crashed)  # "a" is now a dead worker id...
+    restarted, other = worker("a"), worker("b")  # ...until it starts again
+    async with restarted, other:
+        handle = restarted.run("job", job, 600)
+        await clock.advance(700)  # many of b's polls, some freeing dead workers' leases
+        assert await handle == "done"
+    assert starts == ["a"]  # b never took the live worker's run
