@@ -73,6 +73,7 @@ class RunState(Handle[Any]):
         "attached",
         "cancel_requested",
         "entry",
+        "execution",
         "fatal",
         "kwargs",
         "param",
@@ -109,14 +110,18 @@ class RunState(Handle[Any]):
         # The id was stored already: this handle answers from that run (and
         # does not execute it here, unless this worker claims it).
         self.attached = False
+        # Once this worker claimed that run: its execution here, which cancel() cancels.
+        self.execution: RunState | None = None
 
     def cancel(self) -> bool:
         """See :meth:`Handle.cancel`; before the root is durable, the run is
         settled ``REJECTED_CANCELED`` as soon as it is (and so is a run whose
         id turns out to be stored already, wherever it runs). A handle on a
         run that was stored before (``attached``) does not execute it: False."""
-        if self.done() or self.attached:
+        if self.done():
             return False
+        if self.attached:
+            return False if self.execution is None else self.execution.cancel()
         task = self._task
         if task is None or _not_started(task):
             # Its root is being created, or its task has not taken its first
@@ -462,10 +467,13 @@ class RunDriver(Attempts):
         await self.recover([(entry.name, entry.version)])
         execution = self.runs.get(run.id)
         if execution is not None:  # claimed here: answer with that execution's outcome
+            run.execution = execution  # cancelling this handle cancels the run now
             try:
                 run._set_result(await execution)
             except Exception as exc:
                 run._set_exception(exc)
+            finally:
+                run.execution = None
             return
         # A live worker elsewhere owns it: wait for its outcome (and should
         # that worker die, our claim loop takes the run over once its lease expires).

@@ -491,3 +491,34 @@ async def test_a_root_create_whose_answer_was_lost_is_resumed() -> None:
         assert await asyncio.wait_for(resonate.get("r").result(), 10) == 5
         assert clock.now() - start < 10
     assert ran == ["r"]
+
+
+async def test_a_handle_whose_run_call_resumed_the_run_here_cancels_it() -> None:
+    store = FailsOnce(Create, "c.1")
+    resonate = Resonate(store, poll_seconds=60)  # no claim poll during the test
+    gate = asyncio.Event()
+
+    async def step(ctx: Context) -> int:
+        await gate.wait()
+        return 1
+
+    @resonate.register
+    async def flow(ctx: Context) -> int:
+        return await ctx.lfc(step)
+
+    async with resonate:
+        first = resonate.run("c", flow)
+        gate.set()
+        with pytest.raises(StoreError):
+            await first
+        gate.clear()
+        again = resonate.run("c", flow)  # the stored PENDING run is taken over here
+        engine = resonate._engine
+        assert engine is not None
+        while engine.runs.get("c") in (None, again):  # until the claimed run executes
+            await asyncio.sleep(0)
+        assert again.cancel()
+        with pytest.raises(CanceledError):
+            await again
+        stored = await resonate.promises.get("c")
+        assert stored is not None and stored.state is State.REJECTED_CANCELED
