@@ -113,6 +113,8 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         # Runs stopped here by a store failure, whose leases the claim loop frees.
         self.store_failed: dict[str, float] = {}  # id -> when to free its lease
         self.store_failures: dict[str, int] = {}  # id -> store failures in a row
+        # Held while leases are freed and claimed, so those never interleave.
+        self.claiming = asyncio.Lock()
         self._claim_wakeup = asyncio.Event()
         self._listening = False
         # Stores that only processes of this host can open (SQLite) let a dead

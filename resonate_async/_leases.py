@@ -94,6 +94,7 @@ class LeaseKeeper:
     runs: dict[str, RunState]
     stuck: dict[str, NondeterminismError]
     store_failed: dict[str, float]
+    claiming: asyncio.Lock
     _single_host: bool
     _claim_wakeup: asyncio.Event
 
@@ -225,12 +226,13 @@ class LeaseKeeper:
             if await _first(poll(self.poll_seconds), self._claim_wakeup.wait()) == 0:
                 polls += 1
             try:
-                await self._release_store_failed()
-                if self._single_host and polls % 30 == 29:
-                    # Now and then, free the leases of dead processes of this host
-                    # (elsewhere only an expired lease frees a run).
-                    await self._release_dead_owners()
-                await self.recover()
+                async with self.claiming:
+                    await self._release_store_failed()
+                    if self._single_host and polls % 30 == 29:
+                        # Now and then, free the leases of dead processes of this host
+                        # (elsewhere only an expired lease frees a run).
+                        await self._release_dead_owners()
+                    await self.recover()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

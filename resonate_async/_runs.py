@@ -149,6 +149,7 @@ class RunDriver(Attempts):
     stuck: dict[str, NondeterminismError]
     store_failed: dict[str, float]
     store_failures: dict[str, int]
+    claiming: asyncio.Lock
     poll_seconds: float
     closing: bool
     replay_every_step: bool
@@ -462,9 +463,11 @@ class RunDriver(Attempts):
         owner = stored.owner
         # This worker's own lease on a run that does not execute here (a stuck
         # run, one stopped by a store failure) is as free as a dead worker's.
-        if owner is not None and (owner == self.worker_id or self._dead(owner)):
-            await self.store.release(owner, [run.id])
-        await self.recover([(entry.name, entry.version)])
+        # Under the claim loop's lock: its releases never land after this claim.
+        async with self.claiming:
+            if owner is not None and (owner == self.worker_id or self._dead(owner)):
+                await self.store.release(owner, [run.id])
+            await self.recover([(entry.name, entry.version)])
         execution = self.runs.get(run.id)
         if execution is not None:  # claimed here: answer with that execution's outcome
             run.execution = execution  # cancelling this handle cancels the run now
