@@ -281,7 +281,11 @@ class Context:
             timeout: seconds after which it rejects with ``PromiseTimeoutError``.
         """
         child_id = self._next_id()
-        return Promise(self, child_id if id is None else id, _EXTERNAL, timeout, (), {})
+        promise: Promise[Any] = Promise(
+            self, child_id if id is None else id, _EXTERNAL, timeout, (), {}
+        )
+        promise._custom_id = id is not None  # a global id: shared, not checked as a child's
+        return promise
 
     def now(self) -> Promise[float]:
         """The current time (seconds since the epoch), recorded once and replayed."""

@@ -150,6 +150,22 @@ async def test_external_promise_resumes_the_workflow_and_settles_once() -> None:
         assert await handle == "50:yes"
 
 
+async def test_an_external_promise_id_created_before_is_shared_by_the_runs_waiting() -> None:
+    resonate = make(VirtualClock())
+
+    @resonate.register(name="wait")
+    async def wait(ctx: Context, n: int) -> str:
+        return f"{n}:{await ctx.promise(id='approval-7')}"
+
+    async with resonate:
+        await resonate.promises.create("approval-7")  # by the system that approves
+        first, second = resonate.run("w1", "wait", 1), resonate.run("w2", "wait", 2)
+        await first.created()
+        await second.created()
+        await resonate.promises.resolve("approval-7", "ok")
+        assert [await first, await second] == ["1:ok", "2:ok"]
+
+
 async def test_external_promise_settled_by_another_process_is_seen_by_polling() -> None:
     clock = VirtualClock()
     store = MemoryStore()

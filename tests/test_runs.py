@@ -344,6 +344,31 @@ async def test_a_nested_call_of_another_run_is_a_conflict_too() -> None:
             await other
 
 
+@pytest.mark.parametrize("call", ["sleep", "external", "remote"])
+async def test_a_sleep_external_or_remote_call_with_another_runs_id_is_a_conflict(
+    call: str,
+) -> None:
+    resonate = make()
+
+    @resonate.register
+    async def other(ctx: Context) -> str:
+        return "other"
+
+    @resonate.register
+    async def first_call(ctx: Context) -> object:
+        if call == "sleep":
+            await ctx.sleep(0.01)
+            return None
+        if call == "external":
+            return await ctx.promise()
+        return await ctx.rfc(other)
+
+    async with resonate:
+        assert await resonate.run("taken.1", other) == "other"
+        with pytest.raises(ConflictError, match=r"used by a promise of run 'taken\.1'"):
+            await asyncio.wait_for(resonate.run("taken", first_call).result(), 10)
+
+
 async def test_calls_given_the_same_id_share_the_first_outcome() -> None:
     resonate = make()
     charged: list[int] = []
