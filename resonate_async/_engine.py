@@ -112,7 +112,8 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         self.stuck: dict[str, NondeterminismError] = {}
         # Runs stopped here by a store failure, whose leases the claim loop frees.
         self.store_failed: dict[str, float] = {}  # id -> when to free its lease
-        self.store_failures: dict[str, int] = {}  # id -> store failures in a row
+        # id -> (store failures of that run here, the time of the last one).
+        self.store_failures: dict[str, tuple[int, float]] = {}
         # Held while leases are freed and claimed, so those never interleave.
         self.claiming = asyncio.Lock()
         self._claim_wakeup = asyncio.Event()

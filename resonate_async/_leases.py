@@ -29,12 +29,16 @@ if TYPE_CHECKING:
     from .errors import NondeterminismError
     from .stores._base import PromiseRecord, Store
 
-__all__ = ("LeaseKeeper", "abandoned_workers", "default_worker_id")
+__all__ = ("MAX_RESUME_DELAY", "LeaseKeeper", "abandoned_workers", "default_worker_id")
 
 log = logging.getLogger("resonate_async")
 
 # How many promises one claim takes at most; recovery claims chunk after chunk.
 _CLAIM_CHUNK = 1000
+#: The longest wait before a run stopped by store failures is resumed again.
+MAX_RESUME_DELAY = 300.0
+# A run's store failures older than this are forgotten (its back-off restarts).
+_FORGET_FAILURES = 2 * MAX_RESUME_DELAY
 
 
 def default_worker_id() -> str:
@@ -94,6 +98,7 @@ class LeaseKeeper:
     runs: dict[str, RunState]
     stuck: dict[str, NondeterminismError]
     store_failed: dict[str, float]
+    store_failures: dict[str, tuple[int, float]]
     claiming: asyncio.Lock
     _single_host: bool
     _claim_wakeup: asyncio.Event
@@ -180,17 +185,22 @@ class LeaseKeeper:
         """Free the leases of runs a store failure stopped here, before claiming:
         the claim that follows (here or elsewhere) resumes them. In this task,
         so a release never lands after this worker claimed the run again."""
+        now = self.clock.now()
+        failures = self.store_failures
+        if failures:  # forget failures long past: the next one starts the back-off again
+            for id in [i for i, (_, last) in failures.items() if now - last > _FORGET_FAILURES]:
+                if id not in self.store_failed:
+                    del failures[id]
         stopped = self.store_failed
         if not stopped:
             return
-        now = self.clock.now()
         for id in [id for id in stopped if id in self.runs]:  # resumed here meanwhile
             del stopped[id]
         ids = [id for id, due in stopped.items() if due <= now]
         if ids:
             await self.store.release(self.worker_id, ids)  # raises: kept for the next poll
             for id in ids:
-                del stopped[id]
+                stopped.pop(id, None)
             log.info("freed the leases of %d runs stopped by a store failure", len(ids))
 
     async def _heartbeat(self) -> None:

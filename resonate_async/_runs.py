@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ._attempts import LEAVE_PENDING, Attempts
 from ._context import Context
 from ._handle import Handle
+from ._leases import MAX_RESUME_DELAY
 from ._promise import _NO_KWARGS
 from ._registry import CallStyle
 from .errors import (
@@ -57,8 +58,6 @@ log = logging.getLogger("resonate_async")
 # Members read on every run: a module global is cheaper than an Enum class attribute.
 _PENDING, _RUN = State.PENDING, Kind.RUN
 _ASYNC = CallStyle.ASYNC
-# The longest wait before a run stopped by store failures is resumed again.
-_MAX_RESUME_DELAY = 300.0
 
 
 class RunState(Handle[Any]):
@@ -148,7 +147,7 @@ class RunDriver(Attempts):
     runs: dict[str, RunState]
     stuck: dict[str, NondeterminismError]
     store_failed: dict[str, float]
-    store_failures: dict[str, int]
+    store_failures: dict[str, tuple[int, float]]
     claiming: asyncio.Lock
     poll_seconds: float
     closing: bool
@@ -258,7 +257,7 @@ class RunDriver(Attempts):
             run._set_exception(error)
             # The create may have committed though its answer was lost: then
             # its row is PENDING under this worker's lease, to be resumed.
-            self._abandon(run, error)
+            self._abandon(run, error, created=False)
         else:  # the id was taken: a stored outcome, a conflict or a run elsewhere
             run.attached = True
             run._task = self.spawn_other(self._attach(run, stored))
@@ -338,32 +337,39 @@ class RunDriver(Attempts):
             for waiter in self._waiters.pop(run.id, ()):
                 if not waiter.done():
                     waiter.set_exception(exc)
-        except Exception as exc:  # a store failure: the root stays PENDING
+        except StoreError as exc:  # the root stays PENDING; resumed once the store answers
             run._set_exception(exc)
             self._abandon(run, exc)
+        except Exception as exc:  # a bug of ours: the run stays PENDING until the next start
+            log.error("run %s stopped by an unexpected error", run.id, exc_info=exc)
+            run._set_exception(exc)
         finally:
             if not settling:
                 self._forget(run)
 
-    def _abandon(self, run: RunState, error: BaseException) -> None:
+    def _abandon(self, run: RunState, error: BaseException, *, created: bool = True) -> None:
         """A run stopped here without settling its root (the store failed): its
         lease is freed by the claim loop's next poll, which then claims it
         again (or another worker does) and resumes it from its history once
         the store answers. Otherwise this worker's heartbeat would renew the
-        lease for ever and nobody would resume the run."""
+        lease for ever and nobody would resume the run. (``created``: whether
+        its root is known to be stored; a create whose answer was lost may be.)"""
         if self.closing or isinstance(error, ShutdownError):
             return  # the next start resumes it (its leases are freed then)
         # A store that keeps failing (a full disk) must not turn every poll into
         # another replay of the run's in-flight step: wait longer each time.
-        failures = self.store_failures[run.id] = self.store_failures.get(run.id, 0) + 1
-        delay = min(self.poll_seconds * 2 ** (failures - 1), _MAX_RESUME_DELAY)
+        now = self.clock.now()
+        failures = self.store_failures.get(run.id, (0, now))[0] + 1
+        self.store_failures[run.id] = (failures, now)
+        delay = min(self.poll_seconds * 2 ** (failures - 1), MAX_RESUME_DELAY)
         log.warning(
-            "run %s stopped without settling: %s; it will be resumed in %.0fs",
+            "run %s stopped without settling: %s; %s resumed in %.0fs",
             run.id,
             error,
+            "it will be" if created else "if its root was stored after all, it will be",
             delay,
         )
-        self.store_failed[run.id] = self.clock.now() + delay
+        self.store_failed[run.id] = now + delay
 
     async def _after_first_attempt(
         self, run: RunState, entry: FunctionEntry, ctx: Context, exc: Exception
@@ -459,15 +465,18 @@ class RunDriver(Attempts):
         if self.runs.get(run.id) is run:
             del self.runs[run.id]
         self.stuck.pop(run.id, None)  # an explicit run() retries a stuck run
-        self.store_failed.pop(run.id, None)  # its lease is freed right here
         owner = stored.owner
-        # This worker's own lease on a run that does not execute here (a stuck
-        # run, one stopped by a store failure) is as free as a dead worker's.
-        # Under the claim loop's lock: its releases never land after this claim.
+        # Under the claim loop's lock, so that its releases and claims never
+        # interleave with these.
         async with self.claiming:
-            if owner is not None and (owner == self.worker_id or self._dead(owner)):
-                await self.store.release(owner, [run.id])
-            await self.recover([(entry.name, entry.version)])
+            self.store_failed.pop(run.id, None)  # its lease is freed right here
+            # Unless the claim loop has claimed it meanwhile and it executes here,
+            # this worker's own lease on it (a stuck run, one stopped by a store
+            # failure) is as free as a dead worker's.
+            if run.id not in self.runs:
+                if owner is not None and (owner == self.worker_id or self._dead(owner)):
+                    await self.store.release(owner, [run.id])
+                await self.recover([(entry.name, entry.version)])
         execution = self.runs.get(run.id)
         if execution is not None:  # claimed here: answer with that execution's outcome
             run.execution = execution  # cancelling this handle cancels the run now

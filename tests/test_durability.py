@@ -26,7 +26,7 @@ from resonate_async import (
 )
 from resonate_async.retry import constant, exponential, never
 from resonate_async.stores import Create, PromiseRecord, Settle
-from resonate_async.testing import VirtualClock, crash
+from resonate_async.testing import VirtualClock, crash, quiesce
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -538,3 +538,74 @@ async def test_a_handle_whose_run_call_resumed_the_run_here_cancels_it() -> None
             await again
         stored = await resonate.promises.get("c")
         assert stored is not None and stored.state is State.REJECTED_CANCELED
+
+
+async def test_run_of_a_store_failed_run_waits_for_the_claim_loops_release(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class SlowRelease(FailsOnce):
+        gate: asyncio.Event | None = None
+
+        async def release(self, owner: str, ids: Sequence[str]) -> None:
+            if self.gate is not None:
+                await self.gate.wait()
+            await super().release(owner, ids)
+
+    clock = VirtualClock()
+    store = SlowRelease(Create, "s.1")
+    resonate = Resonate(store, clock=clock, lease_seconds=10, poll_seconds=1)
+    running: list[int] = []
+    overlapped: list[int] = []
+
+    async def step(ctx: Context) -> int:
+        running.append(1)
+        overlapped.append(len(running))
+        await asyncio.sleep(0)
+        running.pop()
+        return 7
+
+    @resonate.register
+    async def flow(ctx: Context) -> int:
+        return await ctx.lfc(step)
+
+    async with resonate:
+        with pytest.raises(StoreError):
+            await resonate.run("s", flow)
+        store.gate = asyncio.Event()
+        await clock.advance(1)  # the claim loop frees the lease, and waits in release
+        handle = resonate.run("s", flow)  # takes the run over: waits for the claim loop
+        await quiesce()
+        store.gate.set()
+        assert await handle == 7
+        await clock.advance(5)
+    assert overlapped == [1, 1]  # the failed attempt, then one resume
+    assert "claiming pending runs failed" not in caplog.text
+
+
+async def test_store_failures_are_forgotten_once_they_are_old() -> None:
+    class Down(MemoryStore):
+        down = True
+
+        async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+            if self.down:
+                raise OSError("the database is down")
+            return await super().write(ops)
+
+    clock = VirtualClock()
+    store = Down()
+    resonate = Resonate(store, clock=clock, lease_seconds=10, poll_seconds=1)
+
+    @resonate.register
+    async def flow(ctx: Context) -> int:
+        return 1
+
+    async with resonate:
+        handles = [resonate.run(f"r{i}", flow) for i in range(50)]
+        for handle in handles:
+            with pytest.raises(StoreError):
+                await handle
+        engine = resonate._engine
+        assert engine is not None and len(engine.store_failures) == 50
+        store.down = False
+        await clock.advance(1_200)  # none of those roots was stored: nothing to resume
+        assert engine.store_failures == {} and engine.store_failed == {}
