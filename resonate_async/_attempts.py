@@ -28,7 +28,6 @@ from .errors import (
     ShutdownError,
     StoreError,
 )
-from .retry import Never
 from .stores._base import State
 
 if TYPE_CHECKING:
@@ -87,10 +86,6 @@ class Attempts:
         """
         clock = self.clock
         attempt = first
-        if run is not None and run.replay is None and policy.__class__ is not Never:
-            # A retried attempt replays the children the failed ones settled
-            # (their ids repeat): remember them from the first attempt on.
-            run.replay = {}
         while True:
             # cast: Engine is the one class that mixes this in.
             ctx = Context(cast("Engine", self), run, id, root_id, attempt, leaf=style is _SYNC)
@@ -127,6 +122,11 @@ class Attempts:
                 final = await self._failed(run, id, ctx, exc, attempt, policy, deadline)
                 if final is not None:
                     return final[0], final[1], attempt
+                if run is not None and run.replay is None:
+                    # The next attempt replays the children the failed ones
+                    # settled (their ids repeat): each was committed before the
+                    # attempt saw it, so the store has them all.
+                    run.replay = {r.id: r for r in await self.store.tree(run.id)}
                 attempt += 1
                 continue
             state, data = self._succeeded(run, id, value)
