@@ -105,6 +105,10 @@ class Attempts:
                 except BaseExceptionGroup as group:  # an asyncio.TaskGroup in the body
                     if group.subgroup(ReplayNow) is None:
                         raise
+                    # A store failure or nondeterminism next to the replay wins.
+                    pending = group.subgroup(LEAVE_PENDING)
+                    if pending is not None:
+                        raise _first_leaf(pending) from None
                     raise ReplayNow from None
             except ReplayNow:
                 # Replay-every-step mode: a fresh call settled; re-run from the store.
@@ -171,3 +175,9 @@ class Attempts:
         except EncodingError as exc:
             error = EncodingError(f"{id}: the return value is not encodable: {exc}")
             return State.REJECTED, self.encoder.encode_error(error)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception in ``group`` that is not itself a group."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

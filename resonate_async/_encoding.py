@@ -537,8 +537,9 @@ class JSONEncoder:
         imported and is an ``Exception`` subclass; a class whose constructor
         takes other arguments than the ``args`` it stores (``CardDeclined(code,
         reason)`` calling ``super().__init__(message)``) is rebuilt without
-        calling its constructor. Its attributes and ``args`` (so its message)
-        are then restored. Otherwise the result is a :class:`StoredError` with the type
+        calling its constructor, and kept only if it then prints the stored
+        message (else ``StoredError``). Its attributes and ``args`` (so its
+        message) are restored. Otherwise the result is a :class:`StoredError` with the type
         name, message and traceback. Either way, the stored traceback is
         attached as a note (PEP 678) beginning with :data:`NOTE_PREFIX`, so
         it prints below the new traceback. ``BaseException``-only types

@@ -258,3 +258,5 @@ async def _first(*awaitables: Awaitable[object]) -> int:
     finally:
         for task in tasks:
             task.cancel()
+        # Wait for them to unwind (their errors, if any, are not ours to raise).
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -129,6 +129,9 @@ class Promise(Generic[T]):
             engine = self._ctx._engine
             if engine.closing or engine.replay_every_step:
                 return
+            run = self._ctx._run
+            if run is not None and (run.cancel_requested or run.fatal is not None):
+                return  # the body was cancelled, or stopped by nondeterminism
             call = _CALLS.get(self._type, "ctx.lfc")
             warnings.warn(
                 f"{self.id}: {call}(...) was never awaited, so it never ran; await it",
@@ -148,7 +151,8 @@ class Promise(Generic[T]):
         Args:
             retry_policy: how a failing step is retried (not for commands: a
                 batch follows its handler's policy).
-            timeout: seconds from now after which the call rejects with
+            timeout: seconds from when the call starts (``lfi``: at once;
+                ``lfc``: at its ``await``) after which it rejects with
                 ``PromiseTimeoutError`` (``REJECTED_TIMEDOUT``). A command
                 that times out may still be in a batch: whichever of its
                 outcomes is recorded first (the handler's or the timeout) is
@@ -482,6 +486,7 @@ class Promise(Generic[T]):
         )
         try:
             stored = await engine.writer.write(Create(record))
+            # Raises the stored error (this timeout, usually): the except below.
             value = engine.settled_child(ctx._run, record if stored is None else self._own(stored))
         except Exception as exc:
             if not future.done():

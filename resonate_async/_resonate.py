@@ -406,11 +406,13 @@ class Resonate:
         if existing is not None:
             if existing.entry is entry and existing.param == param:
                 return existing
-            other = "" if existing.entry is not entry else " with other arguments"
+            running = existing.entry
+            other = " with other arguments" if running is entry else ""
             handle: Handle[Any] = Handle(id, asyncio.get_running_loop())
             handle._set_exception(
                 ConflictError(
-                    f"run id {id!r} is already running {existing.entry.name!r}{other}; use a new id"
+                    f"run id {id!r} is already running {running.name!r} version "
+                    f"{running.version}{other}; use a new id"
                 )
             )
             return handle

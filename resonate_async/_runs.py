@@ -116,7 +116,8 @@ class RunState(Handle[Any]):
         """See :meth:`Handle.cancel`; before the root is durable, the run is
         settled ``REJECTED_CANCELED`` as soon as it is (and so is a run whose
         id turns out to be stored already, wherever it runs). A handle on a
-        run that was stored before (``attached``) does not execute it: False."""
+        run that was stored before (``attached``) returns False, unless this
+        worker has claimed that run and executes it: then that is cancelled."""
         if self.done():
             return False
         if self.attached:
@@ -128,6 +129,7 @@ class RunState(Handle[Any]):
             # included, so the coroutine checks this flag as it starts.
             self.cancel_requested = True
             return True
+        self.cancel_requested = True  # (read at the start only; and by Promise.__del__)
         return super().cancel()
 
 
@@ -420,7 +422,7 @@ class RunDriver(Attempts):
         except asyncio.CancelledError:
             if self.closing:
                 run._set_exception(self._interrupted(run))
-            else:
+            else:  # not by cancel() (an attached handle does not cancel its wait)
                 run._set_exception(CanceledError(f"stopped waiting for run {run.id!r}"))
             raise
         except Exception as exc:
@@ -513,4 +515,8 @@ class RunDriver(Attempts):
         except Exception as exc:
             run._set_exception(exc)
             return
+        finally:
+            # A caller may keep the handle for long: not the task, whose
+            # CancelledError holds the body's frame.
+            run._task = None
         self._finish_run(run, settled)

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 from typing import TYPE_CHECKING
@@ -114,13 +115,17 @@ class VirtualClock:
         when an autojump clock has no timer left to jump to.
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._polls.append((self._now + seconds, future))
+        entry = (self._now + seconds, future)
+        self._polls.append(entry)
         if self._autojump and (self._jumper is None or self._jumper.done()):
             self._jumper = asyncio.get_running_loop().create_task(self._jump())
         try:
             await future
         finally:
             future.cancel()
+            if future.cancelled():  # not released: the waiter left, so must its entry
+                with contextlib.suppress(ValueError):
+                    self._polls.remove(entry)
 
     def _release_polls(self) -> None:
         """Return from every poll that is due."""

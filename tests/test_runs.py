@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from resonate_async import (
+    CanceledError,
     Command,
     ConflictError,
     Context,
@@ -459,11 +460,19 @@ async def test_calls_that_failed_or_were_interrupted_do_not_warn() -> None:
     @resonate.register
     async def interrupted(ctx: Context) -> int:
         later = ctx.lfc(step)
-        await gate.wait()  # shut down here
+        await gate.wait()  # cancelled or shut down here
         return await later
 
     async with resonate:
         assert await resonate.run("unencodable", unencodable) == "refused"
+        cancelled = resonate.run("cancelled", interrupted)
+        await cancelled.created()
+        await asyncio.sleep(0.01)  # its body waits at the gate
+        assert cancelled.cancel()
+        with pytest.raises(CanceledError):
+            await cancelled
+        del cancelled  # its task's CancelledError holds the body's frame, and `later`
+        gc.collect()
         handle = resonate.run("interrupted", interrupted)
         await handle.created()
     with pytest.raises(ShutdownError):

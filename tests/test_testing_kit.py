@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from resonate_async import Context, MemoryStore, Resonate
@@ -108,3 +109,14 @@ async def test_a_virtual_day_polls_at_the_clocks_stops_not_every_second() -> Non
     # Claims ran when the heartbeat stopped the clock (every 10 virtual
     # seconds at the latest: lease - heartbeat), not at each of 86,400 seconds.
     assert 86_400 / 10 <= store.claims <= 86_400 / 10 + 10
+
+
+async def test_a_poll_given_up_leaves_nothing_behind() -> None:
+    clock = VirtualClock()
+    for _ in range(100):
+        waiter = asyncio.create_task(clock.poll(1))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter
+    assert clock._polls == []

@@ -111,5 +111,6 @@ def _schema_parameter(url: str) -> tuple[str, str | None]:
         return url, None
     if len(schemas) > 1 or not schemas[0]:
         raise ValueError(f"give one non-empty schema= in {url!r}")
-    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "schema"])
+    others = [(k, v) for k, v in query if k != "schema"]
+    rest = urllib.parse.urlencode(others, quote_via=urllib.parse.quote)
     return urllib.parse.urlunsplit(parts._replace(query=rest)), schemas[0]
