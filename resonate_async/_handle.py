@@ -85,6 +85,9 @@ class Handle(Generic[T]):
 
         Returns ``False`` when the run is already done or not executing here
         (use ``resonate.promises.cancel(id)`` to cancel it wherever it runs).
+        Right after ``resonate.run(id, ...)``, before the store has answered
+        whether ``id`` was new, a cancel is recorded and applied to the run
+        with that id when the answer comes, wherever it executes.
         """
         if self._state != _PENDING or self._task is None or self._task.done():
             return False
