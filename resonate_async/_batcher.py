@@ -213,8 +213,7 @@ class Batcher:
             future.set_exception(StoreError(f"command {promise.id!r} was not stored"))
             return
         try:
-            if stored.parent_id != promise._ctx.id or stored.root_id != promise._ctx.root_id:
-                stored = promise._own(stored)  # another workflow's row: raises
+            stored = promise._own(stored)  # raises if another workflow's row
             future.set_result(self._engine.settled_child(promise._ctx._run, stored))
         except Exception as exc:
             future.set_exception(exc)

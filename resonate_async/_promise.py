@@ -377,8 +377,7 @@ class Promise(Generic[T]):
             settled_at=now,
             attempt=attempt,
         )
-        stored = await engine.writer.write(Create(record))
-        stored = record if stored is None else self._own(stored)
+        stored = await self._create(record)
         return cast("T", engine.settled_child(ctx._run, stored))
 
     async def _execute_sleep(self) -> None:
@@ -401,11 +400,9 @@ class Promise(Generic[T]):
                 parent_id=ctx.id,
                 timeout_at=wake,
             )
-            stored = await engine.writer.write(Create(record))
-            if stored is not None:
-                self._own(stored)
-                if stored.timeout_at is not None:
-                    wake = stored.timeout_at
+            stored = await self._create(record)
+            if stored.timeout_at is not None:
+                wake = stored.timeout_at
         await engine.clock.sleep(wake - engine.clock.now())
         settled = await engine.writer.write(
             Settle(self.id, State.RESOLVED, engine.encoded_none, engine.clock.now())
@@ -428,7 +425,7 @@ class Promise(Generic[T]):
                 parent_id=ctx.id,
                 timeout_at=None if self._timeout is None else now + self._timeout,
             )
-            stored = await self._write_pending(record)
+            stored = await self._create(record)
         return await self._when_settled(stored)
 
     async def _execute_remote(self) -> T:
@@ -449,7 +446,7 @@ class Promise(Generic[T]):
             parent_id=ctx.id,
             timeout_at=None if self._timeout is None else now + self._timeout,
         )
-        stored = await self._write_pending(record)
+        stored = await self._create(record)
         if stored is record:
             engine.remote_created()
         return await self._when_settled(stored)
@@ -485,9 +482,9 @@ class Promise(Generic[T]):
             settled_at=now,
         )
         try:
-            stored = await engine.writer.write(Create(record))
+            stored = await self._create(record)
             # Raises the stored error (this timeout, usually): the except below.
-            value = engine.settled_child(ctx._run, record if stored is None else self._own(stored))
+            value = engine.settled_child(ctx._run, stored)
         except Exception as exc:
             if not future.done():
                 future.set_exception(exc)
@@ -495,8 +492,9 @@ class Promise(Generic[T]):
         if not future.done():
             future.set_result(value)
 
-    async def _write_pending(self, record: PromiseRecord) -> PromiseRecord:
-        """Create this call's PENDING promise (others must see it); the stored row."""
+    async def _create(self, record: PromiseRecord) -> PromiseRecord:
+        """Write this call's row unless its id is taken; the stored row, checked
+        to be this call's (see :meth:`_own`)."""
         stored = await self._ctx._engine.writer.write(Create(record))
         if stored is None:  # pragma: no cover - a create always leaves a row
             raise NotFoundError(self.id)
@@ -507,9 +505,10 @@ class Promise(Generic[T]):
 
         A call's id is its parent's plus ``.n``, so a run whose id is another
         run's plus ``.n`` holds the id of that run's n-th call: the row found
-        then is not a child of this call's parent in this call's tree, and taking its outcome would
-        answer this call with another workflow's. An id given with
-        ``with_options(id=...)`` is the caller's to share, and is not checked.
+        then is not a child of this call's parent in this call's tree, and
+        taking its outcome would answer this call with another workflow's. An
+        id given with ``with_options(id=...)`` or ``ctx.promise(id=...)`` is
+        the caller's to share, and is not checked.
         """
         ctx = self._ctx
         parent = ctx.id
