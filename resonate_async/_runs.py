@@ -122,14 +122,14 @@ class RunState(Handle[Any]):
             return False
         if self.attached:
             return False if self.execution is None else self.execution.cancel()
+        # Read as the task starts, and by Promise.__del__ (no never-awaited warning).
+        self.cancel_requested = True
         task = self._task
         if task is None or _not_started(task):
             # Its root is being created, or its task has not taken its first
             # step: a task cancelled then never runs its coroutine, handlers
             # included, so the coroutine checks this flag as it starts.
-            self.cancel_requested = True
             return True
-        self.cancel_requested = True  # (read at the start only; and by Promise.__del__)
         return super().cancel()
 
 

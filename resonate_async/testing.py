@@ -97,8 +97,7 @@ class VirtualClock:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._timers, (self._now + seconds, next(self._seq), future))
-        if self._autojump and (self._jumper is None or self._jumper.done()):
-            self._jumper = asyncio.get_running_loop().create_task(self._jump())
+        self._start_jumping()
         try:
             await future
         finally:
@@ -117,8 +116,7 @@ class VirtualClock:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (self._now + seconds, future)
         self._polls.append(entry)
-        if self._autojump and (self._jumper is None or self._jumper.done()):
-            self._jumper = asyncio.get_running_loop().create_task(self._jump())
+        self._start_jumping()
         try:
             await future
         finally:
@@ -126,6 +124,11 @@ class VirtualClock:
             if future.cancelled():  # not released: the waiter left, so must its entry
                 with contextlib.suppress(ValueError):
                     self._polls.remove(entry)
+
+    def _start_jumping(self) -> None:
+        """With autojump, make sure a task jumps time whenever the loop is idle."""
+        if self._autojump and (self._jumper is None or self._jumper.done()):
+            self._jumper = asyncio.get_running_loop().create_task(self._jump())
 
     def _release_polls(self) -> None:
         """Return from every poll that is due."""
