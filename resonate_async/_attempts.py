@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .retry import RetryPolicy
     from .stores._base import Store
 
-__all__ = ("LEAVE_PENDING", "Attempts")
+__all__ = ("LEAVE_PENDING", "Attempts", "unwrap_group")
 
 log = logging.getLogger("resonate_async")
 
@@ -103,13 +103,10 @@ class Attempts:
                     if ctx._children:
                         await ctx._join_children()
                 except BaseExceptionGroup as group:  # an asyncio.TaskGroup in the body
-                    if group.subgroup(ReplayNow) is None:
+                    inner = unwrap_group(group)
+                    if inner is None:
                         raise
-                    # A store failure or nondeterminism next to the replay wins.
-                    pending = group.subgroup(LEAVE_PENDING)
-                    if pending is not None:
-                        raise _first_leaf(pending) from None
-                    raise ReplayNow from None
+                    raise inner from None
             except ReplayNow:
                 # Replay-every-step mode: a fresh call settled; re-run from the store.
                 if ctx._children:
@@ -175,6 +172,23 @@ class Attempts:
         except EncodingError as exc:
             error = EncodingError(f"{id}: the return value is not encodable: {exc}")
             return State.REJECTED, self.encoder.encode_error(error)
+
+
+def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """What a group that a body raised (an ``asyncio.TaskGroup``'s) stands for.
+
+    A store failure, nondeterminism, shutdown or cancellation in any of its
+    tasks leaves the call PENDING, as it does outside a group: the first such
+    error, to raise instead of the group. Otherwise, in replay-every-step
+    mode, a fresh call that settled restarts the body: ``ReplayNow``. ``None``
+    when the group is the body's own failure, to settle as such.
+    """
+    pending = group.subgroup(LEAVE_PENDING)
+    if pending is not None:
+        return _first_leaf(pending)
+    if group.subgroup(ReplayNow) is not None:
+        return ReplayNow()
+    return None
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

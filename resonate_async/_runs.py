@@ -16,7 +16,7 @@ import inspect
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
-from ._attempts import LEAVE_PENDING, Attempts
+from ._attempts import LEAVE_PENDING, Attempts, unwrap_group
 from ._context import Context
 from ._handle import Handle
 from ._leases import MAX_RESUME_DELAY
@@ -301,6 +301,14 @@ class RunDriver(Attempts):
                 except LEAVE_PENDING:
                     ctx._cancel_children()
                     raise
+                except BaseExceptionGroup as group:  # an asyncio.TaskGroup in the body
+                    inner = unwrap_group(group)
+                    if inner is not None:  # a store failure in a task, say: stay PENDING
+                        ctx._cancel_children()
+                        raise inner from None
+                    if not isinstance(group, Exception):
+                        raise
+                    state, data = await self._after_first_attempt(run, entry, ctx, group)
                 except Exception as exc:
                     state, data = await self._after_first_attempt(run, entry, ctx, exc)
                 else:

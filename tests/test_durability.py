@@ -29,7 +29,7 @@ from resonate_async.stores import Create, PromiseRecord, Settle
 from resonate_async.testing import VirtualClock, crash, quiesce
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Sequence
 
     from resonate_async.stores._base import Op
 
@@ -445,6 +445,69 @@ async def test_a_run_stopped_by_a_store_failure_is_resumed(
         assert await resonate.run("s", flow) == 7
     # The step's row was lost with the failure, or it was stored and replayed.
     assert steps == (["s.1", "s.1"] if failing_id == "s.1" else ["s.1"])
+
+
+# The same failure inside an asyncio.TaskGroup reaches the body as an
+# ExceptionGroup: it must still leave the run (or step) PENDING, not settle it
+# as the body's own failure for good.
+@pytest.mark.parametrize("where", ["run", "step"])
+async def test_a_store_failure_in_a_task_group_leaves_the_call_pending(where: str) -> None:
+    clock = VirtualClock(autojump=True)
+    failing_id = "t.2" if where == "run" else "t.1.2"
+    store = FailsOnce(Create, failing_id)
+    # never() everywhere: a failure the body made would be final at once.
+    resonate = Resonate(
+        store, clock=clock, lease_seconds=10, poll_seconds=1, step_retry_policy=never()
+    )
+    squared: list[int] = []
+
+    async def square(ctx: Context, x: int) -> int:
+        squared.append(x)
+        return x * x
+
+    async def both(ctx: Context) -> int:
+        async with asyncio.TaskGroup() as group:
+            first = group.create_task(_awaited(ctx.lfc(square, 2)))
+            await asyncio.sleep(0)  # the first call's row goes in a transaction of its own
+            second = group.create_task(_awaited(ctx.lfc(square, 3)))
+        return first.result() + second.result()
+
+    async def outer(ctx: Context) -> int:
+        return await ctx.lfc(both)
+
+    resonate.register(both, retry_policy=never())
+    resonate.register(outer, retry_policy=never())
+    flow = both if where == "run" else outer
+
+    async with resonate:
+        with pytest.raises(StoreError, match="disk full"):
+            await resonate.run("t", flow)
+        assert (await store.get_many(["t"]))["t"].state is State.PENDING
+        assert await asyncio.wait_for(resonate.get("t").result(), 10) == 13
+    # The committed child is replayed; the one whose row was lost runs again.
+    assert squared == [2, 3, 3]
+
+
+async def test_a_task_group_failure_of_the_body_settles_the_run() -> None:
+    store = MemoryStore()
+    resonate = Resonate(store, step_retry_policy=never())
+
+    async def boom(ctx: Context) -> int:
+        raise Flaky("no")
+
+    @resonate.register(retry_policy=never())
+    async def grouped(ctx: Context) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(_awaited(ctx.lfc(boom)))
+
+    async with resonate:
+        with pytest.raises(Exception, match="unhandled errors in a TaskGroup"):
+            await resonate.run("f", grouped)
+        assert (await store.get_many(["f"]))["f"].state is State.REJECTED
+
+
+async def _awaited(call: Awaitable[int]) -> int:
+    return await call
 
 
 async def test_a_run_the_store_keeps_failing_is_resumed_ever_less_often() -> None:

@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from resonate_async import Command, Context, MemoryStore, NondeterminismError, Resonate
+from resonate_async import (
+    Command,
+    Context,
+    MemoryStore,
+    NondeterminismError,
+    Resonate,
+    StoreError,
+)
 from resonate_async.retry import never
 
 if TYPE_CHECKING:
@@ -102,3 +109,18 @@ async def test_a_workflow_with_a_task_group_replays(replay: bool) -> None:
     async with resonate:
         assert await asyncio.wait_for(resonate.run("g", "grouped").result(), 10) == 13
     assert sorted(ran) == [2, 3]  # each step body once, however often the body replayed
+
+
+def test_a_task_group_that_failed_otherwise_next_to_a_replay_stays_pending() -> None:
+    """What a TaskGroup's exception group stands for: an error that leaves the
+    call PENDING wins over the replay a settled sibling asked for, which wins
+    over the body's own failures (those settle the call)."""
+    from resonate_async._attempts import unwrap_group
+    from resonate_async._promise import ReplayNow
+
+    disk = StoreError("disk full")
+    nested = BaseExceptionGroup("outer", [ValueError("own"), ExceptionGroup("inner", [disk])])
+    assert unwrap_group(BaseExceptionGroup("g", [ReplayNow(), disk])) is disk
+    assert unwrap_group(nested) is disk
+    assert isinstance(unwrap_group(BaseExceptionGroup("g", [ValueError(), ReplayNow()])), ReplayNow)
+    assert unwrap_group(ExceptionGroup("g", [ValueError("own")])) is None
