@@ -207,6 +207,7 @@ class Batcher:
         if future is None or future.done():  # the workflow stopped waiting
             return
         if error is not None:
+            promise._store_failed(error)  # awaited straight from the future
             future.set_exception(error)
             return
         if stored is None:  # pragma: no cover - a create always leaves a row

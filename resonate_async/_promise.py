@@ -213,6 +213,7 @@ class Promise(Generic[T]):
             except BaseException as exc:
                 self._error = exc
                 self._state = _INLINE_DONE
+                self._store_failed(exc)
                 self._replay_now(exc)
                 raise
             self._state = _INLINE_DONE
@@ -224,10 +225,19 @@ class Promise(Generic[T]):
         try:
             value = yield from future.__await__()
         except Exception as exc:
+            self._store_failed(exc)
             self._replay_now(exc)
             raise
         self._replay_now(None)
         return value
+
+    def _store_failed(self, error: BaseException) -> None:
+        """A store failure ends the run unsettled even if its body catches it:
+        its outcome must not rest on a call whose row was not written."""
+        if isinstance(error, StoreError):
+            run = self._ctx._run
+            if run is not None and run.fatal is None:
+                run.fatal = error
 
     def _replay_now(self, error: BaseException | None) -> None:
         """In replay-every-step mode, restart the workflow once this fresh call settled."""

@@ -104,7 +104,10 @@ class RunState(Handle[Any]):
         # Settled children by id: the stored tree of a resumed run, and what
         # this run settled itself when its body may be retried.
         self.replay: dict[str, PromiseRecord] | None = None
-        self.fatal: NondeterminismError | None = None
+        # What ends the body's run without settling it, even if the body
+        # caught it: nondeterminism (the run is stuck), or a store failure
+        # one of its calls met (the run is resumed once the store answers).
+        self.fatal: NondeterminismError | StoreError | None = None
         self.cancel_requested = False
         # The id was stored already: this handle answers from that run (and
         # does not execute it here, unless this worker claims it).

@@ -506,6 +506,45 @@ async def test_a_task_group_failure_of_the_body_settles_the_run() -> None:
         assert (await store.get_many(["f"]))["f"].state is State.REJECTED
 
 
+@dataclass
+class Double(Command[int]):
+    x: int
+
+
+# A body that catches everything would otherwise settle its run with a value
+# that rests on a call whose row was never written.
+@pytest.mark.parametrize("call", ["step", "command"])
+async def test_a_store_failure_the_body_catches_still_leaves_the_run_pending(call: str) -> None:
+    clock = VirtualClock(autojump=True)
+    store = FailsOnce(Create, "c.1")
+    resonate = Resonate(store, clock=clock, lease_seconds=10, poll_seconds=1)
+    calls: list[int] = []
+
+    async def double(ctx: Context, x: int) -> int:
+        calls.append(x)
+        return 2 * x
+
+    async def double_all(ctx: Context, commands: list[Double]) -> list[int]:
+        calls.extend(c.x for c in commands)
+        return [2 * c.x for c in commands]
+
+    resonate.register_command_handler(Double, double_all, retry_policy=never())
+
+    @resonate.register(retry_policy=never())
+    async def careless(ctx: Context) -> int:
+        try:
+            return await (ctx.lfc(double, 21) if call == "step" else ctx.lfc(Double(21)))
+        except Exception:
+            return -1  # "log and carry on"
+
+    async with resonate:
+        with pytest.raises(StoreError, match="disk full"):
+            await resonate.run("c", careless)
+        assert (await store.get_many(["c"]))["c"].state is State.PENDING
+        assert await asyncio.wait_for(resonate.get("c").result(), 10) == 42
+    assert calls == [21, 21]  # its row was lost: the call ran again on resume
+
+
 async def _awaited(call: Awaitable[int]) -> int:
     return await call
 
