@@ -158,3 +158,17 @@ def test_the_crash_loop_script_kills_and_checks_at_a_tiny_size() -> None:
     proc = run_script("crash_loop.py", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr  # it exits 1 on any anomaly
     assert "kills=2 runs=20 anomalies=0" in proc.stdout
+
+
+def test_gc_census_counts_collections_and_allocations_by_phase() -> None:
+    proc = run_script("gc_census.py", "--runs", "20000", "--top", "3")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "20,000 runs in" in out
+    counted = re.search(r"allocations the GC counted: ([\d.]+) per run", out)
+    assert counted is not None and float(counted.group(1)) > 0
+    for phase in ("resonate.run calls", "starting admitted runs", "waking recorded commands"):
+        assert f"per run in {phase}" in out
+    # The census lists the handles alive at that collection, one per run submitted.
+    census = re.search(r"([\d,]+) RunState", out)
+    assert census is not None and 0 < int(census.group(1).replace(",", "")) <= 20_000
