@@ -311,7 +311,8 @@ class Promise(Generic[T]):
         if stored is None:
             return None
         expected = self._func_name()
-        if stored.func != expected:
+        # An id the caller gave is shared by whatever calls it: not checked.
+        if stored.func != expected and not self._custom_id:
             error = NondeterminismError(
                 f"{self.id}: the workflow now calls {expected!r} here, but the stored history "
                 f"recorded {stored.func!r}; deploy code compatible with the history or register "
@@ -497,6 +498,7 @@ class Promise(Generic[T]):
             value = engine.settled_child(ctx._run, stored)
         except Exception as exc:
             if not future.done():
+                self._store_failed(exc)  # awaited straight from the future
                 future.set_exception(exc)
             return
         if not future.done():

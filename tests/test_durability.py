@@ -545,6 +545,34 @@ async def test_a_store_failure_the_body_catches_still_leaves_the_run_pending(cal
     assert calls == [21, 21]  # its row was lost: the call ran again on resume
 
 
+async def test_a_store_failure_writing_a_command_timeout_leaves_the_run_pending() -> None:
+    clock = VirtualClock(autojump=True)
+    store = FailsOnce(Create, "c.1")  # the timeout's row, written first
+    resonate = Resonate(store, clock=clock, lease_seconds=10, poll_seconds=1)
+
+    async def slow(ctx: Context, commands: list[Double]) -> list[int]:
+        await clock.sleep(50)
+        return [2 * c.x for c in commands]
+
+    resonate.register_command_handler(Double, slow, retry_policy=never())
+
+    @resonate.register(retry_policy=never())
+    async def careless(ctx: Context) -> int:
+        try:
+            return await ctx.lfc(Double(21)).with_options(timeout=10)
+        except StoreError:
+            return -1
+        except PromiseTimeoutError:
+            return -2
+
+    async with resonate:
+        with pytest.raises(StoreError, match="disk full"):
+            await resonate.run("c", careless)
+        assert (await store.get_many(["c"]))["c"].state is State.PENDING
+        # Resumed: this time the timeout's row is written, and is the outcome.
+        assert await asyncio.wait_for(resonate.get("c").result(), 10) == -2
+
+
 async def _awaited(call: Awaitable[int]) -> int:
     return await call
 

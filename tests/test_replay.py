@@ -151,6 +151,45 @@ async def test_changed_code_raises_nondeterminism_naming_both_calls() -> None:
     assert record.state is State.PENDING  # deploying compatible code resumes it
 
 
+async def test_calls_sharing_an_id_they_were_given_replay_without_nondeterminism() -> None:
+    """Ids given with with_options(id=...) are not checked: two different
+    functions given one id share the outcome stored first, on replay too."""
+    store = MemoryStore()
+    gate, blocked = asyncio.Event(), asyncio.Event()
+
+    async def make_key(ctx: Context) -> str:
+        return "key-1"
+
+    async def read_key(ctx: Context) -> str:
+        return "other"
+
+    async def block(ctx: Context) -> None:
+        blocked.set()
+        await gate.wait()
+
+    def build() -> Resonate:
+        resonate = Resonate(store)
+
+        @resonate.register(name="keys")
+        async def keys(ctx: Context) -> list[str]:
+            first = await ctx.lfc(make_key).with_options(id="shared-key")
+            second = await ctx.lfc(read_key).with_options(id="shared-key")
+            await ctx.lfc(block)
+            return [first, second]
+
+        return resonate
+
+    first = build()
+    await first.start()
+    handle = first.run("k", "keys")
+    await asyncio.wait_for(blocked.wait(), 10)  # both calls are stored
+    await crash(first)
+    del handle
+    gate.set()
+    async with build() as second:
+        assert await asyncio.wait_for(second.get("k").result(), 10) == ["key-1", "key-1"]
+
+
 @pytest.mark.timeout(60)
 def test_sigkill_after_some_steps_resumes_without_redoing_them(tmp_path: Path) -> None:
     store = tmp_path / "store.db"
