@@ -36,6 +36,7 @@ from ._cli_view import (
     is_error,
     iso,
     outcome_text,
+    run_tree,
     search,
     stored_json,
     summary,
@@ -102,8 +103,13 @@ async def get(store: Store, id: str) -> PromiseRecord:
     """The stored record ``id``, or a :class:`CLIError` saying how to find ids."""
     record = (await store.get_many([id])).get(id)
     if record is None:
-        raise CLIError(f"no promise with id {id!r}; list ids with `{_PROG} promises list`")
+        raise unknown_id(id)
     return record
+
+
+def unknown_id(id: str) -> CLIError:
+    """The error for an ``id`` the store does not hold."""
+    return CLIError(f"no promise with id {id!r}; list ids with `{_PROG} promises list`")
 
 
 async def cmd_show(store: Store, args: argparse.Namespace) -> int:
@@ -200,13 +206,12 @@ def _child_key(parent: str, record: PromiseRecord) -> tuple[int, float, str]:
 
 
 async def cmd_tree(store: Store, args: argparse.Namespace) -> int:
-    """``runs tree``: the run's promises, each indented under its parent."""
-    records = await store.tree(args.id)
+    """``runs tree``: a run's promises, its remote calls' included, each under its parent."""
+    root_id, records = await run_tree(store, args.id)
     if not records:
-        root_id = (await get(store, args.id)).root_id
-        if root_id != args.id:
-            print(f"({args.id} belongs to run {root_id}; showing its tree)", file=sys.stderr)
-        records = await store.tree(root_id)
+        raise unknown_id(args.id)
+    if root_id != args.id:
+        print(f"({args.id} belongs to run {root_id}; showing its tree)", file=sys.stderr)
     now = time.time()
     by_id = {r.id: effective(r, now) for r in records}
     children: dict[str | None, list[PromiseRecord]] = {}

@@ -31,6 +31,7 @@ __all__ = (
     "is_error",
     "iso",
     "outcome_text",
+    "run_tree",
     "search",
     "stored_json",
     "summary",
@@ -91,6 +92,65 @@ async def search(
             kept = [r for r in (effective(p, now) for p in pending) if r.state is state]
         found = sorted([*found, *kept], key=lambda r: (r.created_at, r.id))
     return found if limit is None else found[:limit]
+
+
+# -- a run's tree ---------------------------------------------------------------
+
+#: The kinds that run a function with a context, so may call ``ctx.rfi``.
+_CALLERS = (Kind.RUN, Kind.STEP, Kind.REMOTE)
+
+
+async def _top_run(store: Store, record: PromiseRecord) -> str:
+    """The id of the topmost run above ``record``, climbing through remote calls.
+
+    A remote call is stored as the root of a tree of its own, with its caller
+    as ``parent_id``: from a root, the climb goes on to its parent's tree.
+    """
+    seen = {record.id}
+    while True:
+        if record.root_id != record.id:
+            up = record.root_id
+        elif record.parent_id is not None:
+            up = record.parent_id
+        else:
+            return record.id
+        found = None if up in seen else (await store.get_many([up])).get(up)
+        if found is None:  # a cycle, or a missing row: stop at the tree reached
+            return record.root_id
+        seen.add(up)
+        record = found
+
+
+async def run_tree(store: Store, id: str) -> tuple[str, list[PromiseRecord]]:
+    """The topmost run that ``id`` belongs to, and every promise under it.
+
+    That is the run's tree and, recursively, the trees of the remote calls
+    (``ctx.rfi``/``ctx.rfc``) made anywhere in it: each is stored as a root
+    whose ``parent_id`` is its caller. A remote call's id extends its
+    caller's (``f"{caller}.{n}"``), so one prefix search per caller id not
+    already under a searched prefix finds them all. No rows: no such promise.
+    """
+    record = (await store.get_many([id])).get(id)
+    top = id if record is None else await _top_run(store, record)
+    rows = await store.tree(top)
+    by_id = {r.id: r for r in rows}
+    prefixes: list[str] = []
+    remotes: dict[str, PromiseRecord] = {}
+    new = rows
+    while new:
+        for r in sorted(new, key=lambda r: len(r.id)):  # a shorter prefix covers more
+            if r.kind in _CALLERS and not any(r.id.startswith(p) for p in prefixes):
+                prefixes.append(r.id + ".")
+                found = await store.search(kind=Kind.REMOTE, prefix=r.id + ".", limit=None)
+                remotes.update((f.id, f) for f in found)
+        new = []
+        # Only calls whose caller is in the tree: a look-alike id started on its own is not.
+        for remote in [r for r in remotes.values() if r.parent_id in by_id and r.id not in by_id]:
+            for r in [remote, *await store.tree(remote.id)]:
+                if r.id not in by_id:
+                    by_id[r.id] = r
+                    new.append(r)
+    return top, list(by_id.values())
 
 
 # -- formatting ----------------------------------------------------------------

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from resonate_async import _cli
 from resonate_async._cli import main
 from resonate_async._encoding import JSONEncoder
 from resonate_async.errors import CanceledError
-from resonate_async.stores import Create, Kind, PromiseRecord, SQLiteStore, State
+from resonate_async.stores import Create, Kind, MemoryStore, PromiseRecord, SQLiteStore, State
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -34,7 +35,7 @@ def rec(id: str, state: State, kind: Kind, at: float, **fields: Any) -> PromiseR
         id=id,
         state=state,
         kind=kind,
-        root_id=id.split(".")[0] if parent else id,
+        root_id=fields.pop("root_id", id.split(".")[0] if parent else id),
         created_at=T0 + at,
         settled_at=settled,
         **fields,
@@ -299,6 +300,104 @@ def test_tree_of_a_child_shows_its_run_and_json_parses(cli: Any) -> None:
         ("order-3", 0, "REJECTED_TIMEDOUT"),
         ("order-3.1", 1, "RESOLVED"),
     ]
+
+
+def remote(id: str, at: float, parent_id: str | None, **fields: Any) -> PromiseRecord:
+    """A remote call (``ctx.rfc``): stored as the root of its own tree, its caller as parent."""
+    state = fields.pop("state", State.RESOLVED)
+    return rec(id, state, Kind.REMOTE, at, parent_id=parent_id, root_id=id, **fields)
+
+
+REMOTE_RECORDS = [
+    rec("p1", State.RESOLVED, Kind.RUN, 0, func="parent"),
+    remote("p1.1", 1, "p1", func="child"),
+    rec("p1.1.1", State.RESOLVED, Kind.STEP, 2, parent_id="p1.1", root_id="p1.1", func="leaf"),
+    remote("p1.1.2", 3, "p1.1", func="grandchild"),  # a remote call of a remote call
+    rec("p1.1.2.1", State.RESOLVED, Kind.STEP, 4, parent_id="p1.1.2", root_id="p1.1.2"),
+    rec("p1.2", State.RESOLVED, Kind.STEP, 5, parent_id="p1", func="leaf"),
+    remote("p1.3", 6, "p1", state=State.PENDING, func="child"),  # the last call, unclaimed
+    rec("ship-7", State.RESOLVED, Kind.STEP, 7, parent_id="p1", root_id="p1", func="ship"),
+    remote("ship-7.1", 8, "ship-7", func="notify"),  # called from a step with its own id
+    remote("p1.9", 9, None, func="child"),  # started by hand, no caller: not in p1's tree
+]
+REMOTE_TREE = [
+    ("p1", 0, "run"),
+    ("p1.1", 1, "remote"),
+    ("p1.1.1", 2, "step"),
+    ("p1.1.2", 2, "remote"),
+    ("p1.1.2.1", 3, "step"),
+    ("p1.2", 1, "step"),
+    ("p1.3", 1, "remote"),
+    ("ship-7", 1, "step"),
+    ("ship-7.1", 2, "remote"),
+]
+
+
+@pytest.fixture(params=["sqlite", "memory", pytest.param("postgres", marks=pytest.mark.postgres)])
+def remote_cli(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Callable[..., tuple[int, str, str]]:
+    """The CLI on each kind of store, holding ``REMOTE_RECORDS``."""
+    creates = [Create(r) for r in REMOTE_RECORDS]
+    if request.param == "sqlite":
+        spec = str(tmp_path / "remote.db")
+        on_store(Path(spec), lambda s: s.write(creates))
+    elif request.param == "memory":
+        spec = ":memory:"
+        memory = MemoryStore()
+        asyncio.run(memory.write(creates))
+        monkeypatch.setattr(_cli, "open_store", lambda _: memory)
+    else:
+        from resonate_async.stores import PostgresStore
+
+        dsn = request.getfixturevalue("postgres_dsn")
+        schema = request.getfixturevalue("postgres_schema")
+
+        async def fill() -> None:
+            async with PostgresStore(dsn, schema=schema) as store:
+                await store.write(creates)
+
+        asyncio.run(fill())
+        spec = f"{dsn}?schema={schema}"
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main([*argv, "--store", spec])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_tree_shows_remote_calls_under_their_caller(remote_cli: Any) -> None:
+    code, out, err = remote_cli("runs", "tree", "p1")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    indents = [(len(line) - len(line.lstrip())) // 2 for line in lines]
+    shown = [(line.split()[0], d, line.split()[2]) for line, d in zip(lines, indents, strict=True)]
+    assert shown == REMOTE_TREE
+    assert lines[1].split() == ["p1.1", "RESOLVED", "remote", "child"]
+    assert lines[6].split() == ["p1.3", "PENDING", "remote", "child"]
+
+
+@pytest.mark.parametrize("id", ["p1.1", "p1.1.2.1", "p1.3", "ship-7.1"])
+def test_tree_of_a_remote_call_or_its_child_shows_the_run_it_belongs_to(
+    remote_cli: Any, id: str
+) -> None:
+    code, out, err = remote_cli("runs", "tree", id, "--json")
+    assert code == 0
+    assert f"({id} belongs to run p1; showing its tree)" in err
+    nodes = json.loads(out)
+    assert [(n["id"], n["depth"], n["kind"]) for n in nodes] == REMOTE_TREE
+    assert nodes[1]["root_id"] == "p1.1"  # as stored: the remote call roots a tree of its own
+
+
+def test_tree_of_a_remote_call_without_a_caller_is_its_own(remote_cli: Any) -> None:
+    code, out, err = remote_cli("runs", "tree", "p1.9")
+    assert (code, err) == (0, "")
+    assert out.split() == ["p1.9", "RESOLVED", "remote", "child"]
 
 
 def test_stats_counts_by_kind_and_state(cli: Any) -> None:
