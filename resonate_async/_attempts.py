@@ -62,6 +62,7 @@ class Attempts:
     encoder: Encoder
     clock: Clock
     encoded_none: bytes
+    closing: bool
 
     async def attempts(
         self,
@@ -146,12 +147,14 @@ class Attempts:
         """After attempt ``attempt`` raised ``exc``: the settled outcome if the
         policy gives up (or the deadline has come), else ``None`` once the
         retry delay has passed."""
-        if ctx._children:
-            await ctx._join_children()
-        if run is not None and run.fatal is not None:
-            raise run.fatal from None
         clock = self.clock
-        if deadline is not None and clock.now() >= deadline:
+        timed_out = deadline is not None and clock.now() >= deadline
+        if ctx._children:
+            if timed_out:
+                ctx._cancel_children()  # the call's time is up, and its children's
+            await ctx._join_children()
+        self._check_unsettled(run)
+        if timed_out:
             timeout = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
             return State.REJECTED_TIMEDOUT, self.encoder.encode_error(timeout)
         delay = policy.next_delay(attempt + 1) if policy.should_retry(exc) else None
@@ -161,10 +164,19 @@ class Attempts:
         await clock.sleep(delay)
         return None
 
+    def _check_unsettled(self, run: RunState | None) -> None:
+        """Raise what must leave the call PENDING whatever its body did with it:
+        the run's nondeterminism or store failure (see ``RunState.fatal``), or a
+        shutdown whose cancellation the body caught (it resumes at the next
+        start, instead of settling with what the interrupted body chose)."""
+        if run is not None and run.fatal is not None:
+            raise run.fatal from None
+        if self.closing:
+            raise asyncio.CancelledError
+
     def _succeeded(self, run: RunState | None, id: str, value: Any) -> tuple[State, bytes]:
         """The settled outcome of a call that returned ``value``."""
-        if run is not None and run.fatal is not None:
-            raise run.fatal
+        self._check_unsettled(run)
         if value is None:
             return _RESOLVED, self.encoded_none
         try:

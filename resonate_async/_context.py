@@ -18,7 +18,16 @@ import random as _random
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast, overload
 
 from ._command import Command
-from ._promise import _COMMAND, _EXTERNAL, _NO_KWARGS, _REMOTE, _SLEEP, _STEP, Promise
+from ._promise import (
+    _COMMAND,
+    _EXTERNAL,
+    _NO_KWARGS,
+    _NOT_STARTED,
+    _REMOTE,
+    _SLEEP,
+    _STEP,
+    Promise,
+)
 from ._registry import call_style, function_name
 
 if TYPE_CHECKING:
@@ -298,17 +307,27 @@ class Context:
     # -- structure -----------------------------------------------------------
 
     async def _join_children(self) -> None:
-        """Wait for every ``lfi`` child; errors of children never awaited are logged."""
+        """Wait for every ``lfi`` child; errors of children never awaited are logged.
+
+        A child stopped by :meth:`_cancel_children` (its parent timed out) has
+        nothing to wait for.
+        """
         children = self._children
         if not children:
             return
         for child in children:
+            awaited = child._awaited
+            if _stopped(child):
+                continue
             try:
                 await child
             except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if _stopped(child) and not (task is not None and task.cancelling()):
+                    continue
                 raise
             except Exception as exc:
-                if not child._awaited:
+                if not awaited:
                     log.warning(
                         "%s: error of child %s that was never awaited: %r", self.id, child.id, exc
                     )
@@ -316,6 +335,15 @@ class Context:
     def _cancel_children(self) -> None:
         for child in self._children or ():
             child._cancel()
+
+
+def _stopped(child: Promise[Any]) -> bool:
+    """Whether ``child`` was stopped without an outcome: cancelled, or (an
+    lfc in replay-every-step mode) cut short in the task that awaited it."""
+    if child._inline and child._state == _NOT_STARTED:
+        return True
+    future = child._future
+    return future is not None and future.cancelled() and not child._inline
 
 
 async def _recorded_now(ctx: Context) -> float:

@@ -203,33 +203,73 @@ class Promise(Generic[T]):
 
     def _await(self) -> Generator[Any, None, T]:
         self._awaited = True
-        state = self._state
-        if state == _INLINE_DONE:
-            return self._outcome()
-        if state == _NOT_STARTED and self._inline and self._type != _COMMAND:
-            self._state = _STARTED
-            try:
-                self._value = yield from self._run_inline().__await__()
-            except BaseException as exc:
-                self._error = exc
-                self._state = _INLINE_DONE
-                self._store_failed(exc)
-                self._replay_now(exc)
-                raise
-            self._state = _INLINE_DONE
-            self._replay_now(None)
-            return cast("T", self._value)
+        while self._inline and self._type != _COMMAND:
+            state = self._state
+            if state == _INLINE_DONE:
+                return self._outcome()
+            if state == _NOT_STARTED:
+                return (yield from self._await_inline())
+            # Another task is running this call inline: wait for it, then look
+            # again (it may have been cancelled, and this task runs it instead).
+            yield from self._inline_waiter().__await__()
         future = self._start()
         if self._type == _COMMAND and not future.done() and not self._in_queue:
             yield from self._ctx._engine.batchers[type(self._target)].put(self).__await__()
+        # A child started with lfi (or rfi) is not stopped by its awaiter's
+        # cancellation (an asyncio.timeout around the await, a TaskGroup
+        # cancelling the awaiting task): the call goes on, and the run waits
+        # for it before it settles, as for any child.
+        waited = future if future.done() or self._type == _EXTERNAL else asyncio.shield(future)
         try:
-            value = yield from future.__await__()
+            value = yield from waited.__await__()
         except Exception as exc:
             self._store_failed(exc)
             self._replay_now(exc)
             raise
         self._replay_now(None)
         return value
+
+    def _await_inline(self) -> Generator[Any, None, T]:
+        """Run this call in the awaiting task (an lfc, rfc or sleep)."""
+        self._state = _STARTED
+        ctx = self._ctx
+        if ctx._engine.replay_every_step and ctx._run is not None:
+            # A sibling's replay restarts the body while this call may still
+            # run in its own task (asyncio.gather): the restart waits for it.
+            if ctx._children is None:
+                ctx._children = []
+            ctx._children.append(self)
+        try:
+            self._value = yield from self._run_inline().__await__()
+        except asyncio.CancelledError:
+            # The awaiter stopped waiting (a timeout, a cancelled task): the
+            # call did not finish, so awaiting it again runs it again.
+            self._state = _NOT_STARTED
+            self._wake_inline_waiters()
+            raise
+        except BaseException as exc:
+            self._error = exc
+            self._state = _INLINE_DONE
+            self._wake_inline_waiters()
+            self._store_failed(exc)
+            self._replay_now(exc)
+            raise
+        self._state = _INLINE_DONE
+        self._wake_inline_waiters()
+        self._replay_now(None)
+        return cast("T", self._value)
+
+    def _inline_waiter(self) -> asyncio.Future[None]:
+        """A future of one more awaiter of a call running inline in another task."""
+        if self._future is None:
+            self._future = self._ctx._engine.loop.create_future()
+        signal = cast("asyncio.Future[None]", self._future)  # it carries no value
+        return asyncio.shield(signal)  # a waiter that stops waiting leaves the others be
+
+    def _wake_inline_waiters(self) -> None:
+        signal, self._future = self._future, None
+        if signal is not None and not signal.done():
+            signal.set_result(None)  # type: ignore[arg-type]
 
     def _store_failed(self, error: BaseException) -> None:
         """A store failure ends the run unsettled even if its body catches it:
@@ -258,9 +298,15 @@ class Promise(Generic[T]):
             self._future.cancel()
 
     def _start(self) -> asyncio.Future[T]:
-        """Dispatch once (idempotent): replay from the store, or run."""
+        """Dispatch once (idempotent): replay from the store, or run.
+
+        A command, or a wait for an external promise, whose awaiter was
+        cancelled (a timeout around the await) starts again when awaited again.
+        """
         future = self._future
-        if future is not None:
+        if future is not None and not (
+            future.cancelled() and (self._type == _COMMAND or self._type == _EXTERNAL)
+        ):
             return future
         if self._state == _INLINE_DONE:  # an lfc already awaited inline
             future = self._ctx._engine.loop.create_future()
@@ -281,6 +327,10 @@ class Promise(Generic[T]):
                 future.set_result(engine.outcome(stored))
             except Exception as exc:
                 future.set_exception(exc)
+        elif engine.closing:
+            future = loop.create_future()
+            future.set_exception(self._shutting_down())
+            future.exception()  # retrieved: the body may be gone
         elif self._type == _COMMAND:
             future = loop.create_future()
             self._future = future
@@ -342,6 +392,8 @@ class Promise(Generic[T]):
         self._fresh = stored is None
         if stored is not None:
             return cast("T", self._ctx._engine.outcome(stored))
+        if self._ctx._engine.closing:
+            raise self._shutting_down()
         if self._type == _STEP:
             return await self._execute_step()
         if self._type == _SLEEP:
@@ -350,6 +402,13 @@ class Promise(Generic[T]):
         if self._type == _REMOTE:
             return await self._execute_remote()
         return await self._execute_external()
+
+    def _shutting_down(self) -> ShutdownError:
+        """A body that outlived its shutdown's cancellation starts no new call."""
+        return ShutdownError(
+            f"{self.id}: not started, this Resonate is shutting down; the run stays "
+            "PENDING and resumes at the next start"
+        )
 
     # -- executions ------------------------------------------------------------
 

@@ -350,12 +350,25 @@ class RunDriver(Attempts):
             for waiter in self._waiters.pop(run.id, ()):
                 if not waiter.done():
                     waiter.set_exception(exc)
+        except ShutdownError:  # a body that caught the shutdown's cancellation, then called
+            run._set_exception(self._interrupted(run))
         except StoreError as exc:  # the root stays PENDING; resumed once the store answers
             run._set_exception(exc)
             self._abandon(run, exc)
         except Exception as exc:  # a bug of ours: the run stays PENDING until the next start
             log.error("run %s stopped by an unexpected error", run.id, exc_info=exc)
             run._set_exception(exc)
+        except BaseException as exc:  # not an Exception: the body's, or the process exiting
+            log.error(
+                "run %s stopped by %s, which is not an Exception: it stays PENDING "
+                "until the next start",
+                run.id,
+                type(exc).__name__,
+                exc_info=exc,
+            )
+            run._set_exception(exc)  # awaiters see it (pytest.fail(), say) instead of hanging
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
         finally:
             if not settling:
                 self._forget(run)

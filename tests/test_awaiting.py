@@ -1,0 +1,329 @@
+"""What awaiting a durable call means under timeouts, cancellation, sharing and shutdown.
+
+A caller that stops waiting (an ``asyncio.timeout`` around the await, a
+``TaskGroup`` cancelling its task) does not cancel the run; only a cancel of
+the run does. No test waits in wall time: timeouts are ``timeout=0`` or the
+virtual clock, and slow calls wait on events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from resonate_async import (
+    Command,
+    Context,
+    MemoryStore,
+    PromiseTimeoutError,
+    Resonate,
+    ShutdownError,
+    State,
+)
+from resonate_async.retry import never
+from resonate_async.testing import VirtualClock
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+
+@dataclass
+class Ping(Command[str]):
+    n: int
+
+
+async def state_of(store: MemoryStore, id: str) -> State:
+    return (await store.get_many([id]))[id].state
+
+
+async def test_a_timeout_around_an_lfi_child_does_not_cancel_the_child_or_the_run() -> None:
+    store = MemoryStore()
+    resonate = Resonate(store)
+    gate = asyncio.Event()
+
+    async def slow(ctx: Context) -> str:
+        await gate.wait()
+        return "slow-done"
+
+    @resonate.register
+    async def impatient(ctx: Context) -> str:
+        child = ctx.lfi(slow)
+        try:
+            async with asyncio.timeout(0):
+                return await child
+        except TimeoutError:
+            gate.set()
+            return "gave up"
+
+    async with resonate:
+        assert await asyncio.wait_for(resonate.run("r", impatient).result(), 10) == "gave up"
+        # The run settled after its child, which finished and was recorded.
+        assert await state_of(store, "r.1") is State.RESOLVED
+
+
+async def test_a_timeout_around_an_lfi_command_leaves_it_to_its_batch() -> None:
+    store = MemoryStore()
+    resonate = Resonate(store)
+    gate = asyncio.Event()
+
+    async def handle(ctx: Context, pings: list[Ping]) -> list[str]:
+        await gate.wait()
+        return [f"pong {p.n}" for p in pings]
+
+    resonate.register_command_handler(Ping, handle, retry_policy=never())
+
+    @resonate.register
+    async def impatient(ctx: Context) -> str:
+        child = ctx.lfi(Ping(1))
+        try:
+            async with asyncio.timeout(0):
+                return await child
+        except TimeoutError:
+            gate.set()
+        return await child  # waiting again gets the command's outcome
+
+    async with resonate:
+        assert await asyncio.wait_for(resonate.run("w", impatient).result(), 10) == "pong 1"
+        assert await state_of(store, "w.1") is State.RESOLVED
+
+
+@pytest.mark.parametrize("where", ["run", "step"])
+async def test_a_call_that_times_out_stops_its_lfi_children_and_times_out(where: str) -> None:
+    clock = VirtualClock(autojump=True)
+    store = MemoryStore()
+    resonate = Resonate(store, clock=clock, step_retry_policy=never())
+    started: list[str] = []
+
+    async def forever(ctx: Context) -> None:
+        started.append(ctx.id)
+        await asyncio.Event().wait()
+
+    async def waits_for_a_child(ctx: Context) -> str:
+        await ctx.lfi(forever)
+        return "never"
+
+    @resonate.register(timeout=10, retry_policy=never())
+    async def timed(ctx: Context) -> str:
+        return await waits_for_a_child(ctx)
+
+    @resonate.register(retry_policy=never())
+    async def outer(ctx: Context) -> str:
+        try:
+            return await ctx.lfc(waits_for_a_child).with_options(timeout=10)
+        except PromiseTimeoutError:
+            return "step timed out"
+
+    async with resonate:
+        if where == "run":
+            with pytest.raises(PromiseTimeoutError):
+                await asyncio.wait_for(resonate.run("t", timed).result(), 10)
+            assert await state_of(store, "t") is State.REJECTED_TIMEDOUT
+        else:
+            assert await asyncio.wait_for(resonate.run("t", outer).result(), 10) == (
+                "step timed out"
+            )
+            assert await state_of(store, "t.1") is State.REJECTED_TIMEDOUT
+    assert started  # the child ran, and was stopped with its parent
+
+
+async def test_a_task_group_that_cancels_a_sibling_keeps_the_bodys_own_outcome() -> None:
+    store = MemoryStore()
+    resonate = Resonate(store, step_retry_policy=never())
+    gate = asyncio.Event()
+
+    async def boom(ctx: Context) -> None:
+        raise ValueError("boom")
+
+    async def slow(ctx: Context) -> str:
+        await gate.wait()
+        return "slow"
+
+    async def awaited(call: Awaitable[Any]) -> Any:
+        return await call
+
+    @resonate.register(retry_policy=never())
+    async def handled(ctx: Context) -> str:
+        outcome = "not reached"
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(awaited(ctx.lfi(slow)))
+                group.create_task(awaited(ctx.lfi(boom)))
+        except* ValueError:
+            gate.set()
+            outcome = "handled"
+        return outcome
+
+    async with resonate:
+        assert await asyncio.wait_for(resonate.run("g", handled).result(), 10) == "handled"
+        assert await state_of(store, "g") is State.RESOLVED
+
+
+async def test_awaiting_an_external_promise_again_after_a_timeout_gets_its_value() -> None:
+    resonate = Resonate(MemoryStore())
+    reminded: list[int] = []
+
+    @resonate.register
+    async def approval(ctx: Context) -> str:
+        answer = ctx.promise(id="approval-1")
+        for attempt in range(3):
+            try:
+                async with asyncio.timeout(0 if attempt < 2 else 10):
+                    return f"approved:{await answer}"
+            except TimeoutError:
+                reminded.append(attempt)  # "send a reminder"
+                if attempt == 1:
+                    await resonate.promises.resolve("approval-1", "yes")
+        return "no answer"
+
+    async with resonate:
+        await resonate.promises.create("approval-1")
+        assert await asyncio.wait_for(resonate.run("a", approval).result(), 10) == "approved:yes"
+    assert reminded == [0, 1]
+
+
+async def test_an_lfc_cut_short_by_a_timeout_runs_again_when_awaited_again() -> None:
+    store = MemoryStore()
+    resonate = Resonate(store)
+    calls: list[str] = []
+    gate = asyncio.Event()
+
+    async def slow(ctx: Context) -> str:
+        calls.append(ctx.id)
+        await gate.wait()
+        return "done"
+
+    @resonate.register
+    async def retrying(ctx: Context) -> str:
+        call = ctx.lfc(slow)
+        try:
+            async with asyncio.timeout(0):
+                await call
+        except TimeoutError:
+            gate.set()
+        return await call
+
+    async with resonate:
+        assert await asyncio.wait_for(resonate.run("l", retrying).result(), 10) == "done"
+    assert calls == ["l.1", "l.1"]  # the first execution never finished
+
+
+async def test_one_lfc_awaited_by_two_tasks_runs_once() -> None:
+    resonate = Resonate(MemoryStore())
+    calls: list[str] = []
+
+    async def step(ctx: Context) -> int:
+        calls.append(ctx.id)
+        await asyncio.sleep(0)
+        return 1
+
+    async def awaited(call: Awaitable[int]) -> int:
+        return await call
+
+    @resonate.register
+    async def shared(ctx: Context) -> list[int]:
+        call = ctx.lfc(step)  # (gather(call, call) would await it once)
+        first = asyncio.create_task(awaited(call))
+        second = asyncio.create_task(awaited(call))
+        return [await first, await second]
+
+    async with resonate:
+        assert await asyncio.wait_for(resonate.run("s", shared).result(), 10) == [1, 1]
+    assert calls == ["s.1"]
+
+
+async def test_a_body_that_catches_the_shutdown_cancel_is_not_settled() -> None:
+    store = MemoryStore()
+    gate = asyncio.Event()
+    refunds: list[str] = []
+
+    async def refund(ctx: Context) -> None:
+        refunds.append(ctx.id)
+
+    def build() -> Resonate:
+        resonate = Resonate(store, worker_id="shop-1")  # the restart frees its leases
+
+        @resonate.register(name="order")
+        async def order(ctx: Context) -> str:
+            try:
+                await gate.wait()
+            except asyncio.CancelledError:  # meant for a cancelled order
+                await ctx.lfc(refund)
+                return "refunded"
+            return "shipped"
+
+        return resonate
+
+    async with build() as first:
+        handle = first.run("o", "order")
+        await handle.created()
+        await asyncio.sleep(0)
+    with pytest.raises(ShutdownError):
+        await handle
+    assert await state_of(store, "o") is State.PENDING
+    assert refunds == []  # no new call starts during a shutdown
+    gate.set()
+    async with build() as second:
+        assert await asyncio.wait_for(second.get("o").result(), 10) == "shipped"
+
+
+class Abort(BaseException):
+    """Not an Exception, as pytest's own ``Failed`` is not."""
+
+
+async def test_a_base_exception_from_a_body_reaches_the_handle_instead_of_hanging(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = MemoryStore()
+    resonate = Resonate(store)
+
+    @resonate.register
+    async def aborting(ctx: Context) -> None:
+        raise Abort("stop")
+
+    async with resonate:
+        with pytest.raises(Abort, match="stop"):
+            await asyncio.wait_for(resonate.run("b", aborting).result(), 10)
+        assert await state_of(store, "b") is State.PENDING
+    assert "which is not an Exception" in caplog.text
+
+
+async def test_an_error_of_a_child_never_awaited_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    resonate = Resonate(MemoryStore(), step_retry_policy=never())
+
+    async def failing(ctx: Context) -> None:
+        raise ValueError("lost")
+
+    @resonate.register
+    async def careless(ctx: Context) -> str:
+        ctx.lfi(failing)
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="resonate_async"):
+        async with resonate:
+            assert await resonate.run("c", careless) == "ok"
+    assert "error of child c.1 that was never awaited" in caplog.text
+
+
+async def test_replay_every_step_waits_for_lfc_calls_running_in_other_tasks() -> None:
+    clock = VirtualClock(autojump=True)
+    resonate = Resonate(MemoryStore(), clock=clock, replay_every_step=True)
+    ran: list[str] = []
+
+    async def leaf(ctx: Context, seconds: float) -> str:
+        ran.append(ctx.id)
+        await clock.sleep(seconds)
+        return ctx.id
+
+    @resonate.register
+    async def both(ctx: Context) -> list[str]:
+        return list(await asyncio.gather(ctx.lfc(leaf, 1), ctx.lfc(leaf, 5)))
+
+    async with resonate:
+        assert await asyncio.wait_for(resonate.run("p", both).result(), 10) == ["p.1", "p.2"]
+    assert sorted(ran) == ["p.1", "p.2"]
