@@ -208,10 +208,11 @@ class RunDriver(Attempts):
                 self.loop, id, entry, stored.param, stored.timeout_at, args, kwargs, stored
             )
         self.runs[id] = run
-        self.run_stats.started += 1
         if stored is not None:
             run._set_created()
-            self.run_stats.recovered += 1
+            self.run_stats.started += 1
+            if stored.kind is _RUN:  # not a remote call another run made
+                self.run_stats.recovered += 1
             run._task = self.loop.create_task(self._execute(run, resumed=True))
             return run
         try:
@@ -256,6 +257,7 @@ class RunDriver(Attempts):
                 self._forget(run)
                 run._set_exception(self._interrupted(run))
             else:  # a cancel requested meanwhile is settled by _execute as it starts
+                self.run_stats.started += 1
                 run._task = self.loop.create_task(self._execute(run, resumed=False))
         elif error is not None:
             self._forget(run)
@@ -478,7 +480,7 @@ class RunDriver(Attempts):
             )
         run._set_created()
         if self.effectively_settled(stored):
-            self._finish_run(run, stored)
+            self._finish_run(run, stored, executed=False)
             return
         if run.cancel_requested:
             # cancel() was called before the id was known to be stored: it
@@ -515,9 +517,13 @@ class RunDriver(Attempts):
             return
         # A live worker elsewhere owns it: wait for its outcome (and should
         # that worker die, our claim loop takes the run over once its lease expires).
-        self._finish_run(run, await self.wait_settled(stored))
+        self._finish_run(run, await self.wait_settled(stored), executed=False)
 
-    def _finish_run(self, run: RunState, settled: PromiseRecord | None) -> None:
+    def _finish_run(
+        self, run: RunState, settled: PromiseRecord | None, *, executed: bool = True
+    ) -> None:
+        """Answer the handle from the settled root; ``executed``: this process
+        settled it (what ``stats().runs`` counts), not another run's outcome."""
         if settled is None:
             run._set_exception(NotFoundError(f"run {run.id!r} disappeared from the store"))
             return
@@ -525,10 +531,12 @@ class RunDriver(Attempts):
         try:
             value = self.outcome(settled)
         except Exception as exc:
-            self.run_stats.failed += 1
+            if executed:
+                self.run_stats.failed += 1
             run._set_exception(exc)
         else:
-            self.run_stats.completed += 1
+            if executed:
+                self.run_stats.completed += 1
             run._set_result(value)
 
     async def _settle_canceled(self, run: RunState) -> None:

@@ -154,3 +154,43 @@ async def test_a_worker_id_restarted_after_a_crash_keeps_its_runs() -> None:
         await clock.advance(700)  # many of b's polls, some freeing dead workers' leases
         assert await handle == "done"
     assert starts == ["a"]  # b never took the live worker's run
+
+
+async def test_stats_count_what_executed_here_and_what_was_recovered() -> None:
+    store = MemoryStore()
+    gate, waiting = asyncio.Event(), asyncio.Event()
+
+    def build() -> Resonate:
+        resonate = Resonate(store, worker_id="w", poll_seconds=60)
+
+        @resonate.register(name="square")
+        async def square(ctx: Context, x: int) -> int:
+            return x * x
+
+        @resonate.register(name="parent")
+        async def parent(ctx: Context, x: int) -> int:
+            squared: int = await ctx.rfc("square", x)
+            waiting.set()
+            await gate.wait()
+            return squared + 1
+
+        return resonate
+
+    first = build()
+    await first.start()
+    handle = first.run("p", "parent", 3)
+    try:
+        await asyncio.wait_for(waiting.wait(), 10)
+    finally:
+        stats = first.stats().runs
+        await crash(first)
+    del handle
+    # The run and the remote call it made both executed here; nothing was recovered.
+    assert (stats.started, stats.completed, stats.recovered) == (2, 1, 0)
+    gate.set()
+    async with build() as second:
+        assert await asyncio.wait_for(second.get("p").result(), 10) == 10
+        # An id whose outcome is stored answers from it: nothing runs.
+        assert await second.run("p", "parent", 3) == 10
+        stats = second.stats().runs
+    assert (stats.started, stats.completed, stats.failed, stats.recovered) == (1, 1, 0, 1)
