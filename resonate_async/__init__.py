@@ -21,6 +21,8 @@ Example:
     ```
 """
 
+from typing import TYPE_CHECKING
+
 from ._clock import Clock, SystemClock
 from ._command import Command
 from ._context import Context
@@ -46,6 +48,10 @@ from .errors import (
 from .retry import RetryPolicy, constant, exponential, linear, never
 from .stores import MemoryStore, SQLiteStore, Store
 from .stores._base import Kind, PromiseRecord, State
+
+if TYPE_CHECKING:
+    # Loaded on use by __getattr__ below; imported here so type checkers see the class.
+    from .stores.postgres import PostgresStore as PostgresStore
 
 __version__ = "0.1.0"
 

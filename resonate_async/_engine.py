@@ -191,6 +191,13 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
 
     async def abandon(self) -> None:
         """Drop everything at once, as a crash would: nothing settled, nothing flushed."""
+        tasks = self.drop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.writer.drop()
+
+    def drop(self) -> list[asyncio.Task[Any]]:
+        """Start a crash without waiting for it: discard what is queued to be
+        written and cancel every task; return those tasks."""
         self.closing = True
         abandoned_workers.add(self.worker_id)
         self.writer.drop()
@@ -198,8 +205,7 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         tasks += [*self._others, *self._batcher_tasks, *self._services]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.writer.drop()
+        return tasks
 
     @staticmethod
     async def _finish(tasks: Sequence[asyncio.Task[None]], grace: float) -> None:

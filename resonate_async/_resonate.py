@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 from ._encoding import JSONEncoder
 from ._engine import Engine
 from ._handle import Handle
-from ._leases import default_worker_id
+from ._leases import abandoned_workers, default_worker_id
 from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry, call_style, function_name
-from ._stats import Stats
-from .errors import ConflictError, EncodingError, NotFoundError
-from .retry import exponential, never
+from ._stats import RunStats, Stats, StoreStats
+from .errors import ConflictError, EncodingError, NotFoundError, PromiseTimeoutError
+from .retry import RetryPolicy, exponential, never
 from .stores import store_from_spec
 from .stores._base import Create, Kind, PromiseRecord, Settle, State
 
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from ._clock import Clock
     from ._context import Context
     from ._encoding import Encoder
-    from .retry import RetryPolicy
     from .stores._base import Store
 
 __all__ = ("Promises", "Resonate")
@@ -35,6 +34,7 @@ log = logging.getLogger("resonate_async")
 P = ParamSpec("P")
 R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
+E = TypeVar("E", State, Kind)
 
 
 class Resonate:
@@ -49,12 +49,14 @@ class Resonate:
         worker_id: this process's identity for leases (default
             ``host:pid:random``; pass a stable one to take over your own runs
             at once after a restart).
-        step_retry_policy: default policy of ``lfi`` steps.
-        lease_seconds: how long a run's lease lasts without a heartbeat.
-        heartbeat_seconds: how often leases are renewed.
+        step_retry_policy: default policy of ``lfi`` steps (a ``RetryPolicy``,
+            e.g. ``exponential(max_retries=3)``).
+        lease_seconds: how long a run's lease lasts without a heartbeat (> 0).
+        heartbeat_seconds: how often leases are renewed (> 0, shorter than
+            the lease; a third of it or less is recommended).
         poll_seconds: how often a waiter polls the store for promises settled
-            by other processes.
-        grace_seconds: how long ``aclose()`` lets in-flight batches finish.
+            by other processes (> 0).
+        grace_seconds: how long ``aclose()`` lets in-flight batches finish (>= 0).
         max_rows_per_transaction: the group-commit writer's transaction size
             bound (rows written per commit; also how many fresh runs one
             commit admits at most).
@@ -68,6 +70,12 @@ class Resonate:
             tracer provider; needs the ``[otel]`` extra.
         tracer_provider: an OpenTelemetry ``TracerProvider`` to use instead of
             the global one (implies ``tracing=True``).
+
+    Raises:
+        ValueError: a duration above is out of range, or the heartbeat is
+            not shorter than the lease.
+        TypeError: ``step_retry_policy`` is not a ``RetryPolicy``, or a
+            duration is not a number.
 
     Example:
         ```python
@@ -102,13 +110,18 @@ class Resonate:
     ) -> None:
         from ._clock import SystemClock
 
+        # Zero or negative intervals make an idle worker's loops spin.
+        _check_seconds("lease_seconds", lease_seconds)
+        _check_seconds("heartbeat_seconds", heartbeat_seconds)
+        _check_seconds("poll_seconds", poll_seconds)
+        _check_seconds("grace_seconds", grace_seconds, zero_ok=True)
         if heartbeat_seconds >= lease_seconds:
             raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
         self._store_spec: str | Store | None = store
         self._encoder: Encoder = encoder if encoder is not None else JSONEncoder()
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._worker_id = worker_id or default_worker_id()
-        self._step_policy = step_retry_policy or exponential()
+        self._step_policy = _retry_policy("step_retry_policy", step_retry_policy, exponential)
         self._lease = lease_seconds
         self._heartbeat = heartbeat_seconds
         self._poll = poll_seconds
@@ -125,6 +138,11 @@ class Resonate:
         self._dependencies: dict[str, Any] = {}
         self._engine: Engine | None = None
         self._closing: asyncio.Task[None] | None = None
+        # The counters of the last engine, kept from its stop to the next start.
+        self._stopped_stats: Stats | None = None
+        # The store of an engine whose event loop ended, closed at the next
+        # start() or aclose() (use_store cannot await).
+        self._orphaned_store: Store | None = None
         self.promises = Promises(self)
 
     def __repr__(self) -> str:
@@ -140,17 +158,27 @@ class Resonate:
 
     def use_store(self, store: str | Store) -> None:
         """Swap the store before start (e.g. a throwaway store in tests)."""
+        self._forget_ended_loop()
         if self._engine is not None:
             raise RuntimeError("use_store must be called before start (outside `async with`)")
         self._store_spec = store
 
     async def start(self) -> None:
-        """Open the store, start the writer and batchers, recover pending runs."""
+        """Open the store, start the writer and batchers, recover pending runs.
+
+        If the event loop that started this ``Resonate`` ended without
+        ``aclose()`` (an ``asyncio.run`` that returned, a failed test), that
+        engine is dropped with a warning, as if its process had crashed: its
+        runs stay PENDING in the store and this start resumes them.
+        """
+        self._forget_ended_loop()
+        await self._close_orphaned_store()
         if self._engine is not None:
             raise RuntimeError("this Resonate is already started; call aclose() first")
         if self._closing is not None and not self._closing.done():
             await asyncio.shield(self._closing)
         self._closing = None
+        self._stopped_stats = None
         store = store_from_spec(self._store_spec)
         await store.open()
         try:
@@ -185,7 +213,11 @@ class Resonate:
         finish within the grace period, flush the writer, close the store.
 
         Idempotent, and shielded: cancelling the caller does not interrupt it.
+        An engine whose event loop already ended is dropped instead (see
+        :meth:`start`).
         """
+        self._forget_ended_loop()
+        await self._close_orphaned_store()
         if self._closing is None:
             if self._engine is None:
                 return
@@ -200,7 +232,48 @@ class Resonate:
             await engine.shutdown()
         finally:
             self._engine = None
+            self._stopped_stats = _snapshot(engine)
             await engine.store.close()
+
+    def _forget_ended_loop(self) -> None:
+        """Drop the engine of an event loop that ended without ``aclose()``.
+
+        Its tasks cannot run again (or, on a loop merely stopped, must not: they
+        would work as a second worker with this id), and awaiting anything of
+        that loop raises. So it is dropped as ``testing.crash`` drops one:
+        nothing queued is written, its runs stay PENDING, and the next start
+        (same worker id) frees their leases and resumes them.
+        """
+        closing = self._closing
+        if closing is not None and _ended(closing.get_loop()):
+            self._closing = None
+        engine = self._engine
+        if engine is None or not _ended(engine.loop):
+            return
+        log.warning(
+            "the event loop that started %r ended without aclose(); dropping its engine "
+            "(its runs stay PENDING in the store and resume at the next start)",
+            self,
+        )
+        self._engine = None
+        self._stopped_stats = _snapshot(engine)
+        self._orphaned_store = engine.store
+        if engine.loop.is_closed():
+            engine.closing = True
+            abandoned_workers.add(self._worker_id)
+        else:  # stopped: cancel its tasks, should it run again
+            engine.drop()
+
+    async def _close_orphaned_store(self) -> None:
+        store, self._orphaned_store = self._orphaned_store, None
+        if store is None:
+            return
+        # Best effort: its connections may belong to the ended loop, and a
+        # lock held by one of that loop's tasks would never be released.
+        try:
+            await asyncio.wait_for(store.close(), timeout=max(self._grace, 1.0))
+        except Exception as exc:  # TimeoutError included
+            log.warning("closing the store of the ended event loop failed: %r", exc)
 
     async def __aenter__(self) -> Resonate:
         await self.start()
@@ -264,19 +337,26 @@ class Resonate:
         is ``(name, version)``; ``name`` defaults to ``fn.__qualname__``. A run's
         own body is not retried by default (``never()``): its steps carry their
         own retries. Registering after start recovers that function's pending runs.
+
+        Raises:
+            ValueError: ``name`` is empty, ``version`` is below 1 or
+                ``timeout`` is not positive.
+            TypeError: ``retry_policy`` is not a ``RetryPolicy``, ``timeout``
+                is not a number of seconds or ``name`` is not a string.
         """
+        _check_name(name)
+        policy = _retry_policy("retry_policy", retry_policy, never)
+        _check_timeout(timeout)
 
         def decorate(f: F) -> F:
             if version < 1:
                 raise ValueError(f"version must be 1 or more, got {version}")
-            if timeout is not None and timeout <= 0:
-                raise ValueError(f"timeout must be positive, got {timeout}")
             entry = FunctionEntry(
                 fn=f,
-                name=name or function_name(f),
+                name=function_name(f) if name is None else name,
                 version=version,
                 style=call_style(f),
-                retry_policy=retry_policy or never(),
+                retry_policy=policy,
                 timeout=timeout,
             )
             self._registry.add_function(entry)
@@ -322,6 +402,8 @@ class Resonate:
 
         if not (isinstance(command_type, type) and issubclass(command_type, Command)):
             raise TypeError(f"{command_type!r} is not a Command subclass; subclass Command")
+        _check_name(name)
+        policy = _retry_policy("retry_policy", retry_policy, exponential)
         if maxlen is not None and maxlen < 1:
             raise ValueError(f"maxlen must be at least 1 (or None), got {maxlen}")
         if max_wait < 0:
@@ -335,13 +417,13 @@ class Resonate:
             raise TypeError("a batch handler must be an `async def` or a plain `def`")
         entry = HandlerEntry(
             command_type=command_type,
-            name=name or command_type.__qualname__,
+            name=command_type.__qualname__ if name is None else name,
             handler=handler,
             style=style,
             maxlen=maxlen,
             max_wait=max_wait,
             concurrency=concurrency,
-            retry_policy=retry_policy or exponential(),
+            retry_policy=policy,
             queue_size=queue_size,
         )
         self._registry.add_handler(entry)
@@ -430,17 +512,19 @@ class Resonate:
         return engine.watch(id)
 
     def stats(self) -> Stats:
-        """A typed snapshot of runs, batchers and store commits."""
-        from ._stats import RunStats, StoreStats
+        """A typed snapshot of runs, batchers and store commits.
 
+        While started, the running engine's counters. After ``aclose()`` (or
+        once the event loop that started it ended), the counters it had when
+        it stopped, until the next ``start()`` begins again from zero. All
+        zeros before the first start.
+        """
         engine = self._engine
-        if engine is None:
-            return Stats(RunStats(), {}, StoreStats())
-        return Stats(
-            runs=RunStats(**{f: getattr(engine.run_stats, f) for f in RunStats.__slots__}),
-            batchers={b.entry.name: b.snapshot() for b in engine.batchers.values()},
-            store=engine.store_stats.copy(),
-        )
+        if engine is not None:
+            return _snapshot(engine)
+        if self._stopped_stats is not None:
+            return self._stopped_stats.copy()
+        return Stats(RunStats(), {}, StoreStats())
 
 
 class Promises:
@@ -466,11 +550,23 @@ class Promises:
         kind: Kind | str | None = None,
         limit: int | None = 100,
     ) -> list[PromiseRecord]:
-        """Promises matching every filter given, oldest first."""
+        """Promises matching every filter given, oldest first.
+
+        Args:
+            state: a ``State``, or its name in any case (``"resolved"``).
+            prefix: only ids that start with it.
+            kind: a ``Kind``, or its name in any case (``"run"``).
+            limit: the most records returned (``None``: all).
+
+        Raises:
+            ValueError: ``state`` or ``kind`` names no member.
+        """
+        state = None if state is None else _member(State, state, "state")
+        kind = None if kind is None else _member(Kind, kind, "kind")
         engine = self._engine()
         records = await engine.store.search(
-            state=None if state is None else State(state),
-            kind=None if kind is None else Kind(kind),
+            state=state,
+            kind=kind,
             prefix=prefix,
             limit=limit,
         )
@@ -484,7 +580,20 @@ class Promises:
         timeout: float | None = None,  # noqa: ASYNC109 - the promise's timeout, not the call's
         tags: dict[str, str] | None = None,
     ) -> PromiseRecord:
-        """Create an external PENDING promise (idempotent: an existing id is returned)."""
+        """Create an external PENDING promise (idempotent: an existing id is returned).
+
+        Args:
+            id: the promise's id.
+            param: a value stored with it (encoded).
+            timeout: seconds until it times out (``REJECTED_TIMEDOUT``), > 0;
+                ``None`` (the default): never.
+            tags: string labels stored with it.
+
+        Raises:
+            ValueError: ``timeout`` is not positive.
+            TypeError: ``timeout`` is not a number of seconds.
+        """
+        _check_timeout(timeout)
         engine = self._engine()
         now = engine.clock.now()
         record = PromiseRecord(
@@ -516,7 +625,11 @@ class Promises:
                 await run.created()
 
     async def resolve(self, id: str, value: Any = None) -> PromiseRecord:
-        """Resolve ``id`` with ``value``; a settled promise keeps its first outcome."""
+        """Resolve ``id`` with ``value``; a settled promise keeps its first outcome.
+
+        A promise past its ``timeout`` reads as timed out already: that is
+        what is recorded and returned, as for ``reject`` and ``cancel``.
+        """
         engine = self._engine()
         data = engine.encode_for(value, f"resolve {id!r}")
         return await self._settle(engine, id, State.RESOLVED, data)
@@ -541,10 +654,102 @@ class Promises:
 
     async def _settle(self, engine: Engine, id: str, state: State, data: bytes) -> PromiseRecord:
         await self._after_admission(engine, id)
-        record = await engine.writer.write(Settle(id, state, data, engine.clock.now()))
+        now = engine.clock.now()
+        stored = (await engine.store.get_many([id])).get(id)
+        if (
+            stored is not None
+            and stored.state is State.PENDING
+            and stored.timeout_at is not None
+            and now >= stored.timeout_at
+        ):
+            # Past its deadline it reads as settled already (timed out; a sleep,
+            # woken): record that, as a waiter would, not the late outcome.
+            state = engine.effective_state(stored)
+            if state is State.RESOLVED:
+                data = engine.encoded_none
+            else:
+                data = engine.encoder.encode_error(PromiseTimeoutError(f"{id} timed out"))
+        record = await engine.writer.write(Settle(id, state, data, now))
         if record is None:
             raise NotFoundError(
                 f"no promise with id {id!r}; create it first (ctx.promise or promises.create)"
             )
         engine.wake(record)
         return engine.effective(record)
+
+
+def _check_seconds(name: str, value: float, *, zero_ok: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if not (value >= 0 if zero_ok else value > 0):  # `not`: NaN fails too
+        raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(
+            f"timeout must be a number of seconds (or None for no timeout), got {timeout!r}"
+        )
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive (or None for no timeout), got {timeout!r}")
+
+
+def _check_name(name: str | None) -> None:
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string (or None for the default), got {name!r}")
+    if not name:
+        raise ValueError("name must be a non-empty string (or None for the default), got ''")
+
+
+def _retry_policy(
+    param: str, value: RetryPolicy | None, default: Callable[[], RetryPolicy]
+) -> RetryPolicy:
+    """``value`` if it is a retry policy, ``default()`` for ``None``; else a TypeError."""
+    if value is None:
+        return default()
+    # A policy class has the methods too, but is not a policy.
+    if isinstance(value, RetryPolicy) and not isinstance(value, type):
+        return value
+    hint = ""
+    factory = getattr(value, "__name__", None)
+    if factory and getattr(value, "__module__", None) == "resonate_async.retry":
+        hint = f" (call it: {factory}())"
+    raise TypeError(
+        f"{param} must be a RetryPolicy such as never() or exponential(max_retries=3), "
+        f"got {value!r}{hint}"
+    )
+
+
+def _member(cls: type[E], value: E | str, param: str) -> E:
+    """The member of ``cls`` that ``value`` is or names (its name or value, any case)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        for member in cls:
+            if value.lower() in (member.name.lower(), member.value.lower()):
+                return member
+    names = ", ".join(m.value for m in cls)
+    raise ValueError(f"{param} {value!r} is not one of {names}")
+
+
+def _ended(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` is over for us: closed, or stopped while another loop runs here."""
+    if loop.is_closed():
+        return True
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:  # outside any loop (use_store): a stopped loop may run again
+        return False
+    return running is not loop and not loop.is_running()
+
+
+def _snapshot(engine: Engine) -> Stats:
+    return Stats(
+        runs=engine.run_stats.copy(),
+        batchers={b.entry.name: b.snapshot() for b in engine.batchers.values()},
+        store=engine.store_stats.copy(),
+    )

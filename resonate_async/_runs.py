@@ -270,9 +270,9 @@ class RunDriver(Attempts):
             run._task = self.spawn_other(self._attach(run, stored))
 
     @staticmethod
-    def _interrupted(run: RunState) -> ShutdownError:
+    def _interrupted(run: RunState, why: str = "shutdown") -> ShutdownError:
         return ShutdownError(
-            f"run {run.id!r} was interrupted by shutdown; it stays PENDING and "
+            f"run {run.id!r} was interrupted by {why}; it stays PENDING and "
             "resumes at the next start"
         )
 
@@ -340,8 +340,14 @@ class RunDriver(Attempts):
             self.writer.write_then(op, self._on_root_settled, run)
             settling = True
         except asyncio.CancelledError:
+            task = asyncio.current_task()
             if self.closing:
                 run._set_exception(self._interrupted(run))
+            elif not run.cancel_requested and task is not None and task.cancelling():
+                # Cancelled from outside, not by cancel(): the event loop is
+                # ending (asyncio.run returning, a test's loop torn down).
+                # Nothing is settled; the writer may be gone already.
+                run._set_exception(self._interrupted(run, "its event loop ended"))
             else:
                 await self._settle_canceled(run)
             raise

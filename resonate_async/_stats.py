@@ -137,12 +137,26 @@ class BatcherStats:
 
 @dataclass(slots=True)
 class RunStats:
-    """Runs started, completed (resolved) and failed (rejected) by this process."""
+    """Runs this process executed.
+
+    Attributes:
+        started: bodies that began executing here: fresh runs, resumed ones
+            and remote calls claimed here (``run()`` of an id whose outcome
+            is stored, or that runs elsewhere, starts nothing).
+        completed: runs settled here as resolved.
+        failed: runs settled here as rejected (canceled and timed out included).
+        recovered: of those started, the runs resumed from the store (after a
+            crash, or taken over from another worker).
+    """
 
     started: int = 0
     completed: int = 0
     failed: int = 0
     recovered: int = 0
+
+    def copy(self) -> RunStats:
+        """A snapshot."""
+        return RunStats(self.started, self.completed, self.failed, self.recovered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,3 +173,11 @@ class Stats:
     runs: RunStats
     batchers: dict[str, BatcherStats]
     store: StoreStats
+
+    def copy(self) -> Stats:
+        """A snapshot that changes to this one (or its counters) do not reach."""
+        return Stats(
+            self.runs.copy(),
+            {name: b.copy() for name, b in self.batchers.items()},
+            self.store.copy(),
+        )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 from .errors import NondeterminismError, ShutdownError
 
@@ -57,8 +57,14 @@ _NEVER_RETRIED: Final = (
 )
 
 
+@runtime_checkable
 class RetryPolicy(Protocol):
-    """What the engine asks a retry policy after an attempt fails."""
+    """What the engine asks a retry policy after an attempt fails.
+
+    Runtime-checkable, so ``isinstance(value, RetryPolicy)`` tells a policy
+    (anything with ``next_delay`` and ``should_retry``) from a mistaken
+    argument such as ``"never"`` or the factory ``never`` itself.
+    """
 
     def next_delay(self, attempt: int) -> float | None:
         """Seconds to wait before ``attempt`` starts, or ``None`` to give up.

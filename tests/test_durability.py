@@ -739,3 +739,28 @@ async def test_store_failures_are_forgotten_once_they_are_old() -> None:
         store.down = False
         await clock.advance(1_200)  # none of those roots was stored: nothing to resume
         assert engine.store_failures == {} and engine.store_failed == {}
+
+
+async def test_resolving_a_promise_past_its_timeout_records_the_timeout() -> None:
+    clock = VirtualClock(autojump=True)
+    resonate = Resonate(MemoryStore(), clock=clock)
+
+    @resonate.register
+    async def waiting(ctx: Context) -> str:
+        try:
+            return str(await ctx.promise(id="late"))
+        except PromiseTimeoutError:
+            return "timed out"
+
+    async with resonate:
+        await resonate.promises.create("late", timeout=5)
+        await resonate.promises.create("early", timeout=5)
+        await clock.advance(10)
+        seen = await resonate.promises.get("late")
+        assert seen is not None and seen.state is State.REJECTED_TIMEDOUT
+        # What every reader saw is what is recorded, not the late value.
+        resolved = await resonate.promises.resolve("late", 42)
+        assert resolved.state is State.REJECTED_TIMEDOUT
+        assert await resonate.run("w", waiting) == "timed out"
+        canceled = await resonate.promises.cancel("early")
+        assert canceled.state is State.REJECTED_TIMEDOUT

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -24,6 +25,9 @@ from resonate_async import (
     State,
 )
 from resonate_async.retry import RetryPolicy, constant, never
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 @dataclass
@@ -495,6 +499,140 @@ async def test_stats_count_runs_and_store_transactions() -> None:
     assert stats.store.transactions < 10
 
 
+async def test_stats_stay_readable_after_aclose_until_the_next_start() -> None:
+    resonate = make()
+
+    @resonate.register
+    async def f(ctx: Context, i: int) -> str:
+        return await ctx.lfc(Ping(i))
+
+    def pong(ctx: Context, commands: list[Ping]) -> str:
+        return "pong"
+
+    resonate.register_command_handler(Ping, pong)
+    async with resonate:
+        await asyncio.gather(*(resonate.run(f"s{i}", f, i) for i in range(5)))
+    stats = resonate.stats()
+    assert stats.runs.started == 5 and stats.runs.completed == 5
+    assert stats.batchers["Ping"].commands == 5
+    assert stats.store.rows == 15  # per run: created, command settled, settled
+    stats.runs.started = 0  # a snapshot: changing it changes nothing kept
+    assert resonate.stats().runs.started == 5
+    async with resonate:
+        assert resonate.stats().runs.started == 0  # a new start counts from zero
+        assert await resonate.run("s5", f, 5) == "pong"
+    assert resonate.stats().runs.started == 1
+
+
+def test_a_start_in_a_new_loop_drops_the_engine_of_a_loop_that_ended_without_aclose(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = MemoryStore()
+    resonate = make(store)
+
+    @resonate.register
+    async def echo(ctx: Context, x: int) -> int:
+        return x
+
+    async def failing_test() -> None:
+        await resonate.start()
+        assert await resonate.run("a", echo, 1) == 1  # then fails: no aclose()
+
+    async def next_test() -> None:
+        await resonate.start()
+        try:
+            assert await resonate.run("b", echo, 2) == 2
+            assert await resonate.get("a") == 1
+        finally:
+            await resonate.aclose()
+
+    asyncio.run(failing_test())
+    with caplog.at_level(logging.WARNING, "resonate_async"):
+        asyncio.run(next_test())
+    assert "ended without aclose()" in caplog.text
+    assert resonate.stats().runs.started == 1
+
+
+def test_aclose_and_use_store_in_a_new_loop_drop_the_engine_of_the_ended_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    resonate = make()
+
+    @resonate.register
+    async def echo(ctx: Context, x: int) -> int:
+        return x
+
+    async def started() -> None:
+        await resonate.start()
+        assert await resonate.run("a", echo, 1) == 1
+
+    async def closed() -> None:
+        await resonate.aclose()
+        await resonate.aclose()
+
+    async def swapped() -> None:
+        resonate.use_store(MemoryStore())
+        async with resonate:
+            assert await resonate.run("a", echo, 3) == 3  # the new store: runs again
+
+    with caplog.at_level(logging.WARNING, "resonate_async"):
+        asyncio.run(started())
+        asyncio.run(closed())
+        assert caplog.text.count("ended without aclose()") == 1
+        assert resonate.stats().runs.completed == 1  # the dropped engine's counters
+        asyncio.run(started())
+        asyncio.run(swapped())
+        assert caplog.text.count("ended without aclose()") == 2
+
+
+def test_runs_of_a_stopped_loop_stay_pending_and_the_next_start_resumes_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = MemoryStore()
+    resonate = make(store)
+    calls: list[int] = []
+
+    @resonate.register
+    async def slow(ctx: Context, x: int) -> int:
+        calls.append(x)
+        if len(calls) == 1:
+            await asyncio.Event().wait()  # the first execution never finishes
+        return x
+
+    first: Any = None
+
+    async def begin() -> None:
+        nonlocal first
+        await resonate.start()
+        first = resonate.run("p", slow, 7)
+        await first.created()
+        while not calls:
+            await asyncio.sleep(0)
+
+    async def again() -> None:
+        async with resonate:
+            assert await resonate.get("p") == 7
+            record = await resonate.promises.get("p")
+            assert record is not None and record.state is State.RESOLVED
+
+    old = asyncio.new_event_loop()
+    try:
+        old.run_until_complete(begin())  # the loop stops; its engine is left running
+        with caplog.at_level(logging.WARNING, "resonate_async"):
+            asyncio.run(again())
+        assert "ended without aclose()" in caplog.text
+        # Run again, the old loop only unwinds its cancelled tasks: the old
+        # execution is interrupted, and writes nothing.
+        old.run_until_complete(asyncio.sleep(0))
+        old.run_until_complete(asyncio.gather(*asyncio.all_tasks(old), return_exceptions=True))
+        assert first.done()
+        with pytest.raises(ShutdownError):
+            old.run_until_complete(first.result())
+    finally:
+        old.close()
+    assert calls == [7, 7]
+
+
 async def test_arguments_the_function_does_not_take_reject_the_run() -> None:
     resonate = Resonate(MemoryStore())
 
@@ -534,3 +672,40 @@ async def test_a_run_settles_after_the_children_its_body_left_running() -> None:
         assert finished == ["child"]
         child_row = await resonate.promises.get("left-running.1")
         assert child_row is not None and child_row.state is State.RESOLVED
+
+
+def test_a_run_in_flight_when_asyncio_run_returns_stays_pending_and_resumes(
+    tmp_path: Path,
+) -> None:
+    """asyncio.run cancels the tasks it leaves behind: a run's task among them
+    is interrupted, not settled as canceled (nobody cancelled the run), and
+    the loop's teardown does not wait on the writer it cancelled too."""
+    resonate = Resonate(str(tmp_path / "resonate.db"))
+    gate: list[asyncio.Event] = []
+
+    @resonate.register
+    async def slow(ctx: Context) -> str:
+        if not gate:  # the first execution waits until its loop ends
+            gate.append(asyncio.Event())
+            await gate[0].wait()
+        return "done"
+
+    first: Any = None
+
+    async def begin() -> None:
+        nonlocal first
+        await resonate.start()
+        first = resonate.run("p", slow)
+        await first.created()
+        while not gate:
+            await asyncio.sleep(0)
+
+    async def again() -> str:
+        async with resonate:
+            record = await resonate.promises.get("p")
+            assert record is not None and record.state is State.PENDING
+            return await asyncio.wait_for(resonate.get("p").result(), 10)
+
+    asyncio.run(begin())
+    assert first.done() and isinstance(first._outcome, ShutdownError)
+    assert asyncio.run(again()) == "done"

@@ -64,3 +64,10 @@ def wrong_arguments_do_not_type_check(resonate: Resonate, ctx: Context) -> None:
     ctx.lfc(step_in_thread, "21")  # type: ignore[call-overload]
     ctx.rfc(double)  # type: ignore[call-overload]
     ctx.rfi(double, 1, 2)  # type: ignore[call-overload]
+
+
+def typed_postgres_store() -> None:
+    """Never called: the lazily loaded ``PostgresStore`` keeps its type under mypy."""
+    from resonate_async import PostgresStore
+
+    assert_type(PostgresStore("postgresql://app@db/app", schema="x"), PostgresStore)

@@ -1,0 +1,149 @@
+"""Arguments that cannot work are refused at the call, with an error naming the fix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from resonate_async import Command, Context, Kind, MemoryStore, Resonate, State
+from resonate_async.retry import Never, RetryPolicy, constant, never
+
+
+@dataclass
+class Ping(Command[str]):
+    n: int
+
+
+async def echo(ctx: Context, x: int) -> int:
+    return x
+
+
+def pong(ctx: Context, commands: list[Ping]) -> str:
+    return "pong"
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [
+        ("poll_seconds", 0),
+        ("poll_seconds", -1.0),
+        ("poll_seconds", float("nan")),
+        ("lease_seconds", 0),
+        ("lease_seconds", -15),
+        ("heartbeat_seconds", 0),
+        ("heartbeat_seconds", -5),
+        ("grace_seconds", -0.5),
+    ],
+)
+def test_durations_out_of_range_are_refused_naming_the_parameter(param: str, value: float) -> None:
+    # A zero poll or heartbeat made an idle engine spin at 100% CPU.
+    with pytest.raises(ValueError, match=rf"^{param} must be"):
+        Resonate(MemoryStore(), **{param: value})  # type: ignore[arg-type]
+
+
+def test_durations_in_range_are_accepted() -> None:
+    Resonate(MemoryStore(), lease_seconds=3, heartbeat_seconds=1, poll_seconds=0.2, grace_seconds=0)
+    # Not a third of the lease: recommended, not enforced.
+    Resonate(MemoryStore(), lease_seconds=3, heartbeat_seconds=2.5)
+    with pytest.raises(ValueError, match="shorter than lease_seconds"):
+        Resonate(MemoryStore(), lease_seconds=3, heartbeat_seconds=3)
+    with pytest.raises(TypeError, match="poll_seconds must be a number"):
+        Resonate(MemoryStore(), poll_seconds="1")  # type: ignore[arg-type]
+
+
+NOT_POLICIES = pytest.mark.parametrize(
+    "policy", ["never", 3, never, Never], ids=["str", "int", "factory", "class"]
+)
+
+
+@NOT_POLICIES
+def test_register_refuses_what_is_not_a_retry_policy(policy: Any) -> None:
+    resonate = Resonate(MemoryStore())
+    with pytest.raises(TypeError, match=r"^retry_policy must be a RetryPolicy such as never\(\)"):
+        resonate.register(echo, retry_policy=policy)
+    with pytest.raises(TypeError, match=r"^retry_policy must be a RetryPolicy"):
+        resonate.register(retry_policy=policy)
+
+
+@NOT_POLICIES
+def test_register_command_handler_refuses_what_is_not_a_retry_policy(policy: Any) -> None:
+    resonate = Resonate(MemoryStore())
+    with pytest.raises(TypeError, match=r"^retry_policy must be a RetryPolicy"):
+        resonate.register_command_handler(Ping, pong, retry_policy=policy)
+
+
+@NOT_POLICIES
+def test_resonate_refuses_a_step_retry_policy_that_is_not_one(policy: Any) -> None:
+    with pytest.raises(TypeError, match=r"^step_retry_policy must be a RetryPolicy"):
+        Resonate(MemoryStore(), step_retry_policy=policy)
+
+
+def test_an_uncalled_factory_is_told_to_call_it() -> None:
+    with pytest.raises(TypeError, match=r"call it: never\(\)"):
+        Resonate(MemoryStore()).register(echo, retry_policy=never)  # type: ignore[call-overload]
+
+
+async def test_policies_of_the_factories_and_of_the_user_are_accepted() -> None:
+    class EveryOther:
+        def next_delay(self, attempt: int) -> float | None:
+            return 0.0 if attempt <= 2 else None
+
+        def should_retry(self, error: BaseException) -> bool:
+            return True
+
+    assert isinstance(EveryOther(), RetryPolicy)
+    resonate = Resonate(MemoryStore(), step_retry_policy=constant(0, 1))
+    resonate.register(echo, retry_policy=EveryOther())
+    resonate.register_command_handler(Ping, pong, retry_policy=never())
+    async with resonate:
+        assert await resonate.run("e", echo, 4) == 4
+
+
+@pytest.mark.parametrize("timeout", ["10", True, [1]])
+def test_register_refuses_a_timeout_that_is_not_a_number(timeout: Any) -> None:
+    with pytest.raises(TypeError, match=r"^timeout must be a number of seconds"):
+        Resonate(MemoryStore()).register(echo, timeout=timeout)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan")])
+def test_register_refuses_a_timeout_that_is_not_positive(timeout: float) -> None:
+    with pytest.raises(ValueError, match=r"^timeout must be positive"):
+        Resonate(MemoryStore()).register(echo, timeout=timeout)
+
+
+def test_register_refuses_an_empty_name() -> None:
+    resonate = Resonate(MemoryStore())
+    with pytest.raises(ValueError, match=r"^name must be a non-empty string"):
+        resonate.register(echo, name="")
+    with pytest.raises(ValueError, match=r"^name must be a non-empty string"):
+        resonate.register_command_handler(Ping, pong, name="")
+
+
+@pytest.mark.parametrize("seconds", [0, -5])
+async def test_promises_create_refuses_a_timeout_that_is_not_positive(seconds: float) -> None:
+    resonate = Resonate(MemoryStore())
+    async with resonate:
+        with pytest.raises(ValueError, match=r"^timeout must be positive"):
+            await resonate.promises.create("p", timeout=seconds)
+        assert await resonate.promises.get("p") is None  # nothing was created
+        made = await resonate.promises.create("p", timeout=None)
+        assert made.timeout_at is None and made.state is State.PENDING
+
+
+async def test_promises_search_takes_state_and_kind_names_in_any_case() -> None:
+    resonate = Resonate(MemoryStore())
+    async with resonate:
+        await resonate.promises.create("a")
+        await resonate.promises.create("b")
+        await resonate.promises.resolve("b", 1)
+        for state in ("resolved", "Resolved", "RESOLVED", State.RESOLVED):
+            assert [r.id for r in await resonate.promises.search(state=state)] == ["b"]
+        for kind in ("external", "EXTERNAL", Kind.EXTERNAL):
+            found = await resonate.promises.search(kind=kind, state="pending")
+            assert [r.id for r in found] == ["a"]
+        with pytest.raises(ValueError, match="state 'done' is not one of PENDING, RESOLVED"):
+            await resonate.promises.search(state="done")
+        with pytest.raises(ValueError, match="kind 'job' is not one of run, step"):
+            await resonate.promises.search(kind="job")
