@@ -273,7 +273,9 @@ class Context:
 
         A run resumed after a crash sleeps only the time that remains.
         """
-        if seconds < 0:
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise TypeError(f"sleep needs a number of seconds, got {seconds!r}")
+        if not seconds >= 0:  # NaN too
             raise ValueError(f"sleep needs a non-negative number of seconds, got {seconds}")
         promise: Promise[None] = Promise(self, self._next_id(), _SLEEP, seconds, (), {})
         promise._inline = True
@@ -289,6 +291,10 @@ class Context:
             id: the promise's global id, used verbatim (default: a child id).
             timeout: seconds after which it rejects with ``PromiseTimeoutError``.
         """
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         child_id = self._next_id()
         promise: Promise[Any] = Promise(
             self, child_id if id is None else id, _EXTERNAL, timeout, (), {}

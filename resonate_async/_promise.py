@@ -24,13 +24,13 @@ from .errors import (
     ShutdownError,
     StoreError,
 )
+from .retry import RetryPolicy
 from .stores._base import Create, Kind, PromiseRecord, Settle, State
 
 if TYPE_CHECKING:
     from collections.abc import Generator
 
     from ._context import Context
-    from .retry import RetryPolicy
 
 __all__ = ("Promise", "ReplayNow")
 
@@ -169,6 +169,12 @@ class Promise(Generic[T]):
                 "(right after lfi/lfc, before the next await)"
             )
         if retry_policy is not None:
+            if not isinstance(retry_policy, RetryPolicy) or isinstance(retry_policy, type):
+                self._awaited = True
+                raise TypeError(
+                    "retry_policy must be a RetryPolicy such as never() or "
+                    f"exponential(max_retries=3), got {retry_policy!r}"
+                )
             if self._type == _COMMAND:
                 self._awaited = True  # the call is an error: no warning on top
                 raise RuntimeError(
@@ -177,7 +183,10 @@ class Promise(Generic[T]):
                 )
             self._retry_policy = retry_policy
         if timeout is not None:
-            if timeout <= 0:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                self._awaited = True
+                raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+            if not timeout > 0:  # NaN too
                 self._awaited = True
                 raise ValueError(f"timeout must be positive, got {timeout}")
             self._timeout = timeout

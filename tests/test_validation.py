@@ -147,3 +147,31 @@ async def test_promises_search_takes_state_and_kind_names_in_any_case() -> None:
             await resonate.promises.search(state="done")
         with pytest.raises(ValueError, match="kind 'job' is not one of run, step"):
             await resonate.promises.search(kind="job")
+
+
+async def test_calls_refuse_options_of_the_wrong_type_naming_them() -> None:
+    resonate = Resonate(MemoryStore())
+    errors: list[str] = []
+
+    async def step(ctx: Context) -> None:
+        return None
+
+    @resonate.register
+    async def careless(ctx: Context) -> None:
+        for bad in (
+            lambda: ctx.lfc(step).with_options(retry_policy=3),  # type: ignore[arg-type]
+            lambda: ctx.lfc(step).with_options(timeout="10"),  # type: ignore[arg-type]
+            lambda: ctx.sleep("5"),  # type: ignore[arg-type]
+            lambda: ctx.promise(timeout=0),
+        ):
+            try:
+                bad()
+            except (TypeError, ValueError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    async with resonate:
+        await resonate.run("c", careless)
+    assert errors[0].startswith("TypeError: retry_policy must be a RetryPolicy")
+    assert errors[1].startswith("TypeError: timeout must be a number of seconds")
+    assert errors[2].startswith("TypeError: sleep needs a number of seconds")
+    assert errors[3].startswith("ValueError: timeout must be a positive number")
