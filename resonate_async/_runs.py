@@ -136,6 +136,12 @@ class RunState(Handle[Any]):
         return super().cancel()
 
 
+def _cancelled_from_outside(run: RunState) -> bool:
+    """Whether the run's task is being cancelled, and not by ``cancel()``."""
+    task = asyncio.current_task()
+    return not run.cancel_requested and task is not None and task.cancelling() > 0
+
+
 def _not_started(task: asyncio.Task[Any]) -> bool:
     coro = task.get_coro()
     return inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
@@ -306,14 +312,8 @@ class RunDriver(Attempts):
                 except LEAVE_PENDING:
                     ctx._cancel_children()
                     raise
-                except BaseExceptionGroup as group:  # an asyncio.TaskGroup in the body
-                    inner = unwrap_group(group)
-                    if inner is not None:  # a store failure in a task, say: stay PENDING
-                        ctx._cancel_children()
-                        raise inner from None
-                    if not isinstance(group, Exception):
-                        raise
-                    state, data = await self._after_first_attempt(run, entry, ctx, group)
+                except BaseExceptionGroup as exc:  # an asyncio.TaskGroup in the body
+                    state, data = await self._after_group(run, entry, ctx, exc)
                 except Exception as exc:
                     state, data = await self._after_first_attempt(run, entry, ctx, exc)
                 else:
@@ -340,13 +340,12 @@ class RunDriver(Attempts):
             self.writer.write_then(op, self._on_root_settled, run)
             settling = True
         except asyncio.CancelledError:
-            task = asyncio.current_task()
             if self.closing:
                 run._set_exception(self._interrupted(run))
-            elif not run.cancel_requested and task is not None and task.cancelling():
-                # Cancelled from outside, not by cancel(): the event loop is
-                # ending (asyncio.run returning, a test's loop torn down).
-                # Nothing is settled; the writer may be gone already.
+            elif _cancelled_from_outside(run):
+                # Not by cancel(): the event loop is ending (asyncio.run
+                # returning, a test's loop torn down). Nothing is settled;
+                # the writer may be gone already.
                 run._set_exception(self._interrupted(run, "its event loop ended"))
             else:
                 await self._settle_canceled(run)
@@ -404,6 +403,26 @@ class RunDriver(Attempts):
             delay,
         )
         self.store_failed[run.id] = now + delay
+
+    async def _after_group(
+        self,
+        run: RunState,
+        entry: FunctionEntry,
+        ctx: Context,
+        group: BaseExceptionGroup[BaseException],
+    ) -> tuple[State, bytes]:
+        """The rest of a run's inline first attempt that raised ``group`` (an
+        ``asyncio.TaskGroup``'s): an error in it that leaves the run PENDING
+        (a store failure in one task, say) is raised instead; else the group
+        is the body's failure. (Apart from ``_execute``: its locals are in
+        every suspended run's frame.)"""
+        inner = unwrap_group(group)
+        if inner is not None:
+            ctx._cancel_children()
+            raise inner from None
+        if not isinstance(group, Exception):
+            raise group
+        return await self._after_first_attempt(run, entry, ctx, group)
 
     async def _after_first_attempt(
         self, run: RunState, entry: FunctionEntry, ctx: Context, exc: Exception
