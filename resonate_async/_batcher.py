@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ._clock import with_deadline
 from ._context import Context
 from ._invoke import invoke
+from ._promise import _IN_BATCH, _QUEUED, _RECORDED, _STARTED
 from ._stats import BatcherStats
 from .errors import BatchResultError, EncodingError, ShutdownError, StoreError
 from .stores._base import Kind, State, new_create, new_record
@@ -55,6 +56,9 @@ class Batcher:
         self._queued_at: deque[float] = deque()  # when each queued command came, in order
         self._now = engine.clock.now
         self._limit = entry.queue_size
+        # Queue lengths that wake the batch window: the first command, and a
+        # full batch while the window lingers for more.
+        self._wake_at = (1, entry.maxlen or 1)
         self._nonempty = asyncio.Event()
         self._space = asyncio.Event()
         self._closing = False
@@ -63,27 +67,51 @@ class Batcher:
 
     def snapshot(self) -> BatcherStats:
         """A copy of the counters, with the current queue depth."""
-        self.stats.queue_depth = len(self._queue)
+        self.stats.queue_depth = sum(1 for p in self._queue if _waited_for(p))
         return self.stats.copy()
 
     # -- producers -------------------------------------------------------------
 
     def offer(self, promise: Promise[Any]) -> bool:
         """Enqueue at once if there is room; ``False`` means call :meth:`put`."""
-        if self._limit is not None and len(self._queue) >= self._limit:
-            return False
-        self._queue.append(promise)
+        queue = self._queue
+        if self._limit is not None and len(queue) >= self._limit:
+            self._purge()
+            if len(queue) >= self._limit:
+                return False
+        queue.append(promise)
         self._queued_at.append(self._now())
-        promise._in_queue = True
-        if len(self._queue) == 1:
+        promise._state = _QUEUED
+        if len(queue) in self._wake_at:
             self._nonempty.set()
         return True
 
     async def put(self, promise: Promise[Any]) -> None:
-        """Enqueue, waiting while the queue is full (backpressure)."""
+        """Enqueue, waiting while the queue is full (backpressure); return early
+        if the command got its outcome meanwhile (its timeout)."""
         while not self.offer(promise):
+            if not _waited_for(promise):
+                return
             self._space.clear()
             await self._space.wait()
+
+    def wake_producers(self) -> None:
+        """Let workflows waiting for room look again (one of theirs timed out)."""
+        self._space.set()
+
+    def _purge(self) -> None:
+        """Drop the queued commands nobody waits for any more (a cancelled run,
+        a timeout around the await): a command cancelled before its batch
+        leaves the queue and its room."""
+        queue, queued_at = self._queue, self._queued_at
+        kept = [(p, t) for p, t in zip(queue, queued_at, strict=True) if _waited_for(p)]
+        for promise in queue:
+            if not _waited_for(promise):
+                promise._state = _STARTED
+        queue.clear()
+        queue.extend(p for p, _ in kept)
+        queued_at.clear()
+        queued_at.extend(t for _, t in kept)
 
     # -- the batch window ------------------------------------------------------
 
@@ -131,12 +159,13 @@ class Batcher:
         while queue and (maxlen is None or len(batch) < maxlen):
             promise = queue.popleft()
             came = queued_at.popleft()
-            promise._in_queue = False
-            future = promise._future
-            if future is not None and not future.done():  # cancelled ones leave here
+            if _waited_for(promise):
+                promise._state = _IN_BATCH
                 if not batch:
                     oldest = came
                 batch.append(promise)
+            else:  # cancelled before its batch: it leaves the queue here
+                promise._state = _STARTED
         if batch:
             self.stats.wait_seconds.add(self._now() - oldest)
         self._space.set()
@@ -205,6 +234,12 @@ class Batcher:
         """The writer's report on a command's record: the workflow may go on."""
         future = promise._future
         if future is None or future.done():  # the workflow stopped waiting
+            if error is not None:
+                promise._store_failed(error)
+                promise._state = _STARTED  # not written: awaited again, it is queued again
+            elif stored is not None:
+                promise._state = _RECORDED  # awaited again, this is its outcome
+                promise._value = stored
             return
         if error is not None:
             promise._store_failed(error)  # awaited straight from the future
@@ -225,6 +260,8 @@ class Batcher:
             future = promise._future
             if future is not None and not future.done():
                 future.set_exception(exc)
+            else:  # nobody waits: awaited again, it is queued again
+                promise._state = _STARTED
 
     async def _outcomes(self, batch: list[Promise[Any]]) -> list[Outcome]:
         """Call the handler with retries; once exhausted, bisect to isolate poison."""
@@ -278,7 +315,25 @@ class Batcher:
             self._engine, None, f"batch:{self.entry.name}:{self._batch_no}", "", attempt, leaf=True
         )
         commands = [p._target for p in batch]
-        return await invoke(self.entry.style, self.entry.handler, ctx, (commands,), {})
+        try:
+            return await invoke(self.entry.style, self.entry.handler, ctx, (commands,), {})
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this worker is cancelled (a shutdown)
+            # The handler's own: a failure of the batch, not of the batcher.
+            raise RuntimeError(
+                f"{self.entry.name} handler raised CancelledError without being cancelled"
+            ) from None
+        except Exception:
+            raise
+        except BaseException as exc:  # the batcher never dies of a handler
+            raise RuntimeError(
+                f"{self.entry.name} handler raised {type(exc).__name__}: {exc}, "
+                "which is not an Exception"
+            ) from exc
 
     def _map_results(self, batch: list[Promise[Any]], result: Any) -> list[Outcome]:
         encoder = self._engine.encoder
@@ -303,3 +358,9 @@ class Batcher:
             return (State.RESOLVED, encoder.encode(item))
         except EncodingError as exc:
             return (State.REJECTED, encoder.encode_error(exc))
+
+
+def _waited_for(promise: Promise[Any]) -> bool:
+    """Whether a command's workflow still waits for its outcome."""
+    future = promise._future
+    return future is not None and not future.done()

@@ -39,6 +39,10 @@ T = TypeVar("T")
 # What a Promise stands for.
 _STEP, _COMMAND, _SLEEP, _EXTERNAL, _REMOTE = range(5)
 _NOT_STARTED, _STARTED, _INLINE_DONE = range(3)
+# A command's place once started (_STARTED: not queued, the queue being full or
+# its awaiter having left it): queued, taken into a batch, recorded after its
+# awaiter left (``_value`` holds the row).
+_QUEUED, _IN_BATCH, _RECORDED = range(3, 6)
 # What a user wrote to make a promise of each kind, for the never-awaited warning.
 _CALLS = {_REMOTE: "ctx.rfc", _EXTERNAL: "ctx.promise", _SLEEP: "ctx.sleep"}
 _NO_KWARGS: dict[str, Any] = {}  # shared by every command; never mutated
@@ -71,7 +75,6 @@ class Promise(Generic[T]):
         "_error",
         "_fresh",
         "_future",
-        "_in_queue",
         "_inline",
         "_kwargs",
         "_param",
@@ -109,7 +112,6 @@ class Promise(Generic[T]):
         self._future: asyncio.Future[T] | None = None
         self._state = _NOT_STARTED
         self._inline = False
-        self._in_queue = False
         self._fresh = False  # executed now, not replayed from the store
         self._awaited = False
         self._yielded = False
@@ -205,7 +207,7 @@ class Promise(Generic[T]):
         ):
             # The hot path of `await ctx.lfc(Command(...))`: await the future itself.
             future = self._start()
-            if self._in_queue or future.done():
+            if self._state == _QUEUED or future.done():
                 self._awaited = True
                 return future.__await__()
         return self._await()
@@ -222,13 +224,14 @@ class Promise(Generic[T]):
             # again (it may have been cancelled, and this task runs it instead).
             yield from self._inline_waiter().__await__()
         future = self._start()
-        if self._type == _COMMAND and not future.done() and not self._in_queue:
+        if self._type == _COMMAND and not future.done() and self._state == _STARTED:
             yield from self._ctx._engine.batchers[type(self._target)].put(self).__await__()
         # A child started with lfi (or rfi) is not stopped by its awaiter's
         # cancellation (an asyncio.timeout around the await, a TaskGroup
         # cancelling the awaiting task): the call goes on, and the run waits
         # for it before it settles, as for any child.
-        waited = future if future.done() or self._type == _EXTERNAL else asyncio.shield(future)
+        child = not (self._inline or future.done() or self._type == _EXTERNAL)
+        waited = asyncio.shield(future) if child else future
         try:
             value = yield from waited.__await__()
         except Exception as exc:
@@ -313,10 +316,11 @@ class Promise(Generic[T]):
         cancelled (a timeout around the await) starts again when awaited again.
         """
         future = self._future
-        if future is not None and not (
-            future.cancelled() and (self._type == _COMMAND or self._type == _EXTERNAL)
-        ):
-            return future
+        if future is not None:
+            if not future.cancelled() or self._type == _STEP or self._type == _REMOTE:
+                return future
+            if self._type == _COMMAND:
+                return self._restart_command()
         if self._state == _INLINE_DONE:  # an lfc already awaited inline
             future = self._ctx._engine.loop.create_future()
             if self._error is not None:
@@ -345,8 +349,7 @@ class Promise(Generic[T]):
             self._future = future
             engine.batchers[type(self._target)].offer(self)
             if self._timeout is not None:
-                timer = engine.spawn_other(self._time_out_command(self._timeout))
-                future.add_done_callback(lambda _: timer.cancel())
+                self._arm_timeout(future)
             return future
         elif self._type == _STEP:
             future = loop.create_task(self._execute_step())
@@ -357,6 +360,34 @@ class Promise(Generic[T]):
         else:  # sleeps are always inline
             future = cast("asyncio.Future[T]", loop.create_task(self._execute_sleep()))
         self._future = future
+        return future
+
+    def _arm_timeout(self, future: asyncio.Future[T]) -> None:
+        assert self._timeout is not None
+        timer = self._ctx._engine.spawn_other(self._time_out_command(self._timeout))
+        future.add_done_callback(lambda _: timer.cancel())
+
+    def _restart_command(self) -> asyncio.Future[T]:
+        """A command whose awaiter was cancelled (a timeout around the await),
+        awaited again: it is not dispatched twice. Queued or in a batch, it
+        keeps its place and the batch's outcome comes to the new future;
+        recorded meanwhile, that row is the outcome; only a command that left
+        the queue (or whose batch failed) is queued again."""
+        engine = self._ctx._engine
+        future: asyncio.Future[T] = engine.loop.create_future()
+        self._future = future
+        if self._state == _RECORDED:
+            stored = cast("PromiseRecord", self._value)
+            self._value = None
+            try:
+                future.set_result(engine.settled_child(self._ctx._run, self._own(stored)))
+            except Exception as exc:
+                future.set_exception(exc)
+            return future
+        if self._state == _STARTED:
+            engine.batchers[type(self._target)].offer(self)
+        if self._timeout is not None:
+            self._arm_timeout(future)
         return future
 
     def _stored(self) -> PromiseRecord | None:
@@ -568,9 +599,11 @@ class Promise(Generic[T]):
             if not future.done():
                 self._store_failed(exc)  # awaited straight from the future
                 future.set_exception(exc)
-            return
-        if not future.done():
-            future.set_result(value)
+        else:
+            if not future.done():
+                future.set_result(value)
+        if self._state == _STARTED:  # its workflow waits for room in a full queue: no more
+            engine.batchers[type(self._target)].wake_producers()
 
     async def _create(self, record: PromiseRecord) -> PromiseRecord:
         """Write this call's row unless its id is taken; the stored row, checked
