@@ -13,7 +13,7 @@ Starts N blog workflows at once on a fresh SQLite promise store (as
   recorded, and everything else. A young collection starts every 700 counted
   allocations; a free only uncounts one while the count is above zero, so
   objects freed in a burst right after a collection are not uncounted;
-* what the full collection nearest the middle of the burst walked: the
+* what the first full collection after the burst was submitted walked: the
   number of tracked objects and the most common types.
 
 It reads two internals (the writer's transaction report and the engine), so
@@ -50,7 +50,8 @@ class Census:
         self.seconds = [0.0, 0.0, 0.0]
         self.collections = [0, 0, 0]
         self.full_walks: list[tuple[float, int]] = []  # (seconds, tracked objects)
-        self.snapshot_at = -1  # the full collection whose types are counted
+        self.armed = False  # set once the burst is submitted: census the next full collection
+        self.snapshot_at = 0  # which full collection that was (1-based)
         self.types: collections.Counter[str] = collections.Counter()
         self._started = 0.0
 
@@ -70,8 +71,9 @@ class Census:
         if generation == 2:
             objects = gc.get_objects()
             self.full_walks.append((elapsed, len(objects)))
-            if len(self.full_walks) - 1 == self.snapshot_at:
+            if self.armed and not self.types:
                 self.types.update(type(o).__qualname__ for o in objects)
+                self.snapshot_at = len(self.full_walks)
             del objects
 
 
@@ -116,6 +118,8 @@ async def burst(runs: int, tmp: str, census: Census | None) -> tuple[float, dict
             started, before = time.perf_counter(), counted()
             handles = [resonate.run(f"gc-{u}", create_user_batching, u) for u in range(runs)]
             submitted = counted()
+            if census is not None:
+                census.armed = True
             for handle in handles:
                 await handle
             seconds, total = time.perf_counter() - started, counted() - before
@@ -133,8 +137,6 @@ async def burst(runs: int, tmp: str, census: Census | None) -> tuple[float, dict
 def main(runs: int, top: int) -> None:
     """Count the cyclic GC's collections and what they walk in a burst of N runs."""
     census = Census()
-    # The middle full collection of the burst: about one per 4,500 runs here.
-    census.snapshot_at = max(0, runs // 9_000)
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(burst(200, tmp, None))  # warm-up
         seconds, phases = asyncio.run(burst(runs, tmp, census))
@@ -159,9 +161,11 @@ def main(runs: int, top: int) -> None:
             f"tracked objects after them {min(sizes):,} to {max(sizes):,}"
         )
     if census.types:
-        print(f"tracked objects after full collection {census.snapshot_at + 1}:")
+        print(f"tracked objects after full collection {census.snapshot_at}:")
         for name, count in census.types.most_common(top):
             print(f"  {count:8,} {name}")
+    else:
+        print("no full collection after the burst was submitted")
 
 
 if __name__ == "__main__":

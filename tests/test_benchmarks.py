@@ -169,6 +169,8 @@ def test_gc_census_counts_collections_and_allocations_by_phase() -> None:
     assert counted is not None and float(counted.group(1)) > 0
     for phase in ("resonate.run calls", "starting admitted runs", "waking recorded commands"):
         assert f"per run in {phase}" in out
-    # The census lists the handles alive at that collection, one per run submitted.
-    census = re.search(r"([\d,]+) RunState", out)
-    assert census is not None and 0 < int(census.group(1).replace(",", "")) <= 20_000
+    # The census lists the handles alive then, one per run submitted (on
+    # Python 3.13's thresholds a burst this small may see no full collection).
+    if "no full collection after the burst was submitted" not in out:
+        census = re.search(r"([\d,]+) RunState", out)
+        assert census is not None and int(census.group(1).replace(",", "")) == 20_000
