@@ -506,6 +506,8 @@ class Resonate:
         Awaiting it gives the outcome; ``NotFoundError`` if no such id exists.
         """
         engine = self._started()
+        if not isinstance(id, str) or not id:
+            raise ValueError(f"a run id must be a non-empty string, got {id!r}")
         existing = engine.runs.get(id)
         if existing is not None:
             return existing

@@ -175,3 +175,10 @@ async def test_calls_refuse_options_of_the_wrong_type_naming_them() -> None:
     assert errors[1].startswith("TypeError: timeout must be a number of seconds")
     assert errors[2].startswith("TypeError: sleep needs a number of seconds")
     assert errors[3].startswith("ValueError: timeout must be a positive number")
+
+
+async def test_get_refuses_an_id_that_is_not_a_string() -> None:
+    resonate = Resonate(MemoryStore())
+    async with resonate:
+        with pytest.raises(ValueError, match="a run id must be a non-empty string"):
+            resonate.get(5)  # type: ignore[arg-type]
