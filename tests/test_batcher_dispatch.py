@@ -87,6 +87,8 @@ async def test_a_command_awaited_again_after_its_awaiter_left_is_dispatched_once
             gate.set()
             while not await store.get_many(["w.1"]):
                 await asyncio.sleep(0)
+            for _ in range(10):  # and the writer has reported it
+                await asyncio.sleep(0)
         gate.set()
         value = await command
         return value + (0 if blocker is None else await blocker)
