@@ -412,8 +412,11 @@ class Promise(Generic[T]):
             if run is not None:  # fatal for the run, even if the workflow catches it
                 run.fatal = error
             raise error
-        if stored.state is State.PENDING and not self._ctx._engine.effectively_settled(stored):
-            return None
+        if stored.state is State.PENDING:
+            engine = self._ctx._engine
+            if not engine.effectively_settled(stored):
+                return None
+            engine.record_overdue(stored)  # a sleep that came due while the process was down
         return stored
 
     def _func_name(self) -> str | None:

@@ -14,7 +14,7 @@ from ._handle import Handle
 from ._leases import abandoned_workers, default_worker_id
 from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry, call_style, function_name
 from ._stats import RunStats, Stats, StoreStats
-from .errors import ConflictError, EncodingError, NotFoundError, PromiseTimeoutError
+from .errors import ConflictError, EncodingError, NotFoundError
 from .retry import RetryPolicy, exponential, never
 from .stores import store_from_spec
 from .stores._base import Create, Kind, PromiseRecord, Settle, State
@@ -666,12 +666,10 @@ class Promises:
         ):
             # Past its deadline it reads as settled already (timed out; a sleep,
             # woken): record that, as a waiter would, not the late outcome.
-            state = engine.effective_state(stored)
-            if state is State.RESOLVED:
-                data = engine.encoded_none
-            else:
-                data = engine.encoder.encode_error(PromiseTimeoutError(f"{id} timed out"))
-        record = await engine.writer.write(Settle(id, state, data, now))
+            op = engine.overdue_settle(stored, now)
+        else:
+            op = Settle(id, state, data, now)
+        record = await engine.writer.write(op)
         if record is None:
             raise NotFoundError(
                 f"no promise with id {id!r}; create it first (ctx.promise or promises.create)"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ._clock import with_deadline
 from ._handle import Handle
 from .errors import NotFoundError, PromiseTimeoutError, ShutdownError
-from .stores._base import Settle, State
+from .stores._base import Kind, Settle, State
 
 if TYPE_CHECKING:
     from ._clock import Clock
@@ -43,11 +43,27 @@ class SettleWatcher:
     _others: set[asyncio.Task[Any]]
     _waiters: dict[str, list[asyncio.Future[PromiseRecord]]]
 
+    encoded_none: bytes
+
     if TYPE_CHECKING:
 
         def effective_state(self, record: PromiseRecord) -> State: ...
 
         def outcome(self, record: PromiseRecord) -> Any: ...
+
+    def overdue_settle(self, record: PromiseRecord, now: float) -> Settle:
+        """The settle of a PENDING ``record`` past its ``timeout_at``: what every
+        reader sees already (a sleep woken, any other promise timed out)."""
+        if record.kind is Kind.SLEEP:
+            return Settle(record.id, State.RESOLVED, self.encoded_none, now)
+        error = self.encoder.encode_error(PromiseTimeoutError(f"{record.id} timed out"))
+        return Settle(record.id, State.REJECTED_TIMEDOUT, error, now)
+
+    def record_overdue(self, record: PromiseRecord) -> None:
+        """Write ``record``'s overdue settle without waiting for it: it came due
+        while nobody waited (its process was down), and a replay reads it as
+        settled already; its row must not stay PENDING under a settled run."""
+        self.writer.write_then(self.overdue_settle(record, self.clock.now()), _ignore, None)
 
     def wake(self, record: PromiseRecord) -> None:
         """Tell local waiters that ``record`` settled (after a durable settle)."""
@@ -75,8 +91,7 @@ class SettleWatcher:
         while True:
             state = self.effective_state(record)
             if state is State.REJECTED_TIMEDOUT and record.state is State.PENDING:
-                error = self.encoder.encode_error(PromiseTimeoutError(f"{record.id} timed out"))
-                op = Settle(record.id, State.REJECTED_TIMEDOUT, error, clock.now())
+                op = self.overdue_settle(record, clock.now())
                 record = await self.writer.write(op) or record
                 self.wake(record)
                 return record
@@ -137,3 +152,7 @@ class SettleWatcher:
             raise
         except Exception as exc:
             handle._set_exception(exc)
+
+
+def _ignore(arg: Any, record: PromiseRecord | None, error: BaseException | None) -> None:
+    """A write nobody waits for (a failed one is logged by the writer)."""

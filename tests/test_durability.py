@@ -764,3 +764,39 @@ async def test_resolving_a_promise_past_its_timeout_records_the_timeout() -> Non
         assert await resonate.run("w", waiting) == "timed out"
         canceled = await resonate.promises.cancel("early")
         assert canceled.state is State.REJECTED_TIMEDOUT
+
+
+@pytest.mark.parametrize("call", ["sleep", "promise"])
+async def test_a_call_that_came_due_while_the_process_was_down_is_settled_on_resume(
+    call: str,
+) -> None:
+    store, clock = MemoryStore(), VirtualClock()
+
+    def build() -> Resonate:
+        resonate = Resonate(store, clock=clock, worker_id="w")
+
+        @resonate.register(name="waits")
+        async def waits(ctx: Context) -> str:
+            if call == "sleep":
+                await ctx.sleep(60)
+                return "woke"
+            try:
+                return str(await ctx.promise(timeout=60))
+            except PromiseTimeoutError:
+                return "timed out"
+
+        return resonate
+
+    first = build()
+    await first.start()
+    first.run("d", "waits")
+    await clock.advance(1)
+    await crash(first)  # down for longer than the call had
+    await clock.advance(120)
+    async with build() as second:
+        assert await asyncio.wait_for(second.get("d").result(), 10) == (
+            "woke" if call == "sleep" else "timed out"
+        )
+    child = (await store.get_many(["d.1"]))["d.1"]
+    expected = State.RESOLVED if call == "sleep" else State.REJECTED_TIMEDOUT
+    assert child.state is expected  # not left PENDING under a settled run
