@@ -154,12 +154,20 @@ def test_spec_memory() -> None:
         ("sqlite:///relative/app.db", "relative/app.db"),
         ("sqlite:////abs/app.db", "/abs/app.db"),
         ("SQLITE:///x.db", "x.db"),
+        ("sqlite:////data/my%20app.db", "/data/my app.db"),  # a URL is percent-decoded
+        ("my%20app.db", "my%20app.db"),  # a path is not
         (Path("p/app.db"), "p/app.db"),
     ],
 )
 def test_spec_sqlite(spec: str | Path, path: str) -> None:
     store = store_from_spec(spec)
     assert isinstance(store, SQLiteStore) and store.path == path
+
+
+@pytest.mark.parametrize("spec", ["sqlite:////tmp/q.db?mode=ro", "sqlite:///q.db#x"])
+def test_spec_sqlite_url_refuses_a_query(spec: str) -> None:
+    with pytest.raises(ValueError, match="takes no query or fragment"):
+        store_from_spec(spec)
 
 
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres"])

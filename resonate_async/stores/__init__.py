@@ -56,7 +56,7 @@ def store_from_spec(spec: str | os.PathLike[str] | Store | None) -> Store:
             * a :class:`Store` instance: itself;
             * ``":memory:"``: a :class:`MemoryStore` (no durability);
             * ``"sqlite:///relative/path"`` or ``"sqlite:////absolute/path"``:
-              a :class:`SQLiteStore`;
+              a :class:`SQLiteStore` (the path percent-decoded, no query);
             * ``"postgresql://..."`` or ``"postgres://..."``: a
               :class:`PostgresStore` (needs the ``postgres`` extra); a
               ``schema=NAME`` query parameter is its ``schema``
@@ -98,7 +98,12 @@ def store_from_spec(spec: str | os.PathLike[str] | Store | None) -> Store:
         # sqlite:///app.db -> "app.db"; sqlite:////var/app.db -> "/var/app.db"
         if not rest.startswith("/") or rest == "/":
             raise ValueError(f"{spec!r} has no file path; write {_ACCEPTED}")
-        return SQLiteStore(rest[1:])
+        if "?" in rest or "#" in rest:
+            raise ValueError(
+                f"{spec!r}: a sqlite:// URL takes no query or fragment; give the file's "
+                "path alone (percent-encoded where needed, %3F for '?')"
+            )
+        return SQLiteStore(urllib.parse.unquote(rest[1:]))  # a URL: %20 is a space
     raise ValueError(f"unknown store URL scheme {scheme!r} in {spec!r}; pass {_ACCEPTED}")
 
 
