@@ -294,6 +294,16 @@ class Resonate:
                 "Resonate is not running; enter `async with resonate:` (or await "
                 "resonate.start()) before running or getting runs"
             )
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not engine.loop:
+            raise RuntimeError(
+                "this Resonate was started in another event loop; use it in the loop "
+                "that entered `async with resonate:` (in pytest-asyncio, give the tests "
+                "that share it the loop scope of the fixture or module that starts it)"
+            )
         return engine
 
     # -- registration ----------------------------------------------------------

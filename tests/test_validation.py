@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,3 +183,19 @@ async def test_get_refuses_an_id_that_is_not_a_string() -> None:
     async with resonate:
         with pytest.raises(ValueError, match="a run id must be a non-empty string"):
             resonate.get(5)  # type: ignore[arg-type]
+
+
+def test_a_resonate_used_from_another_event_loop_says_so() -> None:
+    resonate = Resonate(MemoryStore())
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(resonate.start())
+
+        async def elsewhere() -> None:
+            with pytest.raises(RuntimeError, match="started in another event loop"):
+                resonate.run("x", "nothing")
+
+        asyncio.run(elsewhere())
+        loop.run_until_complete(resonate.aclose())
+    finally:
+        loop.close()
