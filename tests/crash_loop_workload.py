@@ -6,8 +6,9 @@ Run as a script, this module is the *workload*, one process of the loop::
 
 It starts ``Resonate(STORE)`` (SQLite, durable) and runs ``signup-{first}``
 ... ``signup-{first + RUNS - 1}``. Each run of ``signup(ctx, user_id)`` takes
-four steps (one ``lfc``, two ``lfi`` gathered, one more ``lfc``) and one
-batched ``InsertUser`` command, and returns ``f"user-{user_id}"``. Runs that
+four steps (one ``lfc``, two ``lfi`` gathered, one more ``lfc``), one
+batched ``InsertUser`` command and a short durable sleep, and returns
+``f"user-{user_id}"``. Runs that
 completed in an earlier process return their stored outcome; runs left
 PENDING by a killed process are resumed. It prints ``started`` once it is
 running (recovery included), ``closing`` once every run has returned, and
@@ -63,6 +64,9 @@ WORKLOAD = HERE / "crash_loop_workload.py"
 # The child ids of run ``signup-i`` and what each one is.
 STEP_SUFFIXES = (".1", ".2", ".3", ".5")
 COMMAND_SUFFIX = ".4"
+SLEEP_SUFFIX = ".6"
+# Long enough that kills land mid-sleep, and the restart finds it overdue.
+SLEEP_SECONDS = 0.01
 
 # Run bodies working at once, and the longest sleep before and after a step's
 # effect: 50 runs in flight, ~0.3 s of work per 100 runs, so 1,000 runs
@@ -140,13 +144,14 @@ async def insert_users(ctx: Context, commands: list[InsertUser]) -> int:
 
 
 async def signup(ctx: Context, user_id: int) -> str:
-    """Four steps and one batched command; the body logs each invocation."""
+    """Four steps, one batched command and a durable sleep; the body logs each invocation."""
     ctx.get_dependency("effects").record(ctx.id)
     async with ctx.get_dependency("gate"):  # at most `concurrency` bodies past this point
         await ctx.lfc(step, "profile")
         await asyncio.gather(ctx.lfi(step, "welcome"), ctx.lfi(step, "quota"))
         await ctx.lfc(InsertUser(user_id))
         await ctx.lfc(step, "audit")
+        await ctx.sleep(SLEEP_SECONDS)
     return expected_value(user_id)
 
 
@@ -273,7 +278,7 @@ class LoopResult:
     * ``lost_runs``: a run has no root promise, or it is not RESOLVED;
     * ``wrong_values``: a root's stored value is not ``user-{i}``;
     * ``pending``: a promise of any kind is left PENDING;
-    * ``not_resolved``: a step or command is missing or not RESOLVED;
+    * ``not_resolved``: a step, command or sleep is missing or not RESOLVED;
     * ``unexpected_rows``: a promise that no run should have made, or of the wrong kind;
     * ``steps_reexecuted``: a step ran in a generation after the one whose
       execution was committed (a completed step executed again);
@@ -561,6 +566,15 @@ def check(
                 )
             if len(set(ran)) != len(ran):
                 anomalies["duplicate_in_generation"].append(f"{child_id}: {sorted(ran)}")
+        # The sleep: settled once it woke, even when it came due while the
+        # process was down (a PENDING one is reported under "pending" too).
+        sleep_id = root_id + SLEEP_SUFFIX
+        expected.add(sleep_id)
+        sleep = promises.get(sleep_id)
+        if sleep is None or sleep[1] != "RESOLVED":
+            anomalies["not_resolved"].append(f"{sleep_id}: {sleep[1] if sleep else 'missing'}")
+        elif sleep[2] != "sleep":
+            anomalies["unexpected_rows"].append(f"{sleep_id} is a {sleep[2]}, not a sleep")
     anomalies["unexpected_rows"] += sorted(promises.keys() - expected)[:100]
 
     if len(user_ids) != runs or set(user_ids) != set(range(runs)):

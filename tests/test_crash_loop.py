@@ -1,7 +1,7 @@
 """The SIGKILL crash loop: kill a durable workload at random moments, restart it, check.
 
-A workload of 1,000 runs (four steps and one batched ``InsertUser`` command
-each, the handler inserting into a user table) runs in a subprocess on a
+A workload of 1,000 runs (four steps, one batched ``InsertUser`` command and
+a durable sleep each, the handler inserting into a user table) runs in a subprocess on a
 SQLite store. It is SIGKILLed at a random moment, restarted on the same files,
 again and again, then left to finish. At the end: every run completed exactly
 once with its value, no completed step or command executed again after a
