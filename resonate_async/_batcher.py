@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._clock import with_deadline
 from ._context import Context
-from ._invoke import invoke
+from ._invoke import being_cancelled, invoke
 from ._promise import _IN_BATCH, _QUEUED, _RECORDED, _STARTED
 from ._stats import BatcherStats
 from .errors import BatchResultError, EncodingError, ShutdownError, StoreError
@@ -104,9 +104,11 @@ class Batcher:
         a timeout around the await): a command cancelled before its batch
         leaves the queue and its room."""
         queue, queued_at = self._queue, self._queued_at
-        kept = [(p, t) for p, t in zip(queue, queued_at, strict=True) if _waited_for(p)]
-        for promise in queue:
-            if not _waited_for(promise):
+        kept = []
+        for promise, came in zip(queue, queued_at, strict=True):
+            if _waited_for(promise):
+                kept.append((promise, came))
+            else:
                 promise._state = _STARTED
         queue.clear()
         queue.extend(p for p, _ in kept)
@@ -320,8 +322,7 @@ class Batcher:
         except (KeyboardInterrupt, SystemExit):
             raise
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if being_cancelled():
                 raise  # this worker is cancelled (a shutdown)
             # The handler's own: a failure of the batch, not of the batcher.
             raise RuntimeError(

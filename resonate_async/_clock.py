@@ -16,7 +16,16 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ("Clock", "SystemClock", "with_deadline")
+__all__ = ("Clock", "SystemClock", "check_seconds", "with_deadline")
+
+
+def check_seconds(name: str, value: object, *, zero_ok: bool = False) -> None:
+    """Raise unless ``value`` is a number of seconds (not a bool) above 0, or
+    at least 0 with ``zero_ok``; NaN fails. The errors name ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if not (value >= 0 if zero_ok else value > 0):  # `not`: NaN fails too
+        raise ValueError(f"{name} must be {'>= 0' if zero_ok else 'positive'}, got {value!r}")
 
 
 @runtime_checkable

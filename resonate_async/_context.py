@@ -18,6 +18,7 @@ import random as _random
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast, overload
 
 from ._command import Command
+from ._invoke import being_cancelled
 from ._promise import (
     _COMMAND,
     _EXTERNAL,
@@ -328,8 +329,7 @@ class Context:
             try:
                 await child
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if _stopped(child) and not (task is not None and task.cancelling()):
+                if _stopped(child) and not being_cancelled():
                     continue
                 raise
             except Exception as exc:

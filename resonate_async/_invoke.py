@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,15 @@ if TYPE_CHECKING:
 
     from ._context import Context
 
-__all__ = ("invoke",)
+__all__ = ("being_cancelled", "invoke")
+
+
+def being_cancelled() -> bool:
+    """Whether the current task has a cancel request pending: a
+    ``CancelledError`` caught now is that cancel, not one a user function
+    raised (or let out) on its own."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def invoke(

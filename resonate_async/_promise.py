@@ -15,6 +15,7 @@ import asyncio
 import warnings
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
+from ._clock import check_seconds
 from ._registry import call_style, function_name
 from .errors import (
     ConflictError,
@@ -24,13 +25,14 @@ from .errors import (
     ShutdownError,
     StoreError,
 )
-from .retry import RetryPolicy
-from .stores._base import Create, Kind, PromiseRecord, Settle, State
+from .retry import checked_policy
+from .stores._base import Create, Kind, PromiseRecord, State
 
 if TYPE_CHECKING:
     from collections.abc import Generator
 
     from ._context import Context
+    from .retry import RetryPolicy
 
 __all__ = ("Promise", "ReplayNow")
 
@@ -170,27 +172,22 @@ class Promise(Generic[T]):
                 f"{self.id}: with_options must be called before the call starts "
                 "(right after lfi/lfc, before the next await)"
             )
+        try:
+            if retry_policy is not None:
+                retry_policy = checked_policy("retry_policy", retry_policy)
+                if self._type == _COMMAND:
+                    raise RuntimeError(
+                        f"{self.id}: a command's retries follow its handler's retry_policy; "
+                        "set it in register_command_handler"
+                    )
+            if timeout is not None:
+                check_seconds("timeout", timeout)
+        except (TypeError, ValueError, RuntimeError):
+            self._awaited = True  # the call is an error: no never-awaited warning on top
+            raise
         if retry_policy is not None:
-            if not isinstance(retry_policy, RetryPolicy) or isinstance(retry_policy, type):
-                self._awaited = True
-                raise TypeError(
-                    "retry_policy must be a RetryPolicy such as never() or "
-                    f"exponential(max_retries=3), got {retry_policy!r}"
-                )
-            if self._type == _COMMAND:
-                self._awaited = True  # the call is an error: no warning on top
-                raise RuntimeError(
-                    f"{self.id}: a command's retries follow its handler's retry_policy; "
-                    "set it in register_command_handler"
-                )
             self._retry_policy = retry_policy
         if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-                self._awaited = True
-                raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
-            if not timeout > 0:  # NaN too
-                self._awaited = True
-                raise ValueError(f"timeout must be positive, got {timeout}")
             self._timeout = timeout
         if id is not None:
             self.id = id
@@ -517,9 +514,7 @@ class Promise(Generic[T]):
             if stored.timeout_at is not None:
                 wake = stored.timeout_at
         await engine.clock.sleep(wake - engine.clock.now())
-        settled = await engine.writer.write(
-            Settle(self.id, State.RESOLVED, engine.encoded_none, engine.clock.now())
-        )
+        settled = await engine.writer.write(engine.overdue_settle(stored, engine.clock.now()))
         if settled is not None:
             engine.settled_child(run, settled)
 

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
+from ._clock import check_seconds
 from ._encoding import JSONEncoder
 from ._engine import Engine
 from ._handle import Handle
@@ -15,7 +16,7 @@ from ._leases import abandoned_workers, default_worker_id
 from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry, call_style, function_name
 from ._stats import RunStats, Stats, StoreStats
 from .errors import ConflictError, EncodingError, NotFoundError
-from .retry import RetryPolicy, exponential, never
+from .retry import RetryPolicy, checked_policy, exponential, never
 from .stores import store_from_spec
 from .stores._base import Create, Kind, PromiseRecord, Settle, State
 
@@ -111,10 +112,10 @@ class Resonate:
         from ._clock import SystemClock
 
         # Zero or negative intervals make an idle worker's loops spin.
-        _check_seconds("lease_seconds", lease_seconds)
-        _check_seconds("heartbeat_seconds", heartbeat_seconds)
-        _check_seconds("poll_seconds", poll_seconds)
-        _check_seconds("grace_seconds", grace_seconds, zero_ok=True)
+        check_seconds("lease_seconds", lease_seconds)
+        check_seconds("heartbeat_seconds", heartbeat_seconds)
+        check_seconds("poll_seconds", poll_seconds)
+        check_seconds("grace_seconds", grace_seconds, zero_ok=True)
         if heartbeat_seconds >= lease_seconds:
             raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
         self._store_spec: str | Store | None = store
@@ -688,22 +689,9 @@ class Promises:
         return engine.effective(record)
 
 
-def _check_seconds(name: str, value: float, *, zero_ok: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
-    if not (value >= 0 if zero_ok else value > 0):  # `not`: NaN fails too
-        raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
-
-
 def _check_timeout(timeout: float | None) -> None:
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(
-            f"timeout must be a number of seconds (or None for no timeout), got {timeout!r}"
-        )
-    if not timeout > 0:
-        raise ValueError(f"timeout must be positive (or None for no timeout), got {timeout!r}")
+    if timeout is not None:
+        check_seconds("timeout", timeout)
 
 
 def _check_name(name: str | None) -> None:
@@ -719,19 +707,7 @@ def _retry_policy(
     param: str, value: RetryPolicy | None, default: Callable[[], RetryPolicy]
 ) -> RetryPolicy:
     """``value`` if it is a retry policy, ``default()`` for ``None``; else a TypeError."""
-    if value is None:
-        return default()
-    # A policy class has the methods too, but is not a policy.
-    if isinstance(value, RetryPolicy) and not isinstance(value, type):
-        return value
-    hint = ""
-    factory = getattr(value, "__name__", None)
-    if factory and getattr(value, "__module__", None) == "resonate_async.retry":
-        hint = f" (call it: {factory}())"
-    raise TypeError(
-        f"{param} must be a RetryPolicy such as never() or exponential(max_retries=3), "
-        f"got {value!r}{hint}"
-    )
+    return default() if value is None else checked_policy(param, value)
 
 
 def _member(cls: type[E], value: E | str, param: str) -> E:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ._attempts import LEAVE_PENDING, Attempts, unwrap_group
 from ._context import Context
 from ._handle import Handle
+from ._invoke import being_cancelled
 from ._leases import MAX_RESUME_DELAY
 from ._promise import _NO_KWARGS
 from ._registry import CallStyle
@@ -134,12 +135,6 @@ class RunState(Handle[Any]):
             # included, so the coroutine checks this flag as it starts.
             return True
         return super().cancel()
-
-
-def _cancelled_from_outside(run: RunState) -> bool:
-    """Whether the run's task is being cancelled, and not by ``cancel()``."""
-    task = asyncio.current_task()
-    return not run.cancel_requested and task is not None and task.cancelling() > 0
 
 
 def _not_started(task: asyncio.Task[Any]) -> bool:
@@ -342,7 +337,7 @@ class RunDriver(Attempts):
         except asyncio.CancelledError:
             if self.closing:
                 run._set_exception(self._interrupted(run))
-            elif _cancelled_from_outside(run):
+            elif not run.cancel_requested and being_cancelled():
                 # Not by cancel(): the event loop is ending (asyncio.run
                 # returning, a test's loop torn down). Nothing is settled;
                 # the writer may be gone already.

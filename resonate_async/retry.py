@@ -79,6 +79,21 @@ class RetryPolicy(Protocol):
         ...
 
 
+def checked_policy(param: str, value: object) -> RetryPolicy:
+    """``value`` if it is a retry policy, else a ``TypeError`` naming ``param``."""
+    # A policy class has the methods too, but is not a policy.
+    if isinstance(value, RetryPolicy) and not isinstance(value, type):
+        return value
+    hint = ""
+    factory = getattr(value, "__name__", None)
+    if factory and getattr(value, "__module__", None) == __name__:
+        hint = f" (call it: {factory}())"
+    raise TypeError(
+        f"{param} must be a RetryPolicy such as never() or exponential(max_retries=3), "
+        f"got {value!r}{hint}"
+    )
+
+
 def _check_delay(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
