@@ -126,15 +126,31 @@ class RunState(Handle[Any]):
             return False
         if self.attached:
             return False if self.execution is None else self.execution.cancel()
+        task = self._task
+        if task is None and self._created:
+            return False  # its body is done: its root is being settled
         # Read as the task starts, and by Promise.__del__ (no never-awaited warning).
         self.cancel_requested = True
-        task = self._task
         if task is None or _not_started(task):
             # Its root is being created, or its task has not taken its first
             # step: a task cancelled then never runs its coroutine, handlers
             # included, so the coroutine checks this flag as it starts.
             return True
         return super().cancel()
+
+
+def _strip(run: RunState) -> None:
+    """Empty the slots of a finished run that nothing reads once it is done.
+
+    A caller may hold many finished handles (the blog's benchmark holds all
+    of them), and each full collection of the cyclic GC visits every slot of
+    each: an emptied slot is skipped. Measured apart, 100,000 objects of these
+    19 slots took 17.7 ms a collection with the slots set to None, 9.0 ms
+    emptied. (Kept: what a Handle answers from, and what a late Promise
+    finalizer or a leaked Context reads: ``cancel_requested``, ``fatal``,
+    ``replay``.)"""
+    del run.args, run.kwargs, run.entry, run.param, run.record, run.timeout_at
+    del run.attached, run.execution, run._task, run._waiters, run._created_waiters, run._loop
 
 
 def _not_started(task: asyncio.Task[Any]) -> bool:
@@ -334,6 +350,11 @@ class RunDriver(Attempts):
             op = new_settle(run.id, state, data, self.clock.now(), run.record)
             self.writer.write_then(op, self._on_root_settled, run)
             settling = True
+            # The body is done: its task, coroutine and context are freed as
+            # this returns, not held (into the GC's oldest generation) until
+            # the settle commits. cancel() reads a created run without a task
+            # as one being settled.
+            run._task = None
         except asyncio.CancelledError:
             if self.closing:
                 run._set_exception(self._interrupted(run))
@@ -456,6 +477,7 @@ class RunDriver(Attempts):
             if self.store_failures:
                 self.store_failures.pop(run.id, None)
             self._finish_run(run, settled)
+            _strip(run)
 
     async def _load_history(self, run: RunState) -> None:
         run.replay = {r.id: r for r in await self.store.tree(run.id)}

@@ -197,3 +197,42 @@ async def test_shutdown_right_after_created_interrupts_the_run() -> None:
         await handle.created()
     with pytest.raises(ShutdownError, match="interrupted by shutdown"):
         await asyncio.wait_for(handle.result(), 5)
+
+
+async def test_cancel_once_the_body_returned_is_refused_and_the_run_resolves() -> None:
+    # The body has returned and its root's settle is queued: the run can no
+    # longer be cancelled, and cancel() says so instead of promising it.
+    finished = asyncio.Event()
+
+    async def quick(ctx: Context) -> int:
+        finished.set()
+        return 7
+
+    resonate = Resonate(MemoryStore())
+    resonate.register(quick)
+    async with resonate:
+        handle = resonate.run("settling", quick)
+        await finished.wait()
+        await asyncio.sleep(0)  # the run's task ends; the settle is queued
+        assert not handle.done()
+        assert not handle.cancel()
+        assert await handle == 7
+        stored = await resonate.promises.get("settling")
+        assert stored is not None and stored.state is State.RESOLVED
+
+
+async def test_a_finished_handle_keeps_answering() -> None:
+    async def quick(ctx: Context, x: int) -> int:
+        return x + 1
+
+    resonate = Resonate(MemoryStore())
+    resonate.register(quick)
+    async with resonate:
+        handle = resonate.run("finished", quick, 1)
+        assert await handle == 2
+        await handle.created()
+        assert handle.done() and not handle.cancel()
+        assert await handle.result() == 2
+        assert repr(handle) == "<Handle 'finished' done>"
+        assert resonate.run("finished", quick, 1) is not handle
+        assert await resonate.run("finished", quick, 1) == 2
