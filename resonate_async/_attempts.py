@@ -92,17 +92,19 @@ class Attempts:
             ctx = Context(cast("Engine", self), run, id, root_id, attempt, leaf=style is _SYNC)
             try:
                 try:
-                    # An async function is awaited directly: no wrapper coroutine on the hot path.
-                    call = (
-                        fn(ctx, *args, **kwargs)
-                        if style is _ASYNC
-                        else invoke(style, fn, ctx, args, kwargs)
-                    )
-                    value = await (
-                        call if deadline is None else with_deadline(call, deadline, clock)
-                    )
-                    if ctx._children:
-                        await ctx._join_children()
+                    if deadline is None:
+                        # An async function is awaited directly: no wrapper
+                        # coroutine on the hot path.
+                        value = await (
+                            fn(ctx, *args, **kwargs)
+                            if style is _ASYNC
+                            else invoke(style, fn, ctx, args, kwargs)
+                        )
+                        if ctx._children:
+                            await ctx._join_children()
+                    else:  # the deadline covers the call's children too
+                        call = _then_join(style, fn, ctx, args, kwargs)
+                        value = await with_deadline(call, deadline, clock)
                 except BaseExceptionGroup as group:  # an asyncio.TaskGroup in the body
                     inner = unwrap_group(group)
                     if inner is None:
@@ -150,9 +152,16 @@ class Attempts:
         clock = self.clock
         timed_out = deadline is not None and clock.now() >= deadline
         if ctx._children:
+            if deadline is not None and not timed_out:
+                try:  # its children may not outlive the call's deadline either
+                    await with_deadline(ctx._join_children(), deadline, clock)
+                except TimeoutError:
+                    timed_out = True
             if timed_out:
                 ctx._cancel_children()  # the call's time is up, and its children's
-            await ctx._join_children()
+                await ctx._join_children()
+            elif deadline is None:
+                await ctx._join_children()
         self._check_unsettled(run)
         if timed_out:
             timeout = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
@@ -184,6 +193,20 @@ class Attempts:
         except EncodingError as exc:
             error = EncodingError(f"{id}: the return value is not encodable: {exc}")
             return State.REJECTED, self.encoder.encode_error(error)
+
+
+async def _then_join(
+    style: CallStyle,
+    fn: Callable[..., Any],
+    ctx: Context,
+    args: tuple[Any, ...] | list[Any],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Call ``fn``, then wait for the ``lfi`` children it left running."""
+    value = await invoke(style, fn, ctx, args, kwargs)
+    if ctx._children:
+        await ctx._join_children()
+    return value
 
 
 def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

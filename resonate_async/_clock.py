@@ -8,6 +8,8 @@ swap in :class:`resonate_async.testing.VirtualClock` and take no wall time.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import math
 import time
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
@@ -19,13 +21,16 @@ T = TypeVar("T")
 __all__ = ("Clock", "SystemClock", "check_seconds", "with_deadline")
 
 
-def check_seconds(name: str, value: object, *, zero_ok: bool = False) -> None:
-    """Raise unless ``value`` is a number of seconds (not a bool) above 0, or
-    at least 0 with ``zero_ok``; NaN fails. The errors name ``name``."""
+def check_seconds(name: str, value: object, *, zero_ok: bool = False, inf_ok: bool = False) -> None:
+    """Raise unless ``value`` is a finite number of seconds (not a bool) above
+    0, or at least 0 with ``zero_ok``; infinity only with ``inf_ok``; NaN
+    fails. The errors name ``name``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, got {value!r}")
     if not (value >= 0 if zero_ok else value > 0):  # `not`: NaN fails too
         raise ValueError(f"{name} must be {'>= 0' if zero_ok else 'positive'}, got {value!r}")
+    if value == math.inf and not inf_ok:
+        raise ValueError(f"{name} must be finite, got {value!r} (None means no limit)")
 
 
 @runtime_checkable
@@ -58,9 +63,14 @@ class SystemClock:
 async def with_deadline(awaitable: Awaitable[T], deadline: float, clock: Clock) -> T:
     """Await ``awaitable``, or raise ``TimeoutError`` once ``clock`` reaches ``deadline``.
 
-    The awaitable is cancelled when the deadline passes first. Works with any
-    clock (``asyncio.timeout`` only knows the loop's own time).
+    The awaitable is cancelled when the deadline passes first, and never
+    started when it has passed already (a run resumed after its deadline).
+    Works with any clock (``asyncio.timeout`` only knows the loop's own time).
     """
+    if clock.now() >= deadline:
+        if inspect.iscoroutine(awaitable):
+            awaitable.close()  # no "never awaited" warning
+        raise TimeoutError
     work = asyncio.ensure_future(awaitable)
     timer = asyncio.ensure_future(clock.sleep(deadline - clock.now()))
     try:

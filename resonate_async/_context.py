@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random as _random
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast, overload
 
+from ._clock import check_seconds
 from ._command import Command
 from ._invoke import being_cancelled
 from ._promise import (
@@ -261,7 +263,12 @@ class Context:
             entry = registry.lookup_fn(target)
             name = entry.name if entry is not None else function_name(target)
         promise: Promise[Any] = Promise(self, self._next_id(), _REMOTE, name, args, kwargs)
-        promise._version = entry.version if entry is not None else 1
+        if entry is not None:
+            promise._version = entry.version
+            # Its registered timeout, as for resonate.run (with_options overrides it).
+            promise._timeout = entry.timeout
+        else:
+            promise._version = 1
         try:
             promise._param = self._engine.encode_for([list(args), kwargs], promise.id)
         except BaseException:
@@ -276,8 +283,8 @@ class Context:
         """
         if isinstance(seconds, bool) or not isinstance(seconds, int | float):
             raise TypeError(f"sleep needs a number of seconds, got {seconds!r}")
-        if not seconds >= 0:  # NaN too
-            raise ValueError(f"sleep needs a non-negative number of seconds, got {seconds}")
+        if not 0 <= seconds < math.inf:  # NaN too
+            raise ValueError(f"sleep needs a finite, non-negative number of seconds, got {seconds}")
         promise: Promise[None] = Promise(self, self._next_id(), _SLEEP, seconds, (), {})
         promise._inline = True
         return promise
@@ -292,10 +299,8 @@ class Context:
             id: the promise's global id, used verbatim (default: a child id).
             timeout: seconds after which it rejects with ``PromiseTimeoutError``.
         """
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
-        ):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if timeout is not None:
+            check_seconds("timeout", timeout)
         child_id = self._next_id()
         promise: Promise[Any] = Promise(
             self, child_id if id is None else id, _EXTERNAL, timeout, (), {}

@@ -46,6 +46,15 @@ _NOT_STARTED, _STARTED, _INLINE_DONE = range(3)
 # awaiter left (``_value`` holds the row).
 _QUEUED, _IN_BATCH, _RECORDED = range(3, 6)
 # What a user wrote to make a promise of each kind, for the never-awaited warning.
+# Why with_options(retry_policy=) does not apply to a call other than a step.
+_NO_RETRY_POLICY = {
+    _COMMAND: "a command's retries follow its handler's retry_policy; "
+    "set it in register_command_handler",
+    _REMOTE: "a remote call's retries follow the retry_policy its function is "
+    "registered with, in the worker that runs it",
+    _SLEEP: "a sleep is not retried",
+    _EXTERNAL: "an external promise is settled from outside, not retried",
+}
 _CALLS = {_REMOTE: "ctx.rfc", _EXTERNAL: "ctx.promise", _SLEEP: "ctx.sleep"}
 _NO_KWARGS: dict[str, Any] = {}  # shared by every command; never mutated
 
@@ -153,8 +162,9 @@ class Promise(Generic[T]):
         """Set options of this call before it starts; returns this promise.
 
         Args:
-            retry_policy: how a failing step is retried (not for commands: a
-                batch follows its handler's policy).
+            retry_policy: how a failing step is retried (steps only: a
+                command's batch follows its handler's policy, a remote call
+                its function's registered one).
             timeout: seconds from when the call starts (``lfi``: at once;
                 ``lfc``: at its ``await``) after which it rejects with
                 ``PromiseTimeoutError`` (``REJECTED_TIMEDOUT``). A command
@@ -164,8 +174,9 @@ class Promise(Generic[T]):
             id: use this id instead of the child id (verbatim).
 
         Raises:
-            RuntimeError: the call has already been dispatched, or a retry
-                policy was given for a command.
+            RuntimeError: the call has already been dispatched, a retry
+                policy was given for a call other than a step, or a timeout
+                for a sleep.
         """
         if self._state != _NOT_STARTED:
             raise RuntimeError(
@@ -175,13 +186,12 @@ class Promise(Generic[T]):
         try:
             if retry_policy is not None:
                 retry_policy = checked_policy("retry_policy", retry_policy)
-                if self._type == _COMMAND:
-                    raise RuntimeError(
-                        f"{self.id}: a command's retries follow its handler's retry_policy; "
-                        "set it in register_command_handler"
-                    )
+                if self._type != _STEP:
+                    raise RuntimeError(f"{self.id}: {_NO_RETRY_POLICY[self._type]}")
             if timeout is not None:
                 check_seconds("timeout", timeout)
+                if self._type == _SLEEP:
+                    raise RuntimeError(f"{self.id}: a sleep takes no timeout; sleep less")
         except (TypeError, ValueError, RuntimeError):
             self._awaited = True  # the call is an error: no never-awaited warning on top
             raise

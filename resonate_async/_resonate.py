@@ -115,7 +115,7 @@ class Resonate:
         check_seconds("lease_seconds", lease_seconds)
         check_seconds("heartbeat_seconds", heartbeat_seconds)
         check_seconds("poll_seconds", poll_seconds)
-        check_seconds("grace_seconds", grace_seconds, zero_ok=True)
+        check_seconds("grace_seconds", grace_seconds, zero_ok=True, inf_ok=True)
         if heartbeat_seconds >= lease_seconds:
             raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
         self._store_spec: str | Store | None = store
@@ -415,14 +415,10 @@ class Resonate:
             raise TypeError(f"{command_type!r} is not a Command subclass; subclass Command")
         _check_name(name)
         policy = _retry_policy("retry_policy", retry_policy, exponential)
-        if maxlen is not None and maxlen < 1:
-            raise ValueError(f"maxlen must be at least 1 (or None), got {maxlen}")
-        if max_wait < 0:
-            raise ValueError(f"max_wait must be >= 0, got {max_wait}")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-        if queue_size is not None and queue_size < 1:
-            raise ValueError(f"queue_size must be at least 1 (or None), got {queue_size}")
+        _check_count("maxlen", maxlen, optional=True)
+        check_seconds("max_wait", max_wait, zero_ok=True)
+        _check_count("concurrency", concurrency)
+        _check_count("queue_size", queue_size, optional=True)
         style = call_style(handler)
         if style is CallStyle.GENERATOR:
             raise TypeError("a batch handler must be an `async def` or a plain `def`")
@@ -692,6 +688,18 @@ class Promises:
 def _check_timeout(timeout: float | None) -> None:
     if timeout is not None:
         check_seconds("timeout", timeout)
+
+
+def _check_count(name: str, value: object, *, optional: bool = False) -> None:
+    """Raise unless ``value`` is an int (not a bool) of at least 1, or None when ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = "an int (or None)" if optional else "an int"
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if value < 1:
+        alternative = " (or None)" if optional else ""
+        raise ValueError(f"{name} must be at least 1{alternative}, got {value}")
 
 
 def _check_name(name: str | None) -> None:

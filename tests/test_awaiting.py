@@ -130,6 +130,51 @@ async def test_a_call_that_times_out_stops_its_lfi_children_and_times_out(where:
     assert started  # the child ran, and was stopped with its parent
 
 
+@pytest.mark.parametrize("where", ["run", "step"])
+@pytest.mark.parametrize("ending", ["returns", "raises"])
+async def test_a_timeout_covers_the_children_a_body_left_running(where: str, ending: str) -> None:
+    # The body ends at once but leaves an lfi child running past the call's
+    # deadline: the call times out at its deadline and stops the child, as
+    # the docs say; it was stored RESOLVED (or REJECTED) once the child ended.
+    clock = VirtualClock(autojump=True)
+    store = MemoryStore()
+    resonate = Resonate(store, clock=clock, step_retry_policy=never())
+    ended: list[str] = []
+
+    async def slow(ctx: Context) -> str:
+        await clock.sleep(1000)
+        ended.append(ctx.id)
+        return "child done"
+
+    async def leaves_a_child(ctx: Context) -> str:
+        ctx.lfi(slow)
+        if ending == "raises":
+            raise ValueError("body failed")
+        return "body done"
+
+    resonate.register(leaves_a_child, name="timed", timeout=12, retry_policy=never())
+
+    @resonate.register(retry_policy=never())
+    async def outer(ctx: Context) -> str:
+        try:
+            return await ctx.lfc(leaves_a_child).with_options(timeout=12)
+        except PromiseTimeoutError:
+            return "step timed out"
+
+    async with resonate:
+        started = clock.now()
+        if where == "run":
+            with pytest.raises(PromiseTimeoutError):
+                await resonate.run("t", "timed")
+            timed_out = "t"
+        else:
+            assert await resonate.run("t", outer) == "step timed out"
+            timed_out = "t.1"
+        assert clock.now() - started < 1000
+        assert await state_of(store, timed_out) is State.REJECTED_TIMEDOUT
+    assert ended == []  # stopped with its parent
+
+
 async def test_a_task_group_that_cancels_a_sibling_keeps_the_bodys_own_outcome() -> None:
     store = MemoryStore()
     resonate = Resonate(store, step_retry_policy=never())

@@ -800,3 +800,41 @@ async def test_a_call_that_came_due_while_the_process_was_down_is_settled_on_res
     child = (await store.get_many(["d.1"]))["d.1"]
     expected = State.RESOLVED if call == "sleep" else State.REJECTED_TIMEDOUT
     assert child.state is expected  # not left PENDING under a settled run
+
+
+async def test_a_run_resumed_after_its_deadline_runs_no_further_step() -> None:
+    # Its stored root reads REJECTED_TIMEDOUT already (a get() says so): the
+    # recovered run settles that way without executing its next step.
+    store, clock = MemoryStore(), VirtualClock()
+    effects: list[str] = []
+
+    def build() -> Resonate:
+        resonate = Resonate(store, clock=clock, worker_id="w")
+
+        async def effect(ctx: Context, tag: str) -> str:
+            effects.append(tag)
+            return tag
+
+        @resonate.register(name="timed", timeout=100)
+        async def timed(ctx: Context) -> str:
+            await ctx.lfc(effect, "before")
+            await ctx.sleep(50)
+            await ctx.lfc(effect, "after")
+            return "done"
+
+        return resonate
+
+    first = build()
+    await first.start()
+    first.run("late", "timed")
+    await clock.advance(10)
+    await crash(first)
+    await clock.advance(140)  # back up past the run's deadline
+    async with build() as second:
+        handle = second.get("late")
+        await clock.advance(10)
+        with pytest.raises(PromiseTimeoutError):
+            await asyncio.wait_for(handle.result(), 10)
+    assert effects == ["before"]
+    root = (await store.get_many(["late"]))["late"]
+    assert root.state is State.REJECTED_TIMEDOUT

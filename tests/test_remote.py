@@ -194,3 +194,64 @@ async def test_stats_count_what_executed_here_and_what_was_recovered() -> None:
         assert await second.run("p", "parent", 3) == 10
         stats = second.stats().runs
     assert (stats.started, stats.completed, stats.failed, stats.recovered) == (1, 1, 0, 1)
+
+
+async def test_a_remote_call_takes_its_functions_registered_timeout() -> None:
+    # As resonate.run does; with_options(timeout=) still overrides it.
+    from resonate_async import PromiseTimeoutError
+
+    clock = VirtualClock(autojump=True)
+    resonate = Resonate(MemoryStore(), clock=clock)
+
+    @resonate.register(name="slow", timeout=5)
+    async def slow(ctx: Context) -> str:
+        await clock.sleep(1000)
+        return "slow done"
+
+    @resonate.register(name="caller")
+    async def caller(ctx: Context) -> list[str]:
+        outcomes = []
+        for call in (ctx.rfc("slow"), ctx.rfc(slow).with_options(timeout=2000)):
+            try:
+                outcomes.append(await call)
+            except PromiseTimeoutError:
+                outcomes.append("timed out")
+        return outcomes
+
+    async with resonate:
+        started = clock.now()
+        assert await resonate.run("c", "caller") == ["timed out", "slow done"]
+        first = await resonate.promises.get("c.1")
+        assert first is not None and first.timeout_at == started + 5
+
+
+async def test_with_options_refuses_what_a_call_cannot_use() -> None:
+    from resonate_async.retry import constant
+
+    resonate = Resonate(MemoryStore())
+    errors: list[str] = []
+
+    @resonate.register(name="remote")
+    async def remote(ctx: Context) -> None:
+        return None
+
+    @resonate.register(name="careless")
+    async def careless(ctx: Context) -> None:
+        for call in (
+            lambda: ctx.sleep(100).with_options(timeout=5),
+            lambda: ctx.sleep(1).with_options(retry_policy=constant(1, 3)),
+            lambda: ctx.rfc(remote).with_options(retry_policy=constant(1, 3)),
+            lambda: ctx.promise().with_options(retry_policy=constant(1, 3)),
+        ):
+            try:
+                call()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+
+    async with resonate:
+        await resonate.run("w", "careless")
+    assert len(errors) == 4
+    assert "a sleep takes no timeout" in errors[0]
+    assert "a sleep is not retried" in errors[1]
+    assert "registered with, in the worker that runs it" in errors[2]
+    assert "settled from outside, not retried" in errors[3]

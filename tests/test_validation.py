@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,44 @@ def test_register_refuses_a_timeout_that_is_not_positive(timeout: float) -> None
         Resonate(MemoryStore()).register(echo, timeout=timeout)
 
 
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"maxlen": 0}, ValueError, r"^maxlen must be at least 1 \(or None\)"),
+        ({"maxlen": 2.5}, TypeError, r"^maxlen must be an int \(or None\)"),
+        ({"maxlen": True}, TypeError, r"^maxlen must be an int"),
+        ({"max_wait": -1}, ValueError, r"^max_wait must be >= 0"),
+        ({"max_wait": math.inf}, ValueError, r"^max_wait must be finite"),
+        ({"max_wait": math.nan}, ValueError, r"^max_wait must be >= 0"),
+        ({"max_wait": "1"}, TypeError, r"^max_wait must be a number of seconds"),
+        ({"concurrency": 0}, ValueError, r"^concurrency must be at least 1"),
+        ({"concurrency": 1.5}, TypeError, r"^concurrency must be an int"),
+        ({"queue_size": 2.5}, TypeError, r"^queue_size must be an int \(or None\)"),
+        ({"queue_size": 0}, ValueError, r"^queue_size must be at least 1"),
+    ],
+)
+def test_register_command_handler_refuses_bad_numbers_naming_them(
+    options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    # max_wait=inf made the batcher wait for ever; concurrency=1.5 failed at
+    # the first batch, far from the call that set it.
+    with pytest.raises(error, match=message):
+        Resonate(MemoryStore()).register_command_handler(Ping, pong, **options)
+
+
+def test_register_refuses_an_infinite_timeout() -> None:
+    with pytest.raises(ValueError, match=r"^timeout must be finite, got inf \(None means no"):
+        Resonate(MemoryStore()).register(echo, timeout=math.inf)
+    Resonate(MemoryStore(), grace_seconds=math.inf)  # aclose() may wait for batches for ever
+
+
+async def test_promises_create_refuses_an_infinite_timeout() -> None:
+    resonate = Resonate(MemoryStore())
+    async with resonate:
+        with pytest.raises(ValueError, match=r"^timeout must be finite"):
+            await resonate.promises.create("forever", timeout=math.inf)
+
+
 def test_register_refuses_an_empty_name() -> None:
     resonate = Resonate(MemoryStore())
     with pytest.raises(ValueError, match=r"^name must be a non-empty string"):
@@ -164,6 +203,10 @@ async def test_calls_refuse_options_of_the_wrong_type_naming_them() -> None:
             lambda: ctx.lfc(step).with_options(timeout="10"),  # type: ignore[arg-type]
             lambda: ctx.sleep("5"),  # type: ignore[arg-type]
             lambda: ctx.promise(timeout=0),
+            lambda: ctx.promise(timeout="5"),  # type: ignore[arg-type]
+            lambda: ctx.sleep(math.inf),
+            lambda: ctx.promise(timeout=math.inf),
+            lambda: ctx.lfc(step).with_options(timeout=math.inf),
         ):
             try:
                 bad()
@@ -175,7 +218,12 @@ async def test_calls_refuse_options_of_the_wrong_type_naming_them() -> None:
     assert errors[0].startswith("TypeError: retry_policy must be a RetryPolicy")
     assert errors[1].startswith("TypeError: timeout must be a number of seconds")
     assert errors[2].startswith("TypeError: sleep needs a number of seconds")
-    assert errors[3].startswith("ValueError: timeout must be a positive number")
+    assert errors[3].startswith("ValueError: timeout must be positive")
+    assert errors[4].startswith("TypeError: timeout must be a number of seconds")
+    assert errors[5].startswith("ValueError: sleep needs a finite")
+    assert errors[6].startswith("ValueError: timeout must be finite")
+    assert errors[7].startswith("ValueError: timeout must be finite")
+    assert len(errors) == 8
 
 
 async def test_get_refuses_an_id_that_is_not_a_string() -> None:

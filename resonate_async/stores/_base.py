@@ -80,7 +80,9 @@ class PromiseRecord:
             as timed out (for a sleep: its wake time).
         created_at: seconds since the epoch.
         settled_at: seconds since the epoch, once settled.
-        attempt: attempts made so far.
+        attempt: for a step or a batch's command, the attempt that settled
+            it; a run's root keeps the 1 it was created with (its body's
+            retries are logged, not counted in its row).
         owner: the worker holding a pending run's lease.
         lease_expires_at: when that lease runs out (seconds since the epoch).
         tags: free-form string labels.
