@@ -1,10 +1,11 @@
 """The ``resonate-async`` command line: inspect and settle promises in any store.
 
 Standard library only (``argparse``), so it works wherever the SDK installs.
-Every command opens the store named by ``--store`` (else ``RESONATE_STORE``,
-else ``resonate.db``), does one thing, and closes it. States are shown as a
-reader sees them (DESIGN §2): a PENDING promise past its ``timeout_at`` reads
-``REJECTED_TIMEDOUT``, a sleep past its wake time reads ``RESOLVED``.
+Every command opens the store named by ``--store`` (the last one given, else
+``RESONATE_STORE``, else ``resonate.db``), does one thing, and closes it.
+States are shown as a reader sees them (DESIGN §2): a PENDING promise past its
+``timeout_at`` reads ``REJECTED_TIMEDOUT``, a sleep past its wake time reads
+``RESOLVED``.
 
 Exit codes: 0 success (settling an already-settled promise included), 1 an
 unknown id or a store failure, 2 bad usage or a store that cannot be used.
@@ -12,7 +13,7 @@ unknown id or a store failure, 2 bad usage or a store that cannot be used.
 Example:
     ```console
     $ resonate-async promises list --state PENDING --store app.db
-    $ resonate-async promises resolve approval-7 --value '{"ok": true}'
+    $ resonate-async promises resolve approval-7 --value '{"ok": true}' --store app.db
     ```
 """
 
@@ -41,9 +42,10 @@ from ._cli_view import (
     stored_json,
     summary,
     table,
+    tree_parent,
 )
 from ._encoding import JSONEncoder
-from .errors import CanceledError, PromiseTimeoutError, StoreError
+from .errors import CanceledError, EncodingError, PromiseTimeoutError, StoreError
 from .stores import DEFAULT_STORE, store_from_spec
 from .stores._base import Kind, PromiseRecord, Settle, State
 from .stores.sqlite import SQLiteStore
@@ -183,8 +185,8 @@ async def settle(store: Store, args: argparse.Namespace, state: State, data: byt
 
 
 async def cmd_resolve(store: Store, args: argparse.Namespace) -> int:
-    """``promises resolve``: RESOLVED with ``--value`` (JSON, default null)."""
-    return await settle(store, args, State.RESOLVED, JSONEncoder().encode(args.value))
+    """``promises resolve``: RESOLVED with ``--value`` (JSON, default null), encoded."""
+    return await settle(store, args, State.RESOLVED, args.value)
 
 
 async def cmd_reject(store: Store, args: argparse.Namespace) -> int:
@@ -216,8 +218,7 @@ async def cmd_tree(store: Store, args: argparse.Namespace) -> int:
     by_id = {r.id: effective(r, now) for r in records}
     children: dict[str | None, list[PromiseRecord]] = {}
     for r in by_id.values():
-        parent = r.parent_id if r.parent_id in by_id and r.parent_id != r.id else None
-        children.setdefault(parent, []).append(r)
+        children.setdefault(tree_parent(r, by_id), []).append(r)
     lines: list[tuple[int, PromiseRecord]] = []
     stack = [(0, r) for r in reversed(children.pop(None, []))]
     while stack:
@@ -273,32 +274,52 @@ def _enum_arg(cls: type[State] | type[Kind]) -> Callable[[str], State | Kind]:
     return parse
 
 
-def _json_arg(text: str) -> object:
+def _json_arg(text: str) -> bytes:
+    """``text`` parsed as JSON and encoded for the store, so what cannot be stored is usage."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not JSON ({exc}); quote strings, e.g. --value '\"yes\"'"
         ) from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("the JSON is nested too deeply to read") from None
+    try:
+        return JSONEncoder().encode(value)
+    except EncodingError as exc:
+        raise argparse.ArgumentTypeError(f"the JSON value cannot be stored: {exc}") from None
+
+
+def _text_arg(text: str) -> str:
+    # The shell passes bytes that are not UTF-8 as surrogates, which no store can hold.
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
+    return text
 
 
 def _limit_arg(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a count >= 0")
+    # Stores count in signed 64 bits.
+    if not text.isdigit() or int(text) >= 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count from 0 to 2**63 - 1")
     return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``resonate-async``."""
     store_help = f"the store: {_STORE_FORMS} (default: $RESONATE_STORE, else {DEFAULT_STORE})"
-    # SUPPRESS: a --store given before the command is not reset by the subparser.
+    # SUPPRESS: a --store given earlier is not reset by a subparser; each level's
+    # parser runs after the one above it, so the last --store given wins.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", metavar="SPEC", default=argparse.SUPPRESS, help=store_help)
     parser = argparse.ArgumentParser(prog=_PROG, description="Inspect and settle durable promises.")
     parser.add_argument("--store", metavar="SPEC", default=None, help=store_help)
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
-    promises = commands.add_parser("promises", help="list, show and settle promises")
+    promises = commands.add_parser(
+        "promises", parents=[common], help="list, show and settle promises"
+    )
     verbs = promises.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     def leaf(
@@ -314,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = leaf(verbs, "list", cmd_list, "list promises, oldest first")
     ls.add_argument("--state", type=_enum_arg(State), help="PENDING, RESOLVED, REJECTED, ...")
     ls.add_argument("--kind", type=_enum_arg(Kind), help="run, step, command, sleep, ...")
-    ls.add_argument("--prefix", help="only ids starting with PREFIX")
+    ls.add_argument("--prefix", type=_text_arg, help="only ids starting with PREFIX")
     ls.add_argument(
         "--limit",
         type=_limit_arg,
@@ -324,27 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("--json", action="store_true", help="print JSON")
     show = leaf(verbs, "show", cmd_show, "show every field of one promise")
-    show.add_argument("id")
+    show.add_argument("id", type=_text_arg)
     show.add_argument("--json", action="store_true", help="print JSON (stored values, undecoded)")
     resolve = leaf(verbs, "resolve", cmd_resolve, "resolve a pending promise")
-    resolve.add_argument("id")
+    resolve.add_argument("id", type=_text_arg)
     resolve.add_argument(
         "--value",
         type=_json_arg,
-        default=None,
+        default="null",  # a string: argparse passes it through _json_arg
         metavar="JSON",
         help="the value, as JSON (default null)",
     )
     reject = leaf(verbs, "reject", cmd_reject, "reject a pending promise")
-    reject.add_argument("id")
+    reject.add_argument("id", type=_text_arg)
     reject.add_argument("--message", default="rejected from the command line", metavar="TEXT")
     cancel = leaf(verbs, "cancel", cmd_cancel, "cancel a pending promise")
-    cancel.add_argument("id")
+    cancel.add_argument("id", type=_text_arg)
 
-    runs = commands.add_parser("runs", help="inspect runs")
+    runs = commands.add_parser("runs", parents=[common], help="inspect runs")
     run_verbs = runs.add_subparsers(title="commands", required=True, metavar="COMMAND")
     tree = leaf(run_verbs, "tree", cmd_tree, "show the promise tree of a run")
-    tree.add_argument("id")
+    tree.add_argument("id", type=_text_arg)
     tree.add_argument("--json", action="store_true", help="print JSON")
     stats = leaf(commands, "stats", cmd_stats, "count promises by kind and state")
     stats.add_argument("--json", action="store_true", help="print JSON")
@@ -357,8 +378,16 @@ def _redacted(spec: str) -> str:
 
 
 def _holds_promises(path: str) -> bool:
-    """Whether the SQLite file at ``path`` is a store, read without changing it."""
-    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    """Whether the SQLite file at ``path`` is a store, read without changing it.
+
+    Even read-only, SQLite leaves ``-wal`` and ``-shm`` files beside a
+    WAL-mode file that no one has open. Without a ``-wal`` file the database
+    file holds every commit, so it is read as ``immutable``, which creates
+    nothing; with one, a connection has it open (or the next will recover it)
+    and its commits may be in it, so it is read as usual.
+    """
+    mode = "mode=ro" if os.path.exists(path + "-wal") else "immutable=1"
+    uri = f"{Path(path).resolve().as_uri()}?{mode}"
     try:
         with closing(sqlite3.connect(uri, uri=True)) as conn:
             found = conn.execute(
@@ -386,8 +415,10 @@ def open_store(spec: str | None) -> Store:
         store = store_from_spec(spec)
     except ImportError as exc:
         raise CLIError(str(exc), 2) from None
-    except ValueError:
-        raise CLIError(f"cannot use store {where}; pass {_STORE_FORMS}", 2) from None
+    except ValueError as exc:
+        # It says what is wrong, then what a program may pass: keep the first part.
+        reason = _redacted(str(exc)).partition("; ")[0]
+        raise CLIError(f"cannot use store {where}: {reason}; pass {_STORE_FORMS}", 2) from None
     if isinstance(store, SQLiteStore) and store.path != ":memory:":
         if not os.path.exists(store.path):
             problem = f"no SQLite database at {where}"
@@ -402,7 +433,11 @@ def open_store(spec: str | None) -> Store:
 async def run(store: Store, args: argparse.Namespace) -> int:
     """Open ``store``, run the command, close the store."""
     holds_promises = getattr(store, "_holds_promises", None)  # PostgreSQL
-    if holds_promises is not None and not await holds_promises():
+    try:
+        found = holds_promises is None or await holds_promises()
+    except ValueError as exc:
+        raise CLIError(f"{_redacted(str(exc))}; pass {_STORE_FORMS}", 2) from None
+    if not found:
         # Opening would create the tables: an inspection tool must not.
         raise CLIError(
             "no resonate_async store in that PostgreSQL database and schema (no promises "

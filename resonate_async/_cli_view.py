@@ -20,7 +20,7 @@ from .errors import EncodingError, StoredError
 from .stores._base import Kind, PromiseRecord, State
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Container, Sequence
 
     from ._encoding import JSONEncoder
     from .stores._base import Store
@@ -36,6 +36,7 @@ __all__ = (
     "stored_json",
     "summary",
     "table",
+    "tree_parent",
 )
 
 
@@ -96,29 +97,46 @@ async def search(
 
 # -- a run's tree ---------------------------------------------------------------
 
-#: The kinds that run a function with a context, so may call ``ctx.rfi``.
-_CALLERS = (Kind.RUN, Kind.STEP, Kind.REMOTE)
+
+def _ancestry(id: str) -> list[str]:
+    """``id`` and the ids it extends, nearest first: ``a.1.2``, ``a.1``, ``a``."""
+    parts = id.split(".")
+    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
+def tree_parent(record: PromiseRecord, ids: Container[str]) -> str | None:
+    """The id among ``ids`` that ``record`` is shown under, if any.
+
+    That is its ``parent_id``; or, for a parent not stored yet (a step is
+    written only when it settles, so a step still running is missing), the
+    parent's nearest ancestor by id.
+    """
+    if record.parent_id is None:
+        return None
+    return next((a for a in _ancestry(record.parent_id) if a in ids and a != record.id), None)
 
 
 async def _top_run(store: Store, record: PromiseRecord) -> str:
     """The id of the topmost run above ``record``, climbing through remote calls.
 
     A remote call is stored as the root of a tree of its own, with its caller
-    as ``parent_id``: from a root, the climb goes on to its parent's tree.
+    as ``parent_id``: from a root, the climb goes on to its parent's tree (to
+    the caller's nearest stored ancestor, while the caller runs unstored).
     """
     seen = {record.id}
     while True:
         if record.root_id != record.id:
-            up = record.root_id
+            up = [record.root_id]
         elif record.parent_id is not None:
-            up = record.parent_id
+            up = _ancestry(record.parent_id)
         else:
             return record.id
-        found = None if up in seen else (await store.get_many([up])).get(up)
-        if found is None:  # a cycle, or a missing row: stop at the tree reached
+        found = await store.get_many(up)
+        above = next((found[a] for a in up if a in found), None)
+        if above is None or above.id in seen:  # a missing row, or a cycle: stop here
             return record.root_id
-        seen.add(up)
-        record = found
+        seen.add(above.id)
+        record = above
 
 
 async def run_tree(store: Store, id: str) -> tuple[str, list[PromiseRecord]]:
@@ -126,30 +144,27 @@ async def run_tree(store: Store, id: str) -> tuple[str, list[PromiseRecord]]:
 
     That is the run's tree and, recursively, the trees of the remote calls
     (``ctx.rfi``/``ctx.rfc``) made anywhere in it: each is stored as a root
-    whose ``parent_id`` is its caller. A remote call's id extends its
-    caller's (``f"{caller}.{n}"``), so one prefix search per caller id not
-    already under a searched prefix finds them all. No rows: no such promise.
+    whose ``parent_id`` is its caller, under an id of the caller's choosing.
+    The store cannot search by ``parent_id``, so every remote call is read
+    once and kept when its caller (see :func:`tree_parent`) is in the tree.
+    No rows: no such promise.
     """
     record = (await store.get_many([id])).get(id)
     top = id if record is None else await _top_run(store, record)
-    rows = await store.tree(top)
-    by_id = {r.id: r for r in rows}
-    prefixes: list[str] = []
-    remotes: dict[str, PromiseRecord] = {}
-    new = rows
-    while new:
-        for r in sorted(new, key=lambda r: len(r.id)):  # a shorter prefix covers more
-            if r.kind in _CALLERS and not any(r.id.startswith(p) for p in prefixes):
-                prefixes.append(r.id + ".")
-                found = await store.search(kind=Kind.REMOTE, prefix=r.id + ".", limit=None)
-                remotes.update((f.id, f) for f in found)
-        new = []
-        # Only calls whose caller is in the tree: a look-alike id started on its own is not.
-        for remote in [r for r in remotes.values() if r.parent_id in by_id and r.id not in by_id]:
+    by_id = {r.id: r for r in await store.tree(top)}
+    remotes = [
+        r
+        for r in await store.search(kind=Kind.REMOTE, limit=None)
+        if r.parent_id is not None and r.id not in by_id
+    ]
+    # A caller is the parent, or its nearest *stored* ancestor: look them all up at once.
+    wanted = [a for r in remotes if r.parent_id is not None for a in _ancestry(r.parent_id)]
+    stored = await store.get_many(wanted)
+    callers = {r.id: tree_parent(r, stored) for r in remotes}
+    while attached := [r for r in remotes if r.id not in by_id and callers[r.id] in by_id]:
+        for remote in attached:
             for r in [remote, *await store.tree(remote.id)]:
-                if r.id not in by_id:
-                    by_id[r.id] = r
-                    new.append(r)
+                by_id.setdefault(r.id, r)
     return top, list(by_id.values())
 
 
@@ -157,10 +172,18 @@ async def run_tree(store: Store, id: str) -> tuple[str, list[PromiseRecord]]:
 
 
 def iso(ts: float | None, timespec: str = "auto") -> str | None:
-    """Seconds since the epoch as an ISO 8601 UTC string (``None`` stays ``None``)."""
+    """Seconds since the epoch as an ISO 8601 UTC string (``None`` stays ``None``).
+
+    A time no date can show (past year 9999, or not finite: a timeout of
+    ``1e20`` seconds, say) is shown as its number, such as ``"1e+20"``.
+    """
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+    try:
+        when = datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, OSError, ValueError):
+        return repr(ts)
+    return when.isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str | None]]) -> str:

@@ -319,6 +319,10 @@ REMOTE_RECORDS = [
     rec("ship-7", State.RESOLVED, Kind.STEP, 7, parent_id="p1", root_id="p1", func="ship"),
     remote("ship-7.1", 8, "ship-7", func="notify"),  # called from a step with its own id
     remote("p1.9", 9, None, func="child"),  # started by hand, no caller: not in p1's tree
+    remote("own-id", 10, "p1", func="child"),  # ctx.rfi(...).with_options(id="own-id")
+    remote("own-id.1", 11, "own-id", func="grandchild"),
+    # Called from step p1.4, still running so not stored yet: shown under p1.
+    remote("p1.4.1", 12, "p1.4", state=State.PENDING, func="child"),
 ]
 REMOTE_TREE = [
     ("p1", 0, "run"),
@@ -330,6 +334,9 @@ REMOTE_TREE = [
     ("p1.3", 1, "remote"),
     ("ship-7", 1, "step"),
     ("ship-7.1", 2, "remote"),
+    ("own-id", 1, "remote"),
+    ("own-id.1", 2, "remote"),
+    ("p1.4.1", 1, "remote"),
 ]
 
 
@@ -382,7 +389,7 @@ def test_tree_shows_remote_calls_under_their_caller(remote_cli: Any) -> None:
     assert lines[6].split() == ["p1.3", "PENDING", "remote", "child"]
 
 
-@pytest.mark.parametrize("id", ["p1.1", "p1.1.2.1", "p1.3", "ship-7.1"])
+@pytest.mark.parametrize("id", ["p1.1", "p1.1.2.1", "p1.3", "ship-7.1", "own-id.1", "p1.4.1"])
 def test_tree_of_a_remote_call_or_its_child_shows_the_run_it_belongs_to(
     remote_cli: Any, id: str
 ) -> None:
@@ -436,6 +443,9 @@ def test_store_comes_from_the_environment_or_before_the_command(
         ("other.db", "'other.db' (--store) is not a resonate_async store"),
         ("notes.txt", "is not a resonate_async store"),
         ("postgresq://me:secret@host/db", "'postgresq://me:***@host/db'"),
+        ("sqlite:///app.db?mode=ro", "a sqlite:// URL takes no query"),
+        ("postgresql://me:secret@host/db?schema=", "give one non-empty schema="),
+        ("postgresql://me:secret@127.0.0.1:notaport/db", "invalid PostgreSQL URL"),
     ],
 )
 def test_bad_store_exits_2_naming_the_accepted_forms(
@@ -452,6 +462,7 @@ def test_bad_store_exits_2_naming_the_accepted_forms(
     assert main(["promises", "list", "--store", spec]) == 2
     err = capsys.readouterr().err
     assert message in err
+    assert len(err.splitlines()) == 1  # no traceback
     assert "secret" not in err
     assert not Path("missing.db").exists()  # the CLI never creates a database
     with closing(sqlite3.connect("other.db")) as conn:  # nor adds tables to one
@@ -470,6 +481,12 @@ def test_memory_store_is_allowed_and_empty(capsys: pytest.CaptureFixture[str]) -
         ["promises", "resolve", "approval-7", "--value", "{not json"],
         ["promises", "list", "--state", "DONE"],
         ["promises", "list", "--limit", "-1"],
+        ["promises", "list", "--limit", str(2**63)],  # past what a store can count
+        ["promises", "resolve", "approval-7", "--value", "[" * 600 + "]" * 600],
+        ["promises", "resolve", "approval-7", "--value", "[" * 5000 + "]" * 5000],
+        ["promises", "show", "\udcff"],  # the shell's $'\xff': not UTF-8
+        ["promises", "list", "--prefix", "\udcff"],
+        ["runs", "tree", "\udcff"],
         ["promises"],
         [],
     ],
@@ -479,6 +496,68 @@ def test_usage_errors_exit_2(cli: Any, argv: list[str]) -> None:
     assert code == 2
     assert out == ""
     assert "usage:" in err
+    assert "Traceback" not in err
+
+
+def test_store_may_follow_any_command_name_and_the_last_one_wins(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["promises", "--store", str(db), "show", "order-1"]) == 0
+    assert main(["runs", "--store", str(db), "tree", "order-1"]) == 0
+    argv = ["--store", "a.db", "promises", "--store", "b.db", "show", "order-1"]
+    assert main([*argv, "--store", str(db)]) == 0
+    assert main(["--store", str(db), "promises", "--store", "b.db", "show", "order-1"]) == 2
+    assert "no SQLite database at 'b.db'" in capsys.readouterr().err
+
+
+def test_a_wal_file_that_is_no_store_is_left_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "users.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE users (id INTEGER)")
+    assert main(["stats", "--store", str(path)]) == 2
+    assert "is not a resonate_async store" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["users.db"]  # no -wal or -shm left behind
+
+
+def test_a_store_whose_commits_are_still_in_its_wal_file_is_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "busy.db"
+    with closing(sqlite3.connect(path)) as app:  # open: the last to close checkpoints
+        app.execute("PRAGMA journal_mode = WAL")
+        app.execute("SELECT * FROM sqlite_master").fetchall()  # now it has the WAL open
+        on_store(path, lambda s: s.write([Create(r) for r in RECORDS]))
+        assert (tmp_path / "busy.db-wal").stat().st_size > 0
+        assert main(["promises", "show", "order-1", "--store", str(path)]) == 0
+    assert "create_order" in capsys.readouterr().out
+
+
+def test_times_no_date_can_show_print_as_numbers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "far.db"
+    far = [
+        rec("far", State.PENDING, Kind.EXTERNAL, 0, timeout_at=1e20),  # timeout=1e20
+        rec("never", State.PENDING, Kind.EXTERNAL, 1, timeout_at=float("inf")),
+    ]
+    on_store(path, lambda s: s.write([Create(r) for r in far]))
+    assert main(["promises", "show", "far", "--store", str(path)]) == 0
+    assert "timeout_at:       1e+20\n" in capsys.readouterr().out
+
+    def strict(text: str) -> Any:  # no bare Infinity or NaN
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+    assert main(["promises", "show", "never", "--json", "--store", str(path)]) == 0
+    assert strict(capsys.readouterr().out)["timeout_at"] == "inf"
+    assert main(["promises", "list", "--json", "--store", str(path)]) == 0
+    rows = strict(capsys.readouterr().out)
+    assert [(r["id"], r["state"], r["timeout_at"]) for r in rows] == [
+        ("far", "PENDING", "1e+20"),
+        ("never", "PENDING", "inf"),
+    ]
 
 
 def test_python_dash_m_runs_the_cli(db: Path) -> None:

@@ -87,6 +87,20 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         await SQLiteStore(path).open()
 
 
+async def test_opening_a_current_schema_waits_for_no_writer(tmp_path: Path) -> None:
+    path = tmp_path / "busy.db"
+    async with SQLiteStore(path) as store:
+        await store.write([Create(record("kept"))])
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        async with SQLiteStore(path, busy_timeout=0.05) as store:  # a reader, say the CLI
+            assert "kept" in await store.get_many(["kept"])
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
 async def test_open_failure_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot open") as caught:
         await SQLiteStore(tmp_path / "missing-dir" / "x.db").open()

@@ -219,9 +219,16 @@ class PostgresStore(StoreLifecycle):
             self._pool = pool
 
     async def _holds_promises(self) -> bool:
-        """Whether the schema holds a store already (without creating one)."""
+        """Whether the schema holds a store already (without creating one).
+
+        Raises:
+            ValueError: asyncpg cannot parse the DSN (a port that is no number, say).
+            StoreError: the server cannot be reached.
+        """
         try:
             conn = await self._asyncpg.connect(self._dsn, server_settings=self._settings)
+        except ValueError as exc:  # asyncpg parses the DSN only when connecting
+            raise ValueError(f"invalid PostgreSQL URL: {exc}") from None
         except self._errors as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
         try:

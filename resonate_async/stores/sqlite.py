@@ -215,13 +215,15 @@ class SQLiteStore(StoreLifecycle):
             delay = min(delay * 2, 0.05)
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        steps = migrations(SQLITE)
+        # A current schema needs no write lock, so opening waits for no writer.
+        if await _schema_version(conn) == len(steps):
+            return
         # Under the write lock, so processes opening one file at once migrate it once.
         await conn.execute("BEGIN IMMEDIATE")
         try:
             await conn.execute(SCHEMA_VERSION_DDL)
-            rows = list(await conn.execute_fetchall("SELECT max(version) FROM schema_version"))
-            current = rows[0][0] or 0
-            steps = migrations(SQLITE)
+            current = await _schema_version(conn)
             if current > len(steps):
                 raise StoreError(
                     f"{self._path!r} has schema version {current}, newer than this "
@@ -412,6 +414,15 @@ class SQLiteStore(StoreLifecycle):
 
 def _age(record: PromiseRecord) -> tuple[float, str]:
     return record.created_at, record.id
+
+
+async def _schema_version(conn: aiosqlite.Connection) -> int:
+    """The schema version stored in ``conn``'s database; 0 for a new one."""
+    query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    if not list(await conn.execute_fetchall(query)):
+        return 0
+    rows = list(await conn.execute_fetchall("SELECT max(version) FROM schema_version"))
+    return int(rows[0][0] or 0)
 
 
 async def _stopped(conn: aiosqlite.Connection) -> None:
