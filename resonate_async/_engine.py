@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -146,7 +147,11 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         self._services.append(self._spawn_service(self._claim_loop(), "claims"))
 
     def _spawn_service(self, coro: Any, name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = self.loop.create_task(coro, name=f"resonate-{name}")
+        # An empty context: not the variables (an OpenTelemetry span, say)
+        # of whoever called start(), which would reach every batch and commit.
+        task: asyncio.Task[None] = self.loop.create_task(
+            coro, name=f"resonate-{name}", context=contextvars.Context()
+        )
         task.add_done_callback(self._service_done)
         return task
 

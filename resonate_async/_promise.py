@@ -19,6 +19,7 @@ from ._clock import check_seconds
 from ._registry import call_style, function_name
 from .errors import (
     ConflictError,
+    EncodingError,
     NondeterminismError,
     NotFoundError,
     PromiseTimeoutError,
@@ -344,7 +345,7 @@ class Promise(Generic[T]):
         if stored is not None:
             future = loop.create_future()
             try:
-                future.set_result(engine.outcome(stored))
+                future.set_result(self._replayed_outcome(stored))
             except Exception as exc:
                 future.set_exception(exc)
         elif engine.closing:
@@ -426,6 +427,29 @@ class Promise(Generic[T]):
             engine.record_overdue(stored)  # a sleep that came due while the process was down
         return stored
 
+    def _replayed_outcome(self, stored: PromiseRecord) -> Any:
+        """The outcome of this call as its history stored it.
+
+        A stored value that no longer decodes (its class was renamed since)
+        stops the run as nondeterminism does: it stays PENDING until code
+        that can read its history is deployed, instead of settling on a
+        decoding error that is not the workflow's.
+        """
+        engine = self._ctx._engine
+        try:
+            return engine.outcome(stored)
+        except EncodingError as exc:
+            if engine.effective_state(stored) is not State.RESOLVED:
+                raise  # the call's own stored error
+            error = NondeterminismError(
+                f"{self.id}: its stored value no longer decodes ({exc}); deploy code "
+                "that can read the history"
+            )
+            run = self._ctx._run
+            if run is not None:  # fatal for the run, even if the workflow catches it
+                run.fatal = error
+            raise error from None
+
     def _func_name(self) -> str | None:
         if self._type == _COMMAND:
             return self._ctx._engine.registry.handler(type(self._target)).name
@@ -441,7 +465,7 @@ class Promise(Generic[T]):
         stored = self._replayed()
         self._fresh = stored is None
         if stored is not None:
-            return cast("T", self._ctx._engine.outcome(stored))
+            return cast("T", self._replayed_outcome(stored))
         if self._ctx._engine.closing:
             raise self._shutting_down()
         if self._type == _STEP:
@@ -481,7 +505,7 @@ class Promise(Generic[T]):
         )
         if engine.tracing.enabled:
             attributes = {"resonate.id": self.id, "resonate.func": function_name(fn)}
-            call = engine.tracing.traced(call, "resonate.step", attributes)
+            call = engine.tracing.traced(call, "resonate.step", attributes, settles=True)
         state, data, attempt = await call
         now = engine.clock.now()
         record = PromiseRecord(

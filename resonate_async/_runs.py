@@ -12,8 +12,10 @@ the caller's :class:`Handle`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
+from contextvars import copy_context
 from typing import TYPE_CHECKING, Any, cast
 
 from ._attempts import LEAVE_PENDING, Attempts, unwrap_group
@@ -72,6 +74,7 @@ class RunState(Handle[Any]):
         "args",
         "attached",
         "cancel_requested",
+        "context",
         "entry",
         "execution",
         "fatal",
@@ -92,8 +95,12 @@ class RunState(Handle[Any]):
         args: tuple[Any, ...] | list[Any],
         kwargs: dict[str, Any],
         record: PromiseRecord | None,
+        context: contextvars.Context | None = None,
     ) -> None:
         super().__init__(id, loop)
+        # The caller's context variables, which a fresh run's body starts
+        # with (as a task does): its OpenTelemetry span, a request id.
+        self.context = context
         self.entry = entry
         self.param = param
         self.timeout_at = timeout_at
@@ -149,7 +156,7 @@ def _strip(run: RunState) -> None:
     emptied. (Kept: what a Handle answers from, and what a late Promise
     finalizer or a leaked Context reads: ``cancel_requested``, ``fatal``,
     ``replay``.)"""
-    del run.args, run.kwargs, run.entry, run.param, run.record, run.timeout_at
+    del run.args, run.kwargs, run.entry, run.param, run.record, run.timeout_at, run.context
     del run.attached, run.execution, run._task, run._waiters, run._created_waiters, run._loop
 
 
@@ -219,7 +226,13 @@ class RunDriver(Attempts):
         if stored is None:
             timeout = entry.timeout
             deadline = None if timeout is None else self.clock.now() + timeout
-            run = RunState(self.loop, id, entry, param, deadline, args, kwargs, None)
+            # Only a context that holds variables is kept for the body: one
+            # without runs the same in the writer's empty one, and a burst of
+            # runs then holds no context objects while they wait to be admitted.
+            context = copy_context()
+            run = RunState(
+                self.loop, id, entry, param, deadline, args, kwargs, None, context or None
+            )
         else:
             run = RunState(
                 self.loop, id, entry, stored.param, stored.timeout_at, args, kwargs, stored
@@ -230,7 +243,11 @@ class RunDriver(Attempts):
             self.run_stats.started += 1
             if stored.kind is _RUN:  # not a remote call another run made
                 self.run_stats.recovered += 1
-            run._task = self.loop.create_task(self._execute(run, resumed=True))
+            # Resumed (here or from a claim): the caller's variables are
+            # gone, and those of whoever started this engine are not its own.
+            run._task = self.loop.create_task(
+                self._execute(run, resumed=True), context=contextvars.Context()
+            )
             return run
         try:
             self.writer.admit_then(self._on_root_op, self._on_root_created, run)
@@ -275,7 +292,10 @@ class RunDriver(Attempts):
                 run._set_exception(self._interrupted(run))
             else:  # a cancel requested meanwhile is settled by _execute as it starts
                 self.run_stats.started += 1
-                run._task = self.loop.create_task(self._execute(run, resumed=False))
+                context, run.context = run.context, None
+                run._task = self.loop.create_task(
+                    self._execute(run, resumed=False), context=context
+                )
         elif error is not None:
             self._forget(run)
             run._set_exception(error)
@@ -343,7 +363,7 @@ class RunDriver(Attempts):
                 )
                 if self.tracing.enabled:
                     attributes = {"resonate.id": run.id, "resonate.func": entry.name}
-                    call = self.tracing.traced(call, "resonate.run", attributes)
+                    call = self.tracing.traced(call, "resonate.run", attributes, settles=True)
                 state, data, _ = await call
             # The task ends here; the writer reports the outcome once it commits.
             # `prior` lets the store answer without reading the row back.

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .stores._base import State
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Sequence
 
@@ -54,9 +56,21 @@ class Tracing:
         name: str,
         attributes: dict[str, Any],
         links: Sequence[Any] = (),
+        *,
+        settles: bool = False,
     ) -> T:
-        """Await ``awaitable`` inside a span named ``name`` (callers check ``enabled`` first)."""
+        """Await ``awaitable`` inside a span named ``name`` (callers check ``enabled`` first).
+
+        With ``settles``, the awaitable gives a call's ``(state, ...)``: a
+        state other than RESOLVED marks the span as an error, as an exception
+        would (a call's failure is returned to be settled, not raised).
+        """
         link = self._trace.Link
         valid = [link(c) for c in links if c is not None and c.is_valid]
-        with self._tracer.start_as_current_span(name, attributes=attributes, links=valid):
-            return await awaitable
+        with self._tracer.start_as_current_span(name, attributes=attributes, links=valid) as span:
+            result = await awaitable
+            if settles:
+                state = result[0]  # type: ignore[index]
+                if state is not State.RESOLVED:
+                    span.set_status(self._trace.StatusCode.ERROR, state.value)
+            return result

@@ -212,3 +212,56 @@ def test_sigkill_after_some_steps_resumes_without_redoing_them(tmp_path: Path) -
     effects = log.read_text().split()
     # Steps 1-3 ran once, before the kill; step 4 ran again (it never settled).
     assert effects == ["s1", "s2", "s3", "s4", "s4"]
+
+
+@dataclass
+class Parcel:
+    weight: int
+
+
+async def test_a_stored_value_that_no_longer_decodes_leaves_the_run_pending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A step's value was stored as a class the new code renamed: the run
+    # stops as on nondeterminism (PENDING, resumed once compatible code is
+    # back) instead of settling REJECTED on a decoding error for good.
+    store = MemoryStore()
+    gate = asyncio.Event()
+
+    async def weigh(ctx: Context) -> Parcel:
+        return Parcel(3)
+
+    async def block(ctx: Context) -> None:
+        await gate.wait()
+
+    def build() -> Resonate:
+        resonate = Resonate(store, worker_id="w")  # one worker, restarted
+
+        @resonate.register(name="ship", retry_policy=never())
+        async def ship(ctx: Context) -> int:
+            parcel = await ctx.lfc(weigh)
+            try:
+                await ctx.lfc(block)
+            except Exception:  # a body that catches everything does not settle it either
+                return -1
+            return parcel.weight
+
+        return resonate
+
+    first = build()
+    await first.start()
+    first.run("ship-1", "ship")
+    while not (await store.get_many(["ship-1.1"])):
+        await asyncio.sleep(0)
+    await crash(first)
+
+    monkeypatch.delattr(sys.modules[__name__], "Parcel")
+    async with build() as second:
+        with pytest.raises(NondeterminismError, match="no longer decodes"):
+            await asyncio.wait_for(second.get("ship-1").result(), 10)
+    assert (await store.get_many(["ship-1"]))["ship-1"].state is State.PENDING
+
+    monkeypatch.undo()  # compatible code is deployed again
+    gate.set()
+    async with build() as third:
+        assert await asyncio.wait_for(third.get("ship-1").result(), 10) == 3
