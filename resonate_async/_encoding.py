@@ -18,12 +18,22 @@ values are written as a JSON object holding the reserved key ``"$"``:
 A user dict is written as itself unless it has the key ``"$"``; then it is
 escaped as the list of its items, so a tagged object is never ambiguous.
 Dataclasses and enums are rebuilt on decode by importing ``module:qualname``
-(which imports that module) and calling the class with the stored fields.
+(which imports that module). An enum member is looked up by its value. A
+dataclass is stored with every field (``init=False`` ones too) and rebuilt
+as pickle and copy do: ``cls.__new__(cls)``, then each field set, so neither
+``__init__`` nor ``__post_init__`` runs again and the value comes back as it
+was stored. Only fields are stored: an attribute ``__post_init__`` sets
+without declaring it as a field is not restored. An ``init=False`` field
+that is unset or cannot be encoded (a lock) is left out; a value stored
+without one (or stored before they were) is rebuilt by calling the class
+with its other fields, which gives the field its default.
 
-Errors are written as ``{"type", "message", "traceback", "args", "state"}`` and
-rebuilt as their original class when it can be imported (by its constructor,
-or by ``__new__`` when the constructor takes other arguments than the error's
-``args``); otherwise as :class:`~resonate_async.errors.StoredError`.
+Errors are written as ``{"type", "message", "traceback", "args", "state"}``
+(plus ``"exceptions"``, the records of an exception group's sub-exceptions)
+and rebuilt as their original class when it can be imported (by its
+constructor, or by ``__new__`` when the constructor takes other arguments
+than the error's ``args``); otherwise, or when an arg or attribute could not
+be stored, as :class:`~resonate_async.errors.StoredError`.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import contextlib
 import dataclasses
 import enum
 import importlib
+import inspect
 import json
 import reprlib
 import traceback
@@ -139,7 +150,9 @@ class JSONEncoder:
     ``str`` keys, dataclass instances (``Command`` included) and ``Enum``
     members, nested freely. Types are matched exactly: a subclass of
     ``dict`` or ``int`` that is not an ``Enum`` is refused rather than
-    silently decoded as its base class. The module docstring shows the tags.
+    silently decoded as its base class. A dataclass stores every field and
+    decodes without calling ``__init__`` or ``__post_init__``, as pickle
+    does. The module docstring shows the tags.
 
     Example:
         >>> enc = JSONEncoder()
@@ -162,7 +175,8 @@ class JSONEncoder:
         # written directly, without the walk and the C encoder's call (see
         # _flat_writer); the output is the same bytes.
         self._flat: dict[type, Callable[[Any], str | None]] = {}
-        self._imported: dict[str, type] = {}
+        # How to rebuild the class of each tag met in decoding.
+        self._rebuilders: dict[str, Callable[[dict[str, Any]], object]] = {}
         self._error_classes: dict[str, type[BaseException] | None] = {}
         decoder = json.JSONDecoder(object_hook=self._hook)
         self._decoder = decoder
@@ -221,6 +235,7 @@ class JSONEncoder:
         self._names[cls] = name
         self._walkers.pop(cls, None)
         self._flat.pop(cls, None)
+        self._rebuilders.pop(name, None)
 
     # -- values ----------------------------------------------------------------
 
@@ -373,9 +388,10 @@ class JSONEncoder:
                     raise
 
         else:
-            names = tuple(
-                f.name for f in dataclasses.fields(cast("type[DataclassInstance]", t)) if f.init
-            )
+            # Every field, init=False ones too: decoding sets them as they are.
+            fields = dataclasses.fields(cast("type[DataclassInstance]", t))
+            names = tuple(f.name for f in fields)
+            not_init = frozenset(f.name for f in fields if not f.init)
             walk = self._walk
 
             def walker(v: object) -> object:
@@ -386,14 +402,47 @@ class JSONEncoder:
                         x = getattr(v, name)
                         out[name] = x if type(x) in _PLAIN else walk(x)
                 except _Unencodable as exc:
+                    if name in not_init:
+                        return self._walk_leaving_out(v, tag, fields)
                     exc.path.append(f".{name}")
                     raise
+                except AttributeError:  # a field never set
+                    return self._walk_leaving_out(v, tag, fields)
                 return out
 
         self._walkers[t] = walker
         if kind == "dataclass":
             self._flat[t] = _flat_writer(tag, names)
         return walker
+
+    def _walk_leaving_out(
+        self, v: object, tag: str, fields: tuple[dataclasses.Field[Any], ...]
+    ) -> object:
+        """A dataclass with a field that is unset or cannot be encoded.
+
+        Such an ``init=False`` field (a cache filled later, a lock) is left
+        out, and decoding rebuilds the value by its constructor, which gives
+        the field its default; such an ``init`` field is refused.
+        """
+        out: dict[str, object] = {"$": tag}
+        for f in fields:
+            try:
+                x = getattr(v, f.name)
+            except AttributeError:
+                if f.init:
+                    raise _Unencodable(
+                        f"dataclass {_error_type_name(type(v))} whose field {f.name!r} is unset",
+                        "set every field of a dataclass before it is stored",
+                    ) from None
+                continue
+            try:
+                out[f.name] = self._walk(x)
+            except _Unencodable as exc:
+                if not f.init:
+                    continue
+                exc.path.append(f".{f.name}")
+                raise
+        return out
 
     def decode(self, data: bytes) -> object:
         """Decode bytes written by :meth:`encode`.
@@ -458,21 +507,48 @@ class JSONEncoder:
         raise EncodingError(f"cannot decode malformed tagged object {_short.repr(d)}")
 
     def _rebuild(self, tag: str, d: dict[str, Any]) -> object:
-        cls = self._classes.get(tag)
-        if cls is None:
-            cls = self._imported.get(tag)
-            if cls is None:
-                cls = self._import(tag)
+        rebuild = self._rebuilders.get(tag)
+        if rebuild is None:
+            cls = self._classes.get(tag) or self._import(tag)
+            rebuild = self._rebuilders[tag] = self._rebuilder_for(cls)
         del d["$"]  # the parser made d for us alone; what is left are the fields
         try:
-            if issubclass(cls, enum.Enum):
-                return cls(d["value"])
-            return cls(**d)
+            return rebuild(d)
+        except EncodingError:
+            raise
         except Exception as exc:
             raise EncodingError(
                 f"cannot rebuild {tag} from the stored fields {_short.repr(d)}: {exc!r}; "
                 "did the class change since the value was stored?"
             ) from exc
+
+    def _rebuilder_for(self, cls: type) -> Callable[[dict[str, Any]], object]:
+        if issubclass(cls, enum.Enum):
+            return lambda d: cls(d["value"])
+        fields = dataclasses.fields(cast("type[DataclassInstance]", cls))
+        names = frozenset(f.name for f in fields)
+        new = cls.__new__
+        setattr_ = object.__setattr__
+        # As pickle and copy do: no __init__ or __post_init__ runs again, so the
+        # value comes back as it was stored. Fields kept in the instance's
+        # __dict__ are filled in one update; slots (a data descriptor on the
+        # class) are set one by one, past a frozen class's __setattr__.
+        in_dict = cls.__dictoffset__ != 0 and not any(
+            hasattr(inspect.getattr_static(cls, name, None), "__set__") for name in names
+        )
+
+        def rebuild(d: dict[str, Any]) -> object:
+            if d.keys() != names:
+                return _rebuild_partial(cls, fields, d)
+            obj = new(cls)
+            if in_dict:
+                obj.__dict__.update(d)
+            else:
+                for name, x in d.items():
+                    setattr_(obj, name, x)
+            return obj
+
+        return rebuild
 
     def _import(self, tag: str) -> type:
         module, sep, qualname = tag.partition(":")
@@ -489,7 +565,6 @@ class JSONEncoder:
             dataclasses.is_dataclass(cls) or issubclass(cls, enum.Enum)
         ):
             raise EncodingError(f"cannot decode a value of type {tag}: not a dataclass or Enum")
-        self._imported[tag] = cls
         return cls
 
     # -- errors ----------------------------------------------------------------
@@ -497,38 +572,50 @@ class JSONEncoder:
     def encode_error(self, error: BaseException) -> bytes:
         """Encode an exception: its type, message, traceback text, args and state.
 
-        Args and attributes that cannot be encoded are dropped (then the error
-        decodes as ``StoredError``); this method does not fail on them.
+        An exception group holding only ``Exception`` instances (what an
+        ``asyncio.TaskGroup`` raises) also stores them, each encoded the same
+        way but without its traceback (the group's shows them all). If an
+        arg or attribute cannot be encoded, the args are not stored and the
+        error decodes as ``StoredError`` with its type name and message;
+        this method does not fail on them.
         """
+        record = self._error_record(error)
+        record["traceback"] = _format_traceback(error)
+        try:
+            return self._dump(record).encode()
+        except ValueError:  # an int too long to print: keep type, message and traceback
+            kept = ("type", "message", "traceback")
+            return self._dumps({k: record[k] for k in kept}).encode()
+
+    def _error_record(self, error: BaseException) -> dict[str, object]:
         cls = type(error)
         try:
             message = str(error)
         except Exception:
             message = f"<unprintable {cls.__name__} object>"
-        record: dict[str, object] = {
-            "type": _error_type_name(cls),
-            "message": message,
-            "traceback": _format_traceback(error),
-        }
+        record: dict[str, object] = {"type": _error_type_name(cls), "message": message}
         args, state = _reduce(error)
-        if args is not None:
-            with contextlib.suppress(_Unencodable, RecursionError, ValueError):
-                record["args"] = self._walk_list(args)
-        if state:
-            encoded: dict[str, object] = {}
-            for key, attr in state.items():
+        if isinstance(error, BaseExceptionGroup):
+            # Its args hold the sub-exceptions, which are stored apart. A group
+            # holding a BaseException (a CancelledError) stays a StoredError.
+            args = None
+            if all(isinstance(sub, Exception) for sub in error.exceptions):
                 try:
-                    encoded[key] = self._walk(attr)
-                except (_Unencodable, RecursionError, ValueError):
-                    continue
-            if encoded:
-                record["state"] = encoded
+                    record["exceptions"] = [self._error_record(sub) for sub in error.exceptions]
+                    args = (error.message,)
+                except RecursionError:  # groups nested too deeply
+                    record.pop("exceptions", None)
         try:
-            return self._dump(record).encode()
-        except ValueError:  # an int too long to print: keep message and traceback
-            record.pop("args", None)
-            record.pop("state", None)
-            return self._dumps(record).encode()
+            if args is not None:
+                record["args"] = self._walk_list(args)
+            if state:
+                record["state"] = {key: self._walk(attr) for key, attr in state.items()}
+        except (_Unencodable, RecursionError, ValueError):
+            # Rebuilt without it, the error would lack the attribute or hold a
+            # wrong one (its constructor given the message): a StoredError instead.
+            for key in ("args", "state", "exceptions"):
+                record.pop(key, None)
+        return record
 
     def decode_error(self, data: bytes) -> BaseException:
         """Rebuild an exception written by :meth:`encode_error`.
@@ -539,7 +626,9 @@ class JSONEncoder:
         reason)`` calling ``super().__init__(message)``) is rebuilt without
         calling its constructor, and kept only if it then prints the stored
         message (else ``StoredError``). Its attributes and ``args`` (so its
-        message) are restored. Otherwise the result is a :class:`StoredError` with the type
+        message) are restored. An exception group is rebuilt as its class
+        with its decoded sub-exceptions, so ``except*`` still matches them.
+        Otherwise the result is a :class:`StoredError` with the type
         name, message and traceback. Either way, the stored traceback is
         attached as a note (PEP 678) beginning with :data:`NOTE_PREFIX`, so
         it prints below the new traceback. ``BaseException``-only types
@@ -550,6 +639,13 @@ class JSONEncoder:
             EncodingError: ``data`` is not an encoded error.
         """
         record = self.decode(data)
+        error = self._error_from(record)
+        if error is None:
+            raise EncodingError(f"cannot decode an error from {_short.repr(data)}")
+        return error
+
+    def _error_from(self, record: object) -> BaseException | None:
+        """The error a record holds, or ``None`` if it is not a record."""
         if not (
             type(record) is dict
             and type(record.get("type")) is str
@@ -557,14 +653,25 @@ class JSONEncoder:
             and type(record.get("traceback", "")) in (str, _NoneType)
             and type(record.get("args", [])) is list
             and type(record.get("state", {})) is dict
+            and type(record.get("exceptions", [])) is list
         ):
-            raise EncodingError(f"cannot decode an error from {_short.repr(data)}")
+            return None
         name: str = record["type"]
         tb: str | None = record.get("traceback")
         error: BaseException | None = None
         cls = self._error_class(name)
         args = record.get("args")
-        if cls is not None and args is not None:
+        subs: list[BaseException] | None = None
+        if "exceptions" in record:
+            subs = []
+            for sub_record in record["exceptions"]:
+                sub = self._error_from(sub_record)
+                if sub is None:
+                    return None
+                subs.append(sub)
+        if cls is not None and args is not None and (subs is not None) is _is_group(cls):
+            if subs is not None:
+                args = [*args, subs]
             error = _construct(cls, args, record.get("state", {}), record["message"])
         if error is None:
             error = StoredError(name, record["message"], tb)
@@ -585,11 +692,21 @@ class JSONEncoder:
                 break
             except Exception:
                 continue
-        found = cls if isinstance(cls, type) and issubclass(cls, Exception) else None
+        # A BaseExceptionGroup of Exceptions is rebuilt too; other
+        # BaseException-only types would cancel or stop the caller.
+        found = (
+            cls
+            if isinstance(cls, type) and (issubclass(cls, Exception) or _is_group(cls))
+            else None
+        )
         if len(self._error_classes) >= _MAX_CACHED:  # names come from data: stay bounded
             self._error_classes.clear()
         self._error_classes[name] = found
         return found
+
+
+def _is_group(cls: type) -> bool:
+    return issubclass(cls, BaseExceptionGroup)
 
 
 def _construct(
@@ -612,9 +729,11 @@ def _construct(
             error = cls.__new__(cls, *args)
     if not isinstance(error, BaseException):
         return None
-    for key, attr in state.items():
-        with contextlib.suppress(Exception):
+    try:
+        for key, attr in state.items():
             setattr(error, key, attr)
+    except Exception:  # an attribute it would lack: not the error that was raised
+        return None
     if _prints(error, message):
         return error
     # A constructor that formats its message (super().__init__(f"... {code}"))
@@ -629,6 +748,50 @@ def _prints(error: BaseException, message: str) -> bool:
         return str(error) == message
     except Exception:
         return False
+
+
+def _rebuild_partial(
+    cls: type, fields: tuple[dataclasses.Field[Any], ...], d: dict[str, Any]
+) -> object:
+    """Rebuild a dataclass from stored fields that are not exactly its fields.
+
+    A value stored without an ``init=False`` field (it was unset or not
+    encodable, or stored before such fields were) is rebuilt by the
+    constructor, as it was before, which fills the field in (with its
+    default, or as ``__post_init__`` computes it). A field the class gained
+    since, with a default, takes its default. Anything else means the class
+    changed in a way the stored value cannot follow.
+    """
+    by_name = {f.name: f for f in fields}
+    unknown = sorted(d.keys() - by_name.keys())
+    if unknown:
+        raise EncodingError(
+            f"cannot rebuild {_qualified(cls)} from the stored fields {_short.repr(d)}: "
+            f"it has no field {', '.join(map(repr, unknown))}; did the class change "
+            "since the value was stored?"
+        )
+    missing = [f for name, f in by_name.items() if name not in d]
+    if any(not f.init for f in missing):
+        built = cls(**{k: x for k, x in d.items() if by_name[k].init})
+        for k, x in d.items():
+            if not by_name[k].init:
+                object.__setattr__(built, k, x)
+        return built
+    obj = cls.__new__(cls)  # type: ignore[call-overload]  # cls is a dataclass
+    for f in missing:
+        if f.default is not dataclasses.MISSING:
+            d[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            d[f.name] = f.default_factory()
+        else:
+            raise EncodingError(
+                f"cannot rebuild {_qualified(cls)} from the stored fields {_short.repr(d)}: "
+                f"its field {f.name!r} is missing and has no default; did the class change "
+                "since the value was stored?"
+            )
+    for k, x in d.items():
+        object.__setattr__(obj, k, x)
+    return obj
 
 
 def _tag_nonfinite(obj: object) -> object:
@@ -711,12 +874,15 @@ def _flat_writer(tag: str, names: tuple[str, ...]) -> Callable[[Any], str | None
 
     def write(v: object) -> str | None:
         parts = [head]
-        for name, key in keys:
-            x = getattr(v, name)
-            scalar = _FLAT.get(type(x))
-            if scalar is None:
-                return None
-            parts.append(key + scalar(x))
+        try:
+            for name, key in keys:
+                x = getattr(v, name)
+                scalar = _FLAT.get(type(x))
+                if scalar is None:
+                    return None
+                parts.append(key + scalar(x))
+        except AttributeError:  # a field never set: the general path says what to do
+            return None
         parts.append("}")
         return "".join(parts)
 

@@ -5,20 +5,27 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import decimal
 import enum
 import json
 import math
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from resonate_async import errors
+from resonate_async import Context, Resonate, errors
 from resonate_async._command import Command
 from resonate_async._encoding import NOTE_PREFIX, Encoder, JSONEncoder, default_encoder
 from resonate_async.errors import EncodingError, StoredError
+from resonate_async.retry import never
+from resonate_async.testing import MemoryStore
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # -- module-level types, so that decoding can import them ----------------------
 
@@ -215,10 +222,150 @@ def test_nan_round_trips() -> None:
     assert math.isnan(decoded[0])
 
 
-def test_init_false_fields_are_recomputed() -> None:
-    value = WithDerived(3)
-    assert ENC.encode(value) == f'{{"$":"{MOD}:WithDerived","base":3}}'.encode()
-    assert ENC.decode(ENC.encode(value)) == value
+@dataclass
+class Doubled:
+    x: int
+
+    def __post_init__(self) -> None:
+        self.x *= 2
+
+
+@dataclass
+class Scaled:
+    a: int
+    scale: dataclasses.InitVar[int]
+
+    def __post_init__(self, scale: int) -> None:
+        self.a *= scale
+
+
+@dataclass
+class NonNegative:
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise ValueError("negative")
+
+
+@dataclass
+class Counter:
+    name: str
+    hits: int = dataclasses.field(init=False, default=0)
+    seen: list[str] = dataclasses.field(init=False, default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class FrozenSlots:
+    x: int
+    half: float = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "x", self.x + 1)
+        object.__setattr__(self, "half", self.x / 2)
+
+
+def _bumped(value: Any) -> Any:
+    value.n, value.hits = -5, 3  # set after the constructor checked it
+    return value
+
+
+def _counted(value: Counter) -> Counter:
+    value.hits += 2
+    value.seen.append("a")
+    return value
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        (Doubled(1), '"x":2'),  # __post_init__ ran once, when it was made
+        (Scaled(2, 10), '"a":20'),  # an InitVar is not a field: not needed to rebuild
+        (_bumped(NonNegative(1)), '"n":-5'),  # its __post_init__ would refuse it now
+        (_counted(Counter("c")), '"hits":2,"name":"c","seen":["a"]'),
+        (FrozenSlots(1), '"half":1.0,"x":2'),
+    ],
+    ids=["post-init", "init-var", "post-init-raises", "init-false", "frozen-slots"],
+)
+def test_dataclasses_come_back_as_they_were_stored(value: Any, stored: str) -> None:
+    # Rebuilt as pickle does: neither __init__ nor __post_init__ runs again,
+    # and init=False fields are stored like the others.
+    data = ENC.encode(value)
+    assert data == f'{{"$":"{MOD}:{type(value).__qualname__}",{stored}}}'.encode()
+    decoded = ENC.decode(data)
+    assert type(decoded) is type(value)
+    assert same(decoded, value)
+    assert ENC.encode(decoded) == data
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        # Stored before init=False fields were: rebuilt by the constructor as
+        # they were then, which gives the field its default or computes it.
+        ('"name":"c"', Counter("c")),
+        ('"base":3', WithDerived(3)),
+        # A field the class gained since, with a default, takes it.
+        ('"items":[1]', Box([1], "")),
+    ],
+    ids=["init-false-default", "init-false-derived", "new-field"],
+)
+def test_values_stored_with_fewer_fields_still_decode(stored: str, expected: Any) -> None:
+    decoded = ENC.decode(f'{{"$":"{MOD}:{type(expected).__qualname__}",{stored}}}'.encode())
+    assert type(decoded) is type(expected)
+    assert same(decoded, expected)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b'{"$":"%s:Point","x":1,"z":2}' % MOD.encode(), "it has no field 'z'"),
+        (b'{"$":"%s:Point","x":1}' % MOD.encode(), "its field 'y' is missing and has no default"),
+    ],
+    ids=["removed-field", "missing-field"],
+)
+def test_stored_fields_that_do_not_fit_the_class_say_so(data: bytes, message: str) -> None:
+    with pytest.raises(EncodingError, match="did the class change") as info:
+        ENC.decode(data)
+    assert message in str(info.value)
+
+
+@dataclass
+class Lazy:
+    key: str
+    cache: str = dataclasses.field(init=False)
+
+
+def test_an_unset_init_false_field_is_left_out() -> None:
+    data = ENC.encode(Lazy("k"))
+    assert data == f'{{"$":"{MOD}:Lazy","key":"k"}}'.encode()
+    assert not hasattr(ENC.decode(data), "cache")
+    filled = Lazy("k")
+    filled.cache = "v"
+    decoded = ENC.decode(ENC.encode(filled))
+    assert isinstance(decoded, Lazy) and decoded.cache == "v"
+
+
+@dataclass
+class Guarded:
+    key: str
+    lock: Any = dataclasses.field(init=False, default_factory=threading.Lock)
+
+
+def test_an_init_false_field_that_cannot_be_encoded_is_left_out() -> None:
+    # As before init=False fields were stored: the value decodes with a new one.
+    data = ENC.encode(Guarded("k"))
+    assert data == f'{{"$":"{MOD}:Guarded","key":"k"}}'.encode()
+    decoded = ENC.decode(data)
+    assert isinstance(decoded, Guarded) and decoded.key == "k"
+    assert isinstance(decoded.lock, type(threading.Lock()))
+
+
+def test_an_unset_init_field_is_refused() -> None:
+    value = Point(1, 2)
+    object.__delattr__(value, "y")
+    with pytest.raises(EncodingError, match=r"field 'y' is unset at value\[0\]"):
+        ENC.encode([value])
 
 
 def test_unregistered_command_uses_its_qualified_name() -> None:
@@ -456,6 +603,153 @@ def test_errors_that_cannot_be_rebuilt_become_stored_error(
     assert (decoded.type, decoded.message) == (type_name, message)
     assert decoded.traceback is not None
     assert "raise_and_catch" in decoded.traceback
+
+
+class InsufficientFunds(Exception):
+    def __init__(self, balance: object) -> None:
+        super().__init__("balance too low")
+        self.balance = balance
+
+
+class HTTPError(Exception):
+    def __init__(self, response: object) -> None:
+        super().__init__("HTTP 500")
+        self.response = response
+
+
+class Immutable(Exception):
+    """Its attributes cannot be set again once it is made."""
+
+    def __init__(self, code: object) -> None:
+        super().__init__(f"code {code}")
+        object.__setattr__(self, "code", code)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{name} is read-only")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [InsufficientFunds(decimal.Decimal("3.50")), HTTPError(object()), Immutable(7)],
+    ids=type,
+)
+def test_an_error_rebuilt_without_its_attribute_becomes_stored_error(error: Exception) -> None:
+    # As its own class it would lack the attribute or hold a wrong one
+    # (its constructor called with the message).
+    decoded = ENC.decode_error(ENC.encode_error(raise_and_catch(error)))
+    assert isinstance(decoded, StoredError)
+    assert (decoded.type, decoded.message) == (f"{MOD}.{type(error).__qualname__}", str(error))
+
+
+class Batch(BaseExceptionGroup[Exception]):
+    """A BaseExceptionGroup subclass, not an Exception, holding Exceptions."""
+
+
+def _group_failure() -> BaseException:
+    # What a workflow's asyncio.TaskGroup raises when two of its tasks fail.
+    async def fail(i: int) -> None:
+        raise ValueError(f"item {i}")
+
+    async def grouped() -> None:
+        async with asyncio.TaskGroup() as group:
+            for i in range(2):
+                group.create_task(fail(i))
+
+    try:
+        asyncio.run(grouped())
+    except BaseException as caught:
+        return caught
+    raise AssertionError("the group did not fail")  # pragma: no cover
+
+
+def _leaves(error: BaseException) -> list[tuple[type[BaseException], tuple[object, ...]]]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
+    return [(type(error), error.args)]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _group_failure,
+        lambda: ExceptionGroup(
+            "outer", [KeyError("k"), ExceptionGroup("inner", [PaymentDeclined("o", 5)])]
+        ),
+        lambda: Batch("batch", [ValueError("v")]),
+    ],
+    ids=["task-group", "nested", "base-group"],
+)
+def test_exception_groups_round_trip_with_their_sub_exceptions(
+    make: Callable[[], BaseException],
+) -> None:
+    error = make()
+    decoded = ENC.decode_error(ENC.encode_error(raise_and_catch(error)))
+    assert isinstance(decoded, BaseExceptionGroup) and isinstance(error, BaseExceptionGroup)
+    assert type(decoded) is type(error)
+    assert decoded.message == error.message
+    assert str(decoded) == str(error)
+    assert _leaves(decoded) == _leaves(error)
+    assert decoded.__notes__[-1].startswith(NOTE_PREFIX)  # the group's traceback, once
+    assert all(not hasattr(leaf, "__notes__") for leaf in decoded.exceptions)
+
+
+def test_except_star_matches_a_decoded_task_group_failure() -> None:
+    decoded = ENC.decode_error(ENC.encode_error(_group_failure()))
+    matched: list[BaseException] = []
+    try:
+        raise decoded
+    except* ValueError as group:
+        matched.extend(group.exceptions)
+    assert [str(e) for e in matched] == ["item 0", "item 1"]
+
+
+async def test_a_workflows_task_group_failure_is_caught_by_except_star() -> None:
+    resonate = Resonate(MemoryStore(), step_retry_policy=never())
+
+    async def check(ctx: Context, i: int) -> None:
+        raise ValueError(f"item {i}")
+
+    @resonate.register(retry_policy=never())
+    async def check_all(ctx: Context) -> None:
+        async def call(i: int) -> None:
+            await ctx.lfc(check, i)
+
+        async with asyncio.TaskGroup() as group:
+            for i in range(2):
+                group.create_task(call(i))
+
+    async with resonate:
+        with pytest.raises(ExceptionGroup) as first_run:
+            await resonate.run("r", check_all)
+        with pytest.raises(ExceptionGroup) as stored:
+            await resonate.get("r")
+    for info in (first_run, stored):
+        assert info.group_contains(ValueError, match="item 0")
+        assert info.group_contains(ValueError, match="item 1")
+
+
+@pytest.mark.parametrize(
+    ("error", "leaf"),
+    [
+        # A group holding a BaseException would cancel or stop the caller.
+        (BaseExceptionGroup("stop", [asyncio.CancelledError()]), None),
+        # A leaf that cannot be rebuilt is a StoredError; the group stays a group.
+        (ExceptionGroup("g", [HTTPError(object()), ValueError("v")]), f"{MOD}.HTTPError"),
+    ],
+    ids=["base-exception-leaf", "unencodable-leaf"],
+)
+def test_exception_groups_that_cannot_be_rebuilt_whole(
+    error: BaseException, leaf: str | None
+) -> None:
+    decoded = ENC.decode_error(ENC.encode_error(error))
+    if leaf is None:
+        assert isinstance(decoded, StoredError)
+        assert decoded.type == "BaseExceptionGroup"
+    else:
+        assert isinstance(decoded, ExceptionGroup)
+        first, second = decoded.exceptions
+        assert isinstance(first, StoredError) and first.type == leaf
+        assert type(second) is ValueError
 
 
 def test_local_exception_types_become_stored_error() -> None:
