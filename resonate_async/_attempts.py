@@ -63,6 +63,7 @@ class Attempts:
     clock: Clock
     encoded_none: bytes
     closing: bool
+    restarting: set[Context]
 
     async def attempts(
         self,
@@ -112,6 +113,7 @@ class Attempts:
                     raise inner from None
             except ReplayNow:
                 # Replay-every-step mode: a fresh call settled; re-run from the store.
+                self.restarting.discard(ctx)
                 if ctx._children:
                     for child in ctx._children:
                         child._fresh = False  # the restart replays them all at once

@@ -270,7 +270,7 @@ class Context:
         else:
             promise._version = 1
         try:
-            promise._param = self._engine.encode_for([list(args), kwargs], promise.id)
+            promise._param = self._engine.encode_args(args, kwargs, promise.id)
         except BaseException:
             promise._awaited = True  # the call is an error: no never-awaited warning on top
             raise

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import re
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -43,12 +44,13 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ._clock import Clock
+    from ._context import Context
     from ._encoding import Encoder
     from ._registry import HandlerEntry, Registry
     from .retry import RetryPolicy
     from .stores._base import Store
 
-__all__ = ("Engine",)
+__all__ = ("Engine", "argument_path")
 
 log = logging.getLogger("resonate_async")
 
@@ -79,6 +81,8 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         tracer_provider: Any = None,
     ) -> None:
         self.replay_every_step = replay_every_step
+        # Replay-every-step mode: the bodies unwinding for a restart.
+        self.restarting: set[Context] = set()
         self.tracing = Tracing(tracing, tracer_provider)
         self.store = store
         self.registry = registry
@@ -233,6 +237,14 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         except EncodingError as exc:
             raise EncodingError(f"{where}: {exc}") from None
 
+    def encode_args(self, args: Sequence[Any], kwargs: dict[str, Any], where: str) -> bytes:
+        """Encode a call's arguments or raise ``EncodingError`` naming the call
+        and the argument (not the ``[args, kwargs]`` list they are stored as)."""
+        try:
+            return self.encoder.encode([list(args), kwargs])
+        except EncodingError as exc:
+            raise EncodingError(f"{where}: {argument_path(str(exc))}") from None
+
     def try_encode_args(self, args: Sequence[Any], kwargs: dict[str, Any]) -> bytes | None:
         """Encoded step arguments for inspection, or ``None`` when not encodable."""
         try:
@@ -286,3 +298,10 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         if run is not None and run.replay is not None:
             run.replay[record.id] = record
         return self.outcome(record)
+
+
+def argument_path(message: str) -> str:
+    """``message`` with the path into ``[args, kwargs]`` told as the argument:
+    ``value[0][1]`` is ``argument 2``, ``value[1]['y']`` ``keyword argument 'y'``."""
+    message = re.sub(r"\bvalue\[0\]\[(\d+)\]", lambda m: f"argument {int(m[1]) + 1}", message)
+    return re.sub(r"\bvalue\[1\]\[('[^']*'|\"[^\"]*\")\]", r"keyword argument \1", message)

@@ -51,7 +51,7 @@ async def drive_generator(gen: Generator[Any, Any, Any]) -> Any:
     Yielding a ``Promise`` for the first time starts it and sends the promise
     back (``p = yield ctx.lfi(...)``); yielding it again, or yielding any other
     awaitable (``ctx.lfc(...)``, ``ctx.sleep(...)``), sends back its value or
-    throws its error into the generator.
+    throws its error into the generator (a cancellation too).
     """
     from ._promise import Promise
 
@@ -75,8 +75,7 @@ async def drive_generator(gen: Generator[Any, Any, Any]) -> Any:
             continue
         try:
             send = await yielded
-        except Exception as exc:
+        except BaseException as exc:
+            # Cancellation and a replay's restart too, as into a coroutine: a
+            # `finally` of the workflow may still yield its cleanup steps.
             error = exc
-        except BaseException:  # cancellation, or a replay: the generator is done
-            gen.close()
-            raise

@@ -261,9 +261,10 @@ class Promise(Generic[T]):
             ctx._children.append(self)
         try:
             self._value = yield from self._run_inline().__await__()
-        except asyncio.CancelledError:
-            # The awaiter stopped waiting (a timeout, a cancelled task): the
-            # call did not finish, so awaiting it again runs it again.
+        except (asyncio.CancelledError, ReplayNow):
+            # The awaiter stopped waiting (a timeout, a cancelled task), or its
+            # body is being restarted: the call did not finish, so awaiting it
+            # again runs it again.
             self._state = _NOT_STARTED
             self._wake_inline_waiters()
             raise
@@ -306,6 +307,7 @@ class Promise(Generic[T]):
         if error is not None and isinstance(error, _NOT_SETTLED):
             return
         self._fresh = False
+        self._ctx._engine.restarting.add(self._ctx)  # until the restart (see _replayed)
         raise ReplayNow
 
     def _outcome(self) -> T:
@@ -404,9 +406,17 @@ class Promise(Generic[T]):
         return run.replay.get(self.id) if run is not None and run.replay else None
 
     def _replayed(self) -> PromiseRecord | None:
-        """The stored, settled record of this call, checking it is the same call."""
+        """The stored, settled record of this call, checking it is the same call.
+
+        ``None``: the call is to run now. Not in a body that replay-every-step
+        mode is restarting (a ``finally`` awaiting a cleanup step as it
+        unwinds): that call runs after the restart, in program order.
+        """
         stored = self._stored()
         if stored is None:
+            restarting = self._ctx._engine.restarting
+            if restarting and self._ctx in restarting:
+                raise ReplayNow
             return None
         expected = self._func_name()
         # An id the caller gave is shared by whatever calls it: not checked.

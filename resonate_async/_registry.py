@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from enum import Enum
@@ -37,10 +38,17 @@ def call_style(fn: Callable[..., Any]) -> CallStyle:
     code = getattr(fn, "__code__", None)
     style = _styles.get(code) if code is not None else None
     if style is None:
-        if inspect.iscoroutinefunction(fn):
+        # A callable object is called through its __call__.
+        call = fn if code is not None else getattr(fn, "__call__", None)  # noqa: B004
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call):
             style = CallStyle.ASYNC
-        elif inspect.isgeneratorfunction(fn):
+        elif inspect.isgeneratorfunction(fn) or inspect.isgeneratorfunction(call):
             style = CallStyle.GENERATOR
+        elif inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(call):
+            raise TypeError(
+                f"{function_name(fn)} is an async generator: a durable function "
+                "returns its value (an `async def` without `yield`)"
+            )
         elif callable(fn):
             style = CallStyle.SYNC
         else:
@@ -54,8 +62,13 @@ def call_style(fn: Callable[..., Any]) -> CallStyle:
 
 
 def function_name(fn: Callable[..., Any]) -> str:
-    """The default name of a function: its ``__qualname__``."""
-    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn)))
+    """The default name of a function: its ``__qualname__``; a partial's is its
+    function's, a callable object's its class's. Never a ``repr``, whose
+    memory address would differ in the process that replays the call."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    return str(name or type(fn).__qualname__)
 
 
 @dataclass(slots=True, frozen=True)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from ._clock import check_seconds
 from ._encoding import JSONEncoder
-from ._engine import Engine
+from ._engine import Engine, argument_path
 from ._handle import Handle
 from ._leases import abandoned_workers, default_worker_id
 from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry, call_style, function_name
@@ -490,7 +490,8 @@ class Resonate:
         try:
             param = self._encoder.encode([list(args), kwargs])
         except EncodingError as exc:
-            raise EncodingError(f"run {id!r} of {entry.name!r}: {exc}") from None
+            where = f"run {id!r} of {entry.name!r}"
+            raise EncodingError(f"{where}: {argument_path(str(exc))}") from None
         existing = engine.runs.get(id)
         if existing is not None:
             if existing.entry is entry and existing.param == param:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -19,7 +19,7 @@ from resonate_async import (
 from resonate_async.retry import never
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Awaitable, Generator
 
 
 @dataclass
@@ -124,3 +124,37 @@ def test_a_task_group_that_failed_otherwise_next_to_a_replay_stays_pending() -> 
     assert unwrap_group(nested) is disk
     assert isinstance(unwrap_group(BaseExceptionGroup("g", [ValueError(), ReplayNow()])), ReplayNow)
     assert unwrap_group(ExceptionGroup("g", [ValueError("own")])) is None
+
+
+@pytest.mark.parametrize("style", ["async", "generator"])
+async def test_a_cleanup_step_in_finally_runs_once_in_program_order(style: str) -> None:
+    # The body unwinding for a restart used to run its `finally`'s step then,
+    # out of program order: the restart then found that step where the body
+    # makes its second call, and stopped the run as nondeterministic.
+    resonate = Resonate(MemoryStore(), replay_every_step=True)
+    effects: list[str] = []
+
+    async def step(ctx: Context, name: str) -> str:
+        effects.append(name)
+        return name
+
+    async def as_coroutine(ctx: Context) -> str:
+        try:
+            await ctx.lfc(step, "first")
+            return await ctx.lfc(step, "second")
+        finally:
+            await ctx.lfc(step, "cleanup")
+
+    def as_generator(ctx: Context) -> Generator[Any, Any, str]:
+        try:
+            yield ctx.lfc(step, "first")
+            second: str = yield ctx.lfc(step, "second")
+            return second
+        finally:
+            yield ctx.lfc(step, "cleanup")
+
+    body = as_coroutine if style == "async" else as_generator
+    resonate.register(body, name="tidy", retry_policy=never())
+    async with resonate:
+        assert await asyncio.wait_for(resonate.run("t", "tidy").result(), 10) == "second"
+    assert effects == ["first", "second", "cleanup"]

@@ -247,3 +247,34 @@ def test_a_resonate_used_from_another_event_loop_says_so() -> None:
         loop.run_until_complete(resonate.aclose())
     finally:
         loop.close()
+
+
+async def test_an_argument_that_cannot_be_encoded_is_named_as_an_argument() -> None:
+    # Not by the [args, kwargs] list the arguments are stored as.
+    from resonate_async import EncodingError
+
+    resonate = Resonate(MemoryStore())
+    errors: list[str] = []
+
+    @resonate.register(name="takes")
+    async def takes(ctx: Context, *args: Any, y: Any = None) -> None:
+        return None
+
+    @resonate.register(name="calls")
+    async def calls(ctx: Context) -> None:
+        try:
+            ctx.rfi(takes, 1, {2})
+        except EncodingError as exc:
+            errors.append(str(exc))
+
+    async with resonate:
+        with pytest.raises(EncodingError) as caught:
+            resonate.run("a", takes, {1})
+        errors.append(str(caught.value))
+        with pytest.raises(EncodingError) as caught:
+            resonate.run("b", takes, y=[{1}])
+        errors.append(str(caught.value))
+        await resonate.run("c", calls)
+    assert "run 'a' of 'takes': cannot encode a value of type set at argument 1:" in errors[0]
+    assert "at keyword argument 'y'[0]:" in errors[1]
+    assert errors[2].startswith("c.1: cannot encode a value of type set at argument 2:")
