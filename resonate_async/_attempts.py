@@ -122,7 +122,7 @@ class Attempts:
                     run.replay = {r.id: r for r in await self.store.tree(run.id)}
                 continue
             except LEAVE_PENDING:
-                ctx._cancel_children()
+                await ctx._stop_children()
                 raise
             except Exception as exc:
                 final = await self._failed(run, id, ctx, exc, attempt, policy, deadline)

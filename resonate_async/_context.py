@@ -347,6 +347,18 @@ class Context:
         for child in self._children or ():
             child._cancel()
 
+    async def _stop_children(self) -> None:
+        """Cancel every child and wait for those running in tasks to stop: no
+        child step outlives its run's cancellation, or the shutdown."""
+        self._cancel_children()
+        running = [
+            child._future
+            for child in self._children or ()
+            if isinstance(child._future, asyncio.Task) and not child._future.done()
+        ]
+        if running:
+            await asyncio.wait(running)
+
 
 def _stopped(child: Promise[Any]) -> bool:
     """Whether ``child`` was stopped without an outcome: cancelled, or (an

@@ -174,10 +174,10 @@ class Resonate:
         """
         self._forget_ended_loop()
         await self._close_orphaned_store()
+        if self._closing is not None and not self._closing.done():
+            await asyncio.shield(self._closing)  # an aclose() in progress: start after it
         if self._engine is not None:
             raise RuntimeError("this Resonate is already started; call aclose() first")
-        if self._closing is not None and not self._closing.done():
-            await asyncio.shield(self._closing)
         self._closing = None
         self._stopped_stats = None
         store = store_from_spec(self._store_spec)
@@ -270,11 +270,16 @@ class Resonate:
         if store is None:
             return
         # Best effort: its connections may belong to the ended loop, and a
-        # lock held by one of that loop's tasks would never be released.
-        try:
-            await asyncio.wait_for(store.close(), timeout=max(self._grace, 1.0))
-        except Exception as exc:  # TimeoutError included
-            log.warning("closing the store of the ended event loop failed: %r", exc)
+        # lock held by one of that loop's tasks would never be released. Not
+        # wait_for: a close stuck on that loop's dead parts may not even end
+        # once cancelled, and this start must go ahead regardless.
+        closing = asyncio.ensure_future(store.close())
+        done, _ = await asyncio.wait({closing}, timeout=max(self._grace, 1.0))
+        if not done:
+            closing.cancel()
+            log.warning("closing the store of the ended event loop timed out; left behind")
+        elif closing.exception() is not None:
+            log.warning("closing the store of the ended event loop failed: %r", closing.exception())
 
     async def __aenter__(self) -> Resonate:
         await self.start()

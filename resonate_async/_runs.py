@@ -341,7 +341,7 @@ class RunDriver(Attempts):
                     if ctx._children:
                         await ctx._join_children()
                 except LEAVE_PENDING:
-                    ctx._cancel_children()
+                    await ctx._stop_children()
                     raise
                 except BaseExceptionGroup as exc:  # an asyncio.TaskGroup in the body
                     state, data = await self._after_group(run, entry, ctx, exc)
@@ -454,7 +454,7 @@ class RunDriver(Attempts):
         every suspended run's frame.)"""
         inner = unwrap_group(group)
         if inner is not None:
-            ctx._cancel_children()
+            await ctx._stop_children()
             raise inner from None
         if not isinstance(group, Exception):
             raise group

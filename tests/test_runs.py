@@ -709,3 +709,89 @@ def test_a_run_in_flight_when_asyncio_run_returns_stays_pending_and_resumes(
     asyncio.run(begin())
     assert first.done() and isinstance(first._outcome, ShutdownError)
     assert asyncio.run(again()) == "done"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_start_goes_ahead_when_the_ended_loops_sqlite_thread_died(tmp_path: Path) -> None:
+    # aiosqlite's thread dies when it hands a result to a loop that has ended
+    # (a query still running as asyncio.run returned); the store's close then
+    # never got an answer, and the next start hung for ever.
+    import threading
+
+    resonate = Resonate(str(tmp_path / "r.db"))
+    release = threading.Event()
+    holder: list[Any] = []
+
+    @resonate.register
+    async def echo(ctx: Context, x: int) -> int:
+        return x
+
+    async def ends_mid_query() -> None:
+        await resonate.start()
+        conn = resonate._engine.store._conn  # type: ignore[union-attr]
+        holder.append(conn)
+        future = asyncio.get_running_loop().create_future()
+        conn._tx.put_nowait((future, release.wait))  # a call the loop will not see end
+
+    async def next_start() -> None:
+        async with resonate:
+            assert await resonate.run("a", echo, 1) == 1
+
+    asyncio.run(ends_mid_query())
+    release.set()
+    holder[0]._thread.join(10)
+    assert not holder[0]._thread.is_alive()
+    asyncio.run(asyncio.wait_for(next_start(), 3))  # not the 5 s grace, nor for ever
+
+
+async def test_a_start_during_an_aclose_waits_for_it_and_starts() -> None:
+    resonate = make()
+
+    @resonate.register
+    async def echo(ctx: Context, x: int) -> int:
+        return x
+
+    await resonate.start()
+    closing = asyncio.create_task(resonate.aclose())
+    await asyncio.sleep(0)  # the close has begun
+    await resonate.start()
+    try:
+        await closing
+        assert await resonate.run("a", echo, 1) == 1
+    finally:
+        await resonate.aclose()
+
+
+@pytest.mark.parametrize("how", ["aclose", "cancel"])
+async def test_no_lfi_child_outlives_its_runs_shutdown_or_cancel(how: str) -> None:
+    resonate = make()
+    started = asyncio.Event()
+    log: list[str] = []
+
+    async def child(ctx: Context) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.01)  # its cleanup
+            log.append("child stopped")
+            raise
+
+    @resonate.register
+    async def parent(ctx: Context) -> None:
+        await ctx.lfi(child)
+
+    await resonate.start()
+    try:
+        handle = resonate.run("p", parent)
+        await started.wait()
+        if how == "cancel":
+            handle.cancel()
+            with pytest.raises(CanceledError):
+                await handle
+            assert log == ["child stopped"]  # before the run settled
+    finally:
+        await resonate.aclose()
+    assert log == ["child stopped"]
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert others == []

@@ -242,11 +242,16 @@ class SQLiteStore(StoreLifecycle):
 
     async def close(self) -> None:
         """Wait for the call in progress, then close the connection. Idempotent."""
+        conn = self._conn
+        if conn is not None and _dead(conn):  # see _close
+            self._conn = None
+            conn._connection = None
+            return
         async with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None:
                 try:
-                    await conn.close()
+                    await _close(conn)
                 except sqlite3.Error as exc:
                     raise StoreError(f"closing {self._path!r} failed: {exc}") from exc
 
@@ -442,3 +447,26 @@ async def _rollback(conn: aiosqlite.Connection) -> None:
     # and the original error is the one worth reporting.
     with suppress(sqlite3.Error):
         await conn.rollback()
+
+
+def _dead(conn: aiosqlite.Connection) -> bool:
+    """Whether aiosqlite's thread (private) has died: it does when it hands a
+    result to an event loop that has ended (a store left open by an
+    ``asyncio.run`` that returned), and then never answers again."""
+    thread = conn._thread
+    return thread.ident is not None and not thread.is_alive()
+
+
+async def _close(conn: aiosqlite.Connection) -> None:
+    """``conn.close()``, unless its thread dies first: then its answer never
+    comes, and the connection is left for sqlite3 to close as it is freed."""
+    closing = asyncio.ensure_future(conn.close())
+    while not (await asyncio.wait({closing}, timeout=0.1))[0]:
+        if _dead(conn):
+            conn._connection = None
+            # aiosqlite's close awaits once more in its `finally`: cancel both.
+            closing.cancel()
+            await asyncio.sleep(0)
+            closing.cancel()
+            return
+    closing.result()
