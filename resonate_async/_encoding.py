@@ -1,4 +1,4 @@
-"""How arguments, values and errors become bytes in the store, and back.
+"""How arguments and values become bytes in the store, and back.
 
 The default :class:`JSONEncoder` writes canonical JSON (sorted keys, no
 whitespace, ASCII only), so equal values always encode to equal bytes: the
@@ -28,38 +28,33 @@ that is unset or cannot be encoded (a lock) is left out; a value stored
 without one (or stored before they were) is rebuilt by calling the class
 with its other fields, which gives the field its default.
 
-Errors are written as ``{"type", "message", "traceback", "args", "state"}``
-(plus ``"exceptions"``, the records of an exception group's sub-exceptions)
-and rebuilt as their original class when it can be imported (by its
-constructor, or by ``__new__`` when the constructor takes other arguments
-than the error's ``args``); otherwise, or when an arg or attribute could not
-be stored, as :class:`~resonate_async.errors.StoredError`.
+Errors are records of such values; ``_error_encoding.py`` holds how they
+are written and rebuilt, and :class:`JSONEncoder` hands its error methods to
+the :class:`~resonate_async._error_encoding.ErrorCodec` it owns.
 """
 
 from __future__ import annotations
 
 import binascii
-import contextlib
 import dataclasses
 import enum
-import importlib
 import inspect
 import json
 import reprlib
-import traceback
 from binascii import a2b_base64, b2a_base64
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from ._command import Command
-from .errors import EncodingError, StoredError
+from ._error_encoding import ErrorCodec, import_attr, type_name
+from .errors import EncodingError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from _typeshed import DataclassInstance
 
-__all__ = ("NOTE_PREFIX", "Encoder", "JSONEncoder", "default_encoder")
+__all__ = ("Encoder", "JSONEncoder", "default_encoder")
 
 _NoneType: Final = type(None)
 # Values of these types are JSON as they are (nan and inf are tagged afterwards,
@@ -73,10 +68,6 @@ _SUPPORTED: Final = (
     "the JSON encoder handles None, bool, int, float, str, bytes, list, tuple, "
     "dict with str keys, dataclasses and Enum members"
 )
-# Marks the note that carries a decoded error's stored traceback.
-NOTE_PREFIX: Final = "Stored traceback (where the error was raised, maybe in another process):\n"
-_MAX_TRACEBACK: Final = 16_384
-_MAX_CACHED: Final = 1024
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 60
 
@@ -128,20 +119,6 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _error_type_name(cls: type) -> str:
-    # The name a traceback would print: builtins bare, others dotted.
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _import_attr(module: str, qualname: str) -> object:
-    obj: object = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 class JSONEncoder:
     """The default :class:`Encoder`: canonical JSON, no pickle.
 
@@ -177,7 +154,6 @@ class JSONEncoder:
         self._flat: dict[type, Callable[[Any], str | None]] = {}
         # How to rebuild the class of each tag met in decoding.
         self._rebuilders: dict[str, Callable[[dict[str, Any]], object]] = {}
-        self._error_classes: dict[str, type[BaseException] | None] = {}
         decoder = json.JSONDecoder(object_hook=self._hook)
         self._decoder = decoder
         # The C scanner: parse one value at an index, with no whitespace handling.
@@ -193,6 +169,7 @@ class JSONEncoder:
             self._dumps = json.JSONEncoder(
                 sort_keys=True, separators=(",", ":"), allow_nan=False
             ).encode
+        self._errors = ErrorCodec(self._walk_or_none, self._dump, self.decode)
 
     # -- registration ----------------------------------------------------------
 
@@ -326,6 +303,13 @@ class JSONEncoder:
                 return label
         return "?"  # pragma: no cover
 
+    def _walk_or_none(self, items: list[object] | tuple[object, ...]) -> list[object] | None:
+        """``items`` walked, or ``None`` if one cannot be encoded (an error's args)."""
+        try:
+            return self._walk_list(items)
+        except (_Unencodable, RecursionError, ValueError):
+            return None
+
     def _walk_tuple(self, v: tuple[object, ...]) -> object:
         return {"$": "tuple", "v": self._walk_list(v)}
 
@@ -336,7 +320,7 @@ class JSONEncoder:
         else:
             k = next(k for k in v if type(k) is not str)
             raise _Unencodable(
-                f"dict key {_short.repr(k)} of type {_error_type_name(type(k))}",
+                f"dict key {_short.repr(k)} of type {type_name(type(k))}",
                 "JSON object keys must be str; convert the keys (e.g. with str())",
             )
         try:
@@ -365,7 +349,7 @@ class JSONEncoder:
             )
         else:
             raise _Unencodable(
-                f"a value of type {_error_type_name(t)}",
+                f"a value of type {type_name(t)}",
                 f"{_SUPPORTED}; convert it to one of those, or give Resonate(encoder=...) "
                 "an encoder that handles it",
             )
@@ -431,7 +415,7 @@ class JSONEncoder:
             except AttributeError:
                 if f.init:
                     raise _Unencodable(
-                        f"dataclass {_error_type_name(type(v))} whose field {f.name!r} is unset",
+                        f"dataclass {type_name(type(v))} whose field {f.name!r} is unset",
                         "set every field of a dataclass before it is stored",
                     ) from None
                 continue
@@ -558,7 +542,7 @@ class JSONEncoder:
                 "name; register its command handler (or the type) before decoding"
             )
         try:
-            cls = _import_attr(module, qualname)
+            cls = import_attr(module, qualname)
         except Exception as exc:
             raise EncodingError(f"cannot decode a value of type {tag}: {exc!r}") from exc
         if not isinstance(cls, type) or not (
@@ -579,43 +563,7 @@ class JSONEncoder:
         error decodes as ``StoredError`` with its type name and message;
         this method does not fail on them.
         """
-        record = self._error_record(error)
-        record["traceback"] = _format_traceback(error)
-        try:
-            return self._dump(record).encode()
-        except ValueError:  # an int too long to print: keep type, message and traceback
-            kept = ("type", "message", "traceback")
-            return self._dumps({k: record[k] for k in kept}).encode()
-
-    def _error_record(self, error: BaseException) -> dict[str, object]:
-        cls = type(error)
-        try:
-            message = str(error)
-        except Exception:
-            message = f"<unprintable {cls.__name__} object>"
-        record: dict[str, object] = {"type": _error_type_name(cls), "message": message}
-        args, state = _reduce(error)
-        if isinstance(error, BaseExceptionGroup):
-            # Its args hold the sub-exceptions, which are stored apart. A group
-            # holding a BaseException (a CancelledError) stays a StoredError.
-            args = None
-            if all(isinstance(sub, Exception) for sub in error.exceptions):
-                try:
-                    record["exceptions"] = [self._error_record(sub) for sub in error.exceptions]
-                    args = (error.message,)
-                except RecursionError:  # groups nested too deeply
-                    record.pop("exceptions", None)
-        try:
-            if args is not None:
-                record["args"] = self._walk_list(args)
-            if state:
-                record["state"] = {key: self._walk(attr) for key, attr in state.items()}
-        except (_Unencodable, RecursionError, ValueError):
-            # Rebuilt without it, the error would lack the attribute or hold a
-            # wrong one (its constructor given the message): a StoredError instead.
-            for key in ("args", "state", "exceptions"):
-                record.pop(key, None)
-        return record
+        return self._errors.encode(error)
 
     def decode_error(self, data: bytes) -> BaseException:
         """Rebuild an exception written by :meth:`encode_error`.
@@ -630,124 +578,16 @@ class JSONEncoder:
         with its decoded sub-exceptions, so ``except*`` still matches them.
         Otherwise the result is a :class:`StoredError` with the type
         name, message and traceback. Either way, the stored traceback is
-        attached as a note (PEP 678) beginning with :data:`NOTE_PREFIX`, so
-        it prints below the new traceback. ``BaseException``-only types
+        attached as a note (PEP 678) beginning with
+        :data:`~resonate_async._error_encoding.NOTE_PREFIX`, so it prints
+        below the new traceback. ``BaseException``-only types
         (``CancelledError``, ``KeyboardInterrupt``, ...) always decode as
         ``StoredError``: re-raising them would cancel or stop the caller.
 
         Raises:
             EncodingError: ``data`` is not an encoded error.
         """
-        record = self.decode(data)
-        error = self._error_from(record)
-        if error is None:
-            raise EncodingError(f"cannot decode an error from {_short.repr(data)}")
-        return error
-
-    def _error_from(self, record: object) -> BaseException | None:
-        """The error a record holds, or ``None`` if it is not a record."""
-        if not (
-            type(record) is dict
-            and type(record.get("type")) is str
-            and type(record.get("message")) is str
-            and type(record.get("traceback", "")) in (str, _NoneType)
-            and type(record.get("args", [])) is list
-            and type(record.get("state", {})) is dict
-            and type(record.get("exceptions", [])) is list
-        ):
-            return None
-        name: str = record["type"]
-        tb: str | None = record.get("traceback")
-        error: BaseException | None = None
-        cls = self._error_class(name)
-        args = record.get("args")
-        subs: list[BaseException] | None = None
-        if "exceptions" in record:
-            subs = []
-            for sub_record in record["exceptions"]:
-                sub = self._error_from(sub_record)
-                if sub is None:
-                    return None
-                subs.append(sub)
-        if cls is not None and args is not None and (subs is not None) is _is_group(cls):
-            if subs is not None:
-                args = [*args, subs]
-            error = _construct(cls, args, record.get("state", {}), record["message"])
-        if error is None:
-            error = StoredError(name, record["message"], tb)
-        if tb:
-            error.add_note(NOTE_PREFIX + tb)
-        return error
-
-    def _error_class(self, name: str) -> type[BaseException] | None:
-        if name in self._error_classes:
-            return self._error_classes[name]
-        cls: object = None
-        parts = name.split(".")
-        if len(parts) == 1:
-            parts.insert(0, "builtins")
-        for i in range(len(parts) - 1, 0, -1):
-            try:
-                cls = _import_attr(".".join(parts[:i]), ".".join(parts[i:]))
-                break
-            except Exception:
-                continue
-        # A BaseExceptionGroup of Exceptions is rebuilt too; other
-        # BaseException-only types would cancel or stop the caller.
-        found = (
-            cls
-            if isinstance(cls, type) and (issubclass(cls, Exception) or _is_group(cls))
-            else None
-        )
-        if len(self._error_classes) >= _MAX_CACHED:  # names come from data: stay bounded
-            self._error_classes.clear()
-        self._error_classes[name] = found
-        return found
-
-
-def _is_group(cls: type) -> bool:
-    return issubclass(cls, BaseExceptionGroup)
-
-
-def _construct(
-    cls: type[BaseException], args: list[Any], state: dict[str, Any], message: str
-) -> BaseException | None:
-    """An instance of ``cls`` rebuilt from its reduced ``args`` and ``state``
-    (its ``__dict__``); ``message`` is what ``str()`` gave originally.
-
-    By its constructor if it takes ``args``, else by ``__new__`` alone, which
-    is kept only if the result prints the original message (a class with
-    slots or a constructor of its own would come back incomplete).
-    """
-    error: object = None
-    constructed = True
-    try:
-        error = cls(*args)
-    except Exception:
-        constructed = False
-        with contextlib.suppress(Exception):
-            error = cls.__new__(cls, *args)
-    if not isinstance(error, BaseException):
-        return None
-    try:
-        for key, attr in state.items():
-            setattr(error, key, attr)
-    except Exception:  # an attribute it would lack: not the error that was raised
-        return None
-    if _prints(error, message):
-        return error
-    # A constructor that formats its message (super().__init__(f"... {code}"))
-    # formats the stored message again: then the stored args are the message.
-    with contextlib.suppress(Exception):
-        error.args = tuple(args)
-    return error if constructed or _prints(error, message) else None
-
-
-def _prints(error: BaseException, message: str) -> bool:
-    try:
-        return str(error) == message
-    except Exception:
-        return False
+        return self._errors.decode(data)
 
 
 def _rebuild_partial(
@@ -804,41 +644,6 @@ def _tag_nonfinite(obj: object) -> object:
     if t is dict:
         return {k: _tag_nonfinite(x) for k, x in obj.items()}  # type: ignore[attr-defined]
     return obj
-
-
-def _reduce(error: BaseException) -> tuple[tuple[object, ...] | None, dict[str, object]]:
-    """The constructor args and attributes that rebuild ``error``, as pickle would."""
-    try:
-        reduced = error.__reduce__()
-    except Exception:
-        return None, {}
-    if not (
-        isinstance(reduced, tuple)
-        and len(reduced) >= 2
-        and reduced[0] is type(error)
-        and type(reduced[1]) is tuple
-    ):
-        return None, {}
-    state = reduced[2] if len(reduced) > 2 and isinstance(reduced[2], dict) else {}
-    notes = state.get("__notes__")
-    if isinstance(notes, list):
-        # Our own note is already inside the traceback text; keep only the user's.
-        kept = [n for n in notes if not (isinstance(n, str) and n.startswith(NOTE_PREFIX))]
-        state = (
-            {**state, "__notes__": kept}
-            if kept
-            else {k: v for k, v in state.items() if k != "__notes__"}
-        )
-    return reduced[1], {k: v for k, v in state.items() if type(k) is str}
-
-
-def _format_traceback(error: BaseException) -> str:
-    text = "".join(traceback.format_exception(error))
-    if len(text) > _MAX_TRACEBACK:
-        # The innermost frames and the notes at the end matter most.
-        cut = len(text) - _MAX_TRACEBACK
-        text = f"[{cut} characters of traceback omitted]\n" + text[cut:]
-    return text
 
 
 def default_encoder() -> JSONEncoder:

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from resonate_async import Context, Resonate, errors
 from resonate_async._command import Command
-from resonate_async._encoding import NOTE_PREFIX, Encoder, JSONEncoder, default_encoder
+from resonate_async._encoding import Encoder, JSONEncoder, default_encoder
+from resonate_async._error_encoding import NOTE_PREFIX
 from resonate_async.errors import EncodingError, StoredError
 from resonate_async.retry import never
 from resonate_async.testing import MemoryStore
