@@ -1,9 +1,12 @@
 """Durable workflows behind an async web server: answer 202 once the run is durable.
 
-    python examples/web.py --port 8080        # serve until Ctrl-C or SIGTERM
+    python examples/web.py --port 8080 --store signups.db   # serve until Ctrl-C or SIGTERM
     curl -X POST localhost:8080/signups/7     # 202 Accepted, the run is stored
     curl localhost:8080/signups/7             # {"state": "RESOLVED", "value": ...}
     python examples/web.py --selftest 300     # start, send 300 signups, check, stop
+
+Without ``--store`` the promise store is a temporary file, deleted at exit:
+enough to try the endpoints, not to see a run survive a restart.
 
 ``POST /signups/<user>`` starts the run ``signup-<user>`` and answers as soon
 as its root promise is committed (``await handle.created()``): from then on a
@@ -33,7 +36,7 @@ from typing import Any
 
 import aiosqlite
 
-from resonate_async import Command, Context, Resonate, State
+from resonate_async import Command, Context, Resonate, ShutdownError, State
 
 resonate = Resonate(":memory:")  # main() points it at a SQLite file
 
@@ -90,9 +93,13 @@ async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
     try:
         head = await reader.readuntil(b"\r\n\r\n")
         method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-        status, body = await route(method, path)
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
         status, body = 400, {"error": "bad request"}
+    else:
+        try:
+            status, body = await route(method, path)
+        except (ShutdownError, RuntimeError):  # the server is shutting down: try again later
+            status, body = 503, {"error": "shutting down; retry"}
     data = json.dumps(body).encode()
     reason = {
         200: "OK",
@@ -100,6 +107,7 @@ async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
         400: "Bad Request",
         404: "Not Found",
         405: "Method Not Allowed",
+        503: "Service Unavailable",
     }[status]
     writer.write(
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"

@@ -30,6 +30,7 @@ from ._promise import (
     _SLEEP,
     _STEP,
     Promise,
+    check_id,
 )
 from ._registry import call_style, function_name
 
@@ -301,6 +302,8 @@ class Context:
         """
         if timeout is not None:
             check_seconds("timeout", timeout)
+        if id is not None:
+            check_id(id, "id")
         child_id = self._next_id()
         promise: Promise[Any] = Promise(
             self, child_id if id is None else id, _EXTERNAL, timeout, (), {}

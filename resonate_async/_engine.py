@@ -122,6 +122,7 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         # Held while leases are freed and claimed, so those never interleave.
         self.claiming = asyncio.Lock()
         self._claim_wakeup = asyncio.Event()
+        self._claim_lost = False  # a claim failed: rows may be leased here, not running
         self._listening = False
         # Stores that only processes of this host can open (SQLite) let a dead
         # pid free its leases at once; networked stores wait for the lease.
@@ -146,7 +147,7 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         if listen is not None:  # PostgreSQL: woken by NOTIFY instead of polling
             await listen(self._on_settled_notice)
             self._listening = True
-        await self._release_dead_owners(at_start=True)
+        await self._release_dead_owners(own=True)
         await self.recover()
         self._services.append(self._spawn_service(self._claim_loop(), "claims"))
 

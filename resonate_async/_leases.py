@@ -102,6 +102,7 @@ class LeaseKeeper:
     claiming: asyncio.Lock
     _single_host: bool
     _claim_wakeup: asyncio.Event
+    _claim_lost: bool
 
     if TYPE_CHECKING:
 
@@ -124,17 +125,27 @@ class LeaseKeeper:
         keys = list(self.registry.keys() if keys is None else keys)
         if not keys or self.closing:
             return 0
+        if self._claim_lost:
+            # A claim whose answer was lost may have leased rows to this
+            # worker that nothing here runs, and that the heartbeat would
+            # renew for ever: free them, for this claim to take them again.
+            await self._release_dead_owners(own=True)
+            self._claim_lost = False
         resumed = 0
         while True:
             now = self.clock.now()
-            claimed = await self.store.claim(
-                self.worker_id,
-                now=now,
-                lease_until=now + self.lease_seconds,
-                funcs=keys,
-                kinds=(Kind.RUN, Kind.REMOTE),
-                limit=_CLAIM_CHUNK,
-            )
+            try:
+                claimed = await self.store.claim(
+                    self.worker_id,
+                    now=now,
+                    lease_until=now + self.lease_seconds,
+                    funcs=keys,
+                    kinds=(Kind.RUN, Kind.REMOTE),
+                    limit=_CLAIM_CHUNK,
+                )
+            except Exception:
+                self._claim_lost = True
+                raise
             fresh = [r for r in claimed if r.id not in self.runs and r.id not in self.stuck]
             for record in fresh:
                 resumed += self._resume(record)
@@ -164,19 +175,25 @@ class LeaseKeeper:
     def _dead(self, owner: str) -> bool:
         return _dead_local_owner(owner, check_pids=self._single_host)
 
-    async def _release_dead_owners(self, *, at_start: bool = False) -> None:
+    async def _release_dead_owners(self, *, own: bool = False) -> None:
         """Free leases whose owner is a dead process of this host.
 
-        At start, leases held under this very ``worker_id`` belong to a
-        previous incarnation (a restart with a stable id), so they are freed too.
+        With ``own``, also the leases held under this very ``worker_id`` of
+        runs that do not execute here: at start, a previous incarnation's (a
+        restart with a stable id); later, those a claim whose answer was lost
+        took. (Not those of runs stopped here on purpose: stuck on
+        nondeterminism, or waiting out a store failure's back-off.)
         """
         dead: dict[str, list[str]] = {}
         for kind in (Kind.RUN, Kind.REMOTE):
             for record in await self.store.search(state=State.PENDING, kind=kind, limit=None):
-                owner = record.owner
-                if owner is None or record.id in self.runs:
+                owner, id = record.owner, record.id
+                if owner is None or id in self.runs:
                     continue
-                if (at_start and owner == self.worker_id) or self._dead(owner):
+                if owner == self.worker_id:
+                    if own and id not in self.stuck and id not in self.store_failed:
+                        dead.setdefault(owner, []).append(id)
+                elif self._dead(owner):
                     dead.setdefault(owner, []).append(record.id)
         for owner, ids in dead.items():
             await self.store.release(owner, ids)
@@ -198,7 +215,15 @@ class LeaseKeeper:
             del stopped[id]
         ids = [id for id, due in stopped.items() if due <= now]
         if ids:
-            await self.store.release(self.worker_id, ids)  # raises: kept for the next poll
+            try:
+                await self.store.release(self.worker_id, ids)
+            except Exception as exc:  # kept for the next poll; the claim goes on
+                log.warning(
+                    "freeing the leases of %d runs stopped by a store failure failed: %s",
+                    len(ids),
+                    exc,
+                )
+                return
             for id in ids:
                 stopped.pop(id, None)
             log.info("freed the leases of %d runs stopped by a store failure", len(ids))

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ._context import Context
     from .retry import RetryPolicy
 
-__all__ = ("Promise", "ReplayNow")
+__all__ = ("MAX_ID_BYTES", "Promise", "ReplayNow", "check_id")
 
 T = TypeVar("T")
 
@@ -56,6 +56,30 @@ _NO_RETRY_POLICY = {
     _SLEEP: "a sleep is not retried",
     _EXTERNAL: "an external promise is settled from outside, not retried",
 }
+#: The longest id, in UTF-8 bytes (Temporal's default limit too): a longer
+#: one does not fit PostgreSQL's index rows, and an id is no payload.
+MAX_ID_BYTES = 1000
+
+
+def check_id(id: object, what: str) -> None:
+    """Raise ``ValueError`` unless ``id`` is an id every store can keep: a
+    non-empty string of at most ``MAX_ID_BYTES``, with no NUL and no lone
+    surrogate. (One a store refuses would fail every write that carries it.)"""
+    if not isinstance(id, str) or not id:
+        raise ValueError(f"{what} must be a non-empty string, got {id!r}")
+    if id.isascii():
+        size = len(id)
+    else:
+        try:
+            size = len(id.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} must be valid Unicode text, got {id!r}") from None
+    if size > MAX_ID_BYTES:
+        raise ValueError(f"{what} must be at most {MAX_ID_BYTES} bytes of UTF-8, got {size}")
+    if "\x00" in id:
+        raise ValueError(f"{what} must not contain NUL characters, got {id!r}")
+
+
 _CALLS = {_REMOTE: "ctx.rfc", _EXTERNAL: "ctx.promise", _SLEEP: "ctx.sleep"}
 _NO_KWARGS: dict[str, Any] = {}  # shared by every command; never mutated
 
@@ -201,6 +225,11 @@ class Promise(Generic[T]):
         if timeout is not None:
             self._timeout = timeout
         if id is not None:
+            try:
+                check_id(id, "id")
+            except ValueError:
+                self._awaited = True
+                raise
             self.id = id
             self._custom_id = True
         return self

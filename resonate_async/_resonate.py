@@ -13,6 +13,7 @@ from ._encoding import JSONEncoder
 from ._engine import Engine, argument_path
 from ._handle import Handle
 from ._leases import abandoned_workers, default_worker_id
+from ._promise import check_id
 from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry, call_style, function_name
 from ._stats import RunStats, Stats, StoreStats
 from .errors import ConflictError, EncodingError, NotFoundError
@@ -486,11 +487,12 @@ class Resonate:
         Raises:
             NotRegisteredError: ``fn`` is not registered.
             EncodingError: an argument cannot be encoded.
+            ValueError: ``id`` is empty, longer than 1,000 bytes of UTF-8, or
+                holds a NUL or a lone surrogate (no store could keep it).
             RuntimeError: Resonate is not started.
         """
         engine = self._started()
-        if not isinstance(id, str) or not id:
-            raise ValueError(f"a run id must be a non-empty string, got {id!r}")
+        check_id(id, "a run id")
         entry = self._registry.function(fn)
         try:
             param = self._encoder.encode([list(args), kwargs])
@@ -519,8 +521,7 @@ class Resonate:
         Awaiting it gives the outcome; ``NotFoundError`` if no such id exists.
         """
         engine = self._started()
-        if not isinstance(id, str) or not id:
-            raise ValueError(f"a run id must be a non-empty string, got {id!r}")
+        check_id(id, "a run id")
         existing = engine.runs.get(id)
         if existing is not None:
             return existing
@@ -605,9 +606,11 @@ class Promises:
             tags: string labels stored with it.
 
         Raises:
-            ValueError: ``timeout`` is not positive.
+            ValueError: ``timeout`` is not positive, or ``id`` is not one a
+                store can keep (see :meth:`Resonate.run`).
             TypeError: ``timeout`` is not a number of seconds.
         """
+        check_id(id, "a promise id")
         _check_timeout(timeout)
         engine = self._engine()
         now = engine.clock.now()

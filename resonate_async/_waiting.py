@@ -11,11 +11,12 @@ past its ``timeout_at`` is settled as timed out by the first waiter to see it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from ._clock import with_deadline
 from ._handle import Handle
-from .errors import NotFoundError, PromiseTimeoutError, ShutdownError
+from .errors import NotFoundError, PromiseTimeoutError, ShutdownError, StoreError
 from .stores._base import Kind, Settle, State
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from .stores._base import PromiseRecord, Store
 
 __all__ = ("SettleWatcher",)
+
+log = logging.getLogger("resonate_async")
 
 
 class SettleWatcher:
@@ -78,7 +81,11 @@ class SettleWatcher:
             self.spawn_other(self._refresh(id))
 
     async def _refresh(self, id: str) -> None:
-        record = (await self.store.get_many([id])).get(id)
+        try:
+            record = (await self.store.get_many([id])).get(id)
+        except StoreError as exc:  # its waiters poll the store anyway
+            log.debug("reading %s after its settle notice failed: %s", id, exc)
+            return
         if record is not None and record.state is not State.PENDING:
             self.wake(record)
 

@@ -838,3 +838,19 @@ async def test_a_run_resumed_after_its_deadline_runs_no_further_step() -> None:
     assert effects == ["before"]
     root = (await store.get_many(["late"]))["late"]
     assert root.state is State.REJECTED_TIMEDOUT
+
+
+async def test_a_settle_notice_read_while_the_store_fails_is_dropped_quietly() -> None:
+    # A NOTIFY wakes waiters by reading the row; a store failure then left a
+    # task whose exception nobody retrieved. Its waiters poll the store anyway.
+    from resonate_async.errors import StoreError
+
+    class Down(MemoryStore):
+        async def get_many(self, ids: Sequence[str]) -> dict[str, PromiseRecord]:
+            raise StoreError("connection lost")
+
+    resonate = Resonate(Down())
+    async with resonate:
+        engine = resonate._engine
+        assert engine is not None
+        await engine._refresh("some-id")  # no error escapes

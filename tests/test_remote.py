@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING, Any
 
 from resonate_async import Context, Kind, MemoryStore, Resonate, State
 from resonate_async.testing import VirtualClock, crash
+
+if TYPE_CHECKING:
+    from resonate_async.stores import PromiseRecord
 
 
 async def test_rfc_runs_on_a_worker_that_registered_the_function() -> None:
@@ -255,3 +259,37 @@ async def test_with_options_refuses_what_a_call_cannot_use() -> None:
     assert "a sleep is not retried" in errors[1]
     assert "registered with, in the worker that runs it" in errors[2]
     assert "settled from outside, not retried" in errors[3]
+
+
+async def test_rows_a_claim_leased_here_whose_answer_was_lost_are_run() -> None:
+    # The claim committed but its answer never came (a dropped connection):
+    # its rows were leased to this worker, which did not run them, and its
+    # heartbeat renewed those leases for ever. The caller waited for ever.
+    from resonate_async.errors import StoreError
+
+    class LosesAClaimAnswer(MemoryStore):
+        lost = False
+
+        async def claim(self, *args: Any, **kwargs: Any) -> list[PromiseRecord]:
+            claimed = await super().claim(*args, **kwargs)
+            if claimed and not self.lost:
+                self.lost = True
+                raise StoreError("connection lost after the claim committed")
+            return claimed
+
+    store = LosesAClaimAnswer()
+    caller = Resonate(store, poll_seconds=0.01)
+    worker = Resonate(store, poll_seconds=0.01)
+
+    @worker.register(name="double")
+    async def double(ctx: Context, x: int) -> int:
+        return x * 2
+
+    @caller.register(name="parent")
+    async def parent(ctx: Context, x: int) -> int:
+        doubled: int = await ctx.rfc("double", x)
+        return doubled
+
+    async with caller, worker:
+        assert await asyncio.wait_for(caller.run("p", "parent", 21).result(), 10) == 42
+    assert store.lost

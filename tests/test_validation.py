@@ -278,3 +278,37 @@ async def test_an_argument_that_cannot_be_encoded_is_named_as_an_argument() -> N
     assert "run 'a' of 'takes': cannot encode a value of type set at argument 1:" in errors[0]
     assert "at keyword argument 'y'[0]:" in errors[1]
     assert errors[2].startswith("c.1: cannot encode a value of type set at argument 2:")
+
+
+@pytest.mark.parametrize(
+    ("id", "message"),
+    [
+        ("a\x00b", "must not contain NUL characters"),
+        ("lone \udc80", "must be valid Unicode text"),
+        ("x" * 1001, "must be at most 1000 bytes of UTF-8, got 1001"),
+        ("é" * 501, "must be at most 1000 bytes of UTF-8, got 1002"),
+    ],
+)
+async def test_ids_no_store_could_keep_are_refused_at_the_call(id: str, message: str) -> None:
+    # One such id in a store made every later claim or release that carried
+    # it fail, and with it the worker's claims of every other run.
+    resonate = Resonate(MemoryStore())
+    resonate.register(echo)
+    errors: list[str] = []
+
+    @resonate.register(name="custom")
+    async def custom(ctx: Context) -> None:
+        for call in (lambda: ctx.lfi(echo, 1).with_options(id=id), lambda: ctx.promise(id=id)):
+            try:
+                call()
+            except ValueError as exc:
+                errors.append(str(exc))
+
+    async with resonate:
+        with pytest.raises(ValueError, match=message):
+            resonate.run(id, echo, 1)
+        with pytest.raises(ValueError, match=message):
+            await resonate.promises.create(id)
+        await resonate.run("c", "custom")
+        assert await resonate.run("é" * 500, echo, 2) == 2  # 1,000 bytes: kept
+    assert len(errors) == 2 and all(message in e for e in errors)
