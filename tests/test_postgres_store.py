@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import uuid
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import pytest_asyncio
@@ -12,10 +16,11 @@ import pytest_asyncio
 from resonate_async._store_suite import record
 from resonate_async.errors import StoreError
 from resonate_async.stores import Create, Settle, State
+from resonate_async.stores._sql import POSTGRES, SCHEMA_VERSION, SCHEMA_VERSION_DDL, migrations
 from resonate_async.stores.postgres import PostgresStore
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator
 
 pytestmark = pytest.mark.postgres
 asyncpg = pytest.importorskip("asyncpg")
@@ -204,3 +209,153 @@ async def _wait_until_blocked(conn: Any) -> None:  # an asyncpg.Connection
             conn.get_server_pid(),
         ):
             await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def _admin(dsn: str, schema: str | None = None) -> AsyncIterator[Any]:
+    """A superuser connection (an ``asyncpg.Connection``), closed afterwards."""
+    settings = {} if schema is None else {"search_path": f'"{schema}"'}
+    conn = await asyncpg.connect(dsn, server_settings=settings)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    "ddl",
+    [
+        # Home-grown, with the store's own layout.
+        "CREATE TABLE schema_version (version integer NOT NULL); "
+        "INSERT INTO schema_version VALUES (1), (2)",
+        # Flyway 4 and older.
+        "CREATE TABLE schema_version (installed_rank int PRIMARY KEY, version varchar(50), "
+        "description text); INSERT INTO schema_version VALUES (1, '1', 'init'), (2, '2', 'users')",
+    ],
+    ids=["home-grown", "flyway"],
+)
+async def test_an_apps_own_schema_version_table_is_left_alone(
+    postgres_dsn: str, postgres_schema: str, ddl: str
+) -> None:
+    async with _admin(postgres_dsn) as admin:
+        await admin.execute(f'CREATE SCHEMA "{postgres_schema}"')
+    async with _admin(postgres_dsn, postgres_schema) as app:
+        await app.execute(ddl)
+        before = await app.fetch("SELECT * FROM schema_version")
+        with pytest.raises(StoreError, match=r"not resonate_async's.*\?schema=resonate"):
+            await PostgresStore(postgres_dsn, schema=postgres_schema).open()
+        assert await app.fetch("SELECT * FROM schema_version") == before
+        assert await app.fetchval("SELECT to_regclass('promises')") is None
+
+
+async def test_a_store_of_an_earlier_version_is_migrated(
+    postgres_dsn: str, postgres_schema: str
+) -> None:
+    async with _admin(postgres_dsn) as admin:
+        await admin.execute(f'CREATE SCHEMA "{postgres_schema}"')
+    async with _admin(postgres_dsn, postgres_schema) as old:
+        await old.execute(SCHEMA_VERSION_DDL)
+        for statement in migrations(POSTGRES)[0]:
+            await old.execute(statement)
+        await old.execute("INSERT INTO schema_version VALUES (1)")
+        async with PostgresStore(postgres_dsn, schema=postgres_schema) as store:
+            await store.write([Create(record("kept"))])
+        assert await old.fetch("SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+
+
+async def test_a_schema_name_of_63_bytes_works(postgres_dsn: str, postgres_schema: str) -> None:
+    schema = postgres_schema.ljust(63, "x")  # the longest name PostgreSQL allows
+    try:
+        async with PostgresStore(postgres_dsn, schema=schema) as store:
+            heard = Heard()
+            await store.listen(heard)
+            await store.write([Create(record("l-1")), Settle("l-1", State.RESOLVED, None, 1.0)])
+            await heard.wait_for("l-1")
+    finally:
+        async with _admin(postgres_dsn) as admin:
+            await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def app_dsn(postgres_dsn: str) -> Iterator[str]:
+    """The DSN of a new login role that has no privileges yet; dropped afterwards."""
+    role = f"resonate_test_app_{uuid.uuid4().hex[:12]}"
+    password = uuid.uuid4().hex
+    asyncio.run(_as_admin(postgres_dsn, f"CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
+    url = urlsplit(postgres_dsn)
+    yield urlunsplit(url._replace(netloc=f"{role}:{password}@{url.netloc.rpartition('@')[2]}"))
+    asyncio.run(_as_admin(postgres_dsn, f"DROP OWNED BY {role}", f"DROP ROLE {role}"))
+
+
+async def _as_admin(dsn: str, *statements: str) -> None:
+    async with _admin(dsn) as admin:
+        for statement in statements:
+            await admin.execute(statement)
+
+
+async def test_a_role_without_create_privileges_uses_an_existing_store(
+    postgres_dsn: str, postgres_schema: str, app_dsn: str
+) -> None:
+    async with PostgresStore(postgres_dsn, schema=postgres_schema):
+        pass  # the owner creates the store
+    role = urlsplit(app_dsn).username
+    async with _admin(postgres_dsn, postgres_schema) as admin:
+        # The privileges docs/deployment.md lists.
+        await admin.execute(f'GRANT USAGE ON SCHEMA "{postgres_schema}" TO {role}')
+        await admin.execute(f"GRANT SELECT, INSERT, UPDATE ON promises TO {role}")
+        await admin.execute(f"GRANT SELECT ON schema_version TO {role}")
+    async with PostgresStore(app_dsn, schema=postgres_schema) as store:
+        heard = Heard()
+        await store.listen(heard)
+        await store.write([Create(record("p-1")), Settle("p-1", State.RESOLVED, b"1", 1.0)])
+        # Two settles of one id take the exact path, which locks the table.
+        await store.write([Create(record("p-2"))])
+        await store.write(
+            [Settle("p-2", State.REJECTED, None, 1.0), Settle("p-2", State.RESOLVED, None, 2.0)]
+        )
+        await heard.wait_for("p-1", "p-2")
+
+
+async def test_listening_resumes_after_the_connection_is_dropped(
+    store: PostgresStore, postgres_dsn: str
+) -> None:
+    heard = Heard()
+    await store.listen(heard)
+    async with _admin(postgres_dsn) as admin:
+        listening = await admin.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN %' AND query LIKE $1",
+            f"%{store.schema}%",
+        )
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", listening)
+    # Settles made before the store listens again are not announced; keep
+    # settling until one is.
+    async with asyncio.timeout(30):
+        for n in itertools.count():
+            await store.write(
+                [Create(record(f"r-{n}")), Settle(f"r-{n}", State.RESOLVED, None, 1.0)]
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await heard.wait_for(f"r-{n}")
+                break
+
+
+async def test_no_schema_and_the_default_schema_by_name_wake_each_other(
+    postgres_dsn: str, postgres_schema: str
+) -> None:
+    # The server's default schema here is the test's own: asyncpg passes
+    # unknown URL parameters on as server settings.
+    default_dsn = (
+        f"{postgres_dsn}{'&' if '?' in postgres_dsn else '?'}search_path={postgres_schema}"
+    )
+    async with (
+        PostgresStore(postgres_dsn, schema=postgres_schema) as named,
+        PostgresStore(default_dsn) as unnamed,
+    ):
+        heard_by_named, heard_by_unnamed = Heard(), Heard()
+        await named.listen(heard_by_named)
+        await unnamed.listen(heard_by_unnamed)
+        await unnamed.write([Create(record("u-1")), Settle("u-1", State.RESOLVED, None, 1.0)])
+        await named.write([Create(record("u-2")), Settle("u-2", State.RESOLVED, None, 1.0)])
+        await heard_by_named.wait_for("u-1", "u-2")
+        await heard_by_unnamed.wait_for("u-1", "u-2")

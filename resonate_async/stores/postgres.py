@@ -6,6 +6,10 @@ through it (DESIGN §7): leases on pending runs are taken with
 ``NOTIFY resonate_settled, '<id>'`` so waiters elsewhere wake up without
 polling (:meth:`PostgresStore.listen`).
 
+Opening a store that is already current reads its version and changes
+nothing, so a role with only ``USAGE`` on the schema and DML privileges on
+the tables can use a store its owner created.
+
 asyncpg is imported when a store is created, so the package imports without
 it; a missing driver is an ``ImportError`` that names the extra to install.
 """
@@ -13,6 +17,9 @@ it; a missing driver is an ``ImportError`` that names the extra to install.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import itertools
 import logging
 import random
 from contextlib import asynccontextmanager
@@ -25,6 +32,7 @@ from ._sql import (
     COLUMN_LIST,
     COLUMNS,
     POSTGRES,
+    SCHEMA_VERSION,
     SCHEMA_VERSION_DDL,
     FastPathMiss,
     FastPlan,
@@ -52,6 +60,12 @@ _ATTEMPTS = 5
 
 #: The channel on which the ids of newly settled promises are announced.
 SETTLED_CHANNEL = "resonate_settled"
+# The longest wait between attempts to LISTEN again (seconds); settles are
+# still seen meanwhile, by polling.
+_MAX_LISTEN_BACKOFF = 10.0
+# The longest identifier PostgreSQL keeps whole (NAMEDATALEN - 1): a longer
+# channel name is refused by NOTIFY and silently truncated by LISTEN.
+_MAX_IDENTIFIER = 63
 # PostgreSQL refuses a NOTIFY payload of 8000 bytes or more; a longer id is
 # not announced and its waiters fall back to polling.
 _MAX_PAYLOAD = 7999
@@ -113,6 +127,32 @@ def _quote_ident(name: str) -> str:
 
 _by_id = attrgetter("id")
 
+# The tables of the schema the store would create its tables in, with the
+# columns of schema_version (its "version" column only, in a store's).
+_TABLES = (
+    "SELECT c.relname, a.attname, a.atttypid::regtype::text FROM pg_class c "
+    "LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND c.relname = 'schema_version' "
+    "AND a.attnum > 0 AND NOT a.attisdropped "
+    "WHERE c.relnamespace = to_regnamespace(quote_ident(current_schema())) "
+    "AND c.relname IN ('promises', 'schema_version') ORDER BY a.attnum"
+)
+_OWN_SCHEMA = (
+    "give the store a schema of its own: PostgresStore(dsn, schema='resonate') or "
+    "postgresql://...?schema=resonate"
+)
+
+
+def _settled_channel(schema: str) -> str:
+    """The NOTIFY channel of the store in ``schema``.
+
+    ``resonate_settled:<schema>`` when that is a valid identifier; for a
+    longer schema name, a bounded name derived from it.
+    """
+    channel = f"{SETTLED_CHANNEL}:{schema}"
+    if len(channel.encode()) <= _MAX_IDENTIFIER:
+        return channel
+    return f"{SETTLED_CHANNEL}#{hashlib.sha256(schema.encode()).hexdigest()[:40]}"
+
 
 def _count(status: str) -> int:
     # asyncpg returns the command tag, e.g. "INSERT 0 42" or "UPDATE 42".
@@ -171,7 +211,8 @@ class PostgresStore(StoreLifecycle):
         self._notify = notify
         self._pool: Any = None
         self._opening = asyncio.Lock()
-        self._listener: Any = None
+        self._channel = None if schema is None else _settled_channel(schema)
+        self._listening: asyncio.Task[None] | None = None
         self._callbacks: list[Callable[[str], None]] = []
 
     @property
@@ -184,8 +225,17 @@ class PostgresStore(StoreLifecycle):
 
     @property
     def channel(self) -> str:
-        """The NOTIFY channel of this store: one per schema, so stores never wake each other."""
-        return SETTLED_CHANNEL if self._schema is None else f"{SETTLED_CHANNEL}:{self._schema}"
+        """The NOTIFY channel of this store: one per schema, so stores never wake each other.
+
+        Without a ``schema``, the channel is that of the schema the server
+        puts the tables in, known once the store is open.
+
+        Raises:
+            StoreError: no schema was given and the store was never opened.
+        """
+        if self._channel is None:
+            raise StoreError(f"{self!r} is not open: call `await store.open()` first")
+        return self._channel
 
     async def open(self) -> None:
         """Create the pool and create or migrate the schema. Idempotent.
@@ -211,6 +261,9 @@ class PostgresStore(StoreLifecycle):
             try:
                 async with pool.acquire() as conn:
                     await self._migrate(conn)
+                    if self._channel is None:
+                        schema = await conn.fetchval("SELECT current_schema()")
+                        self._channel = _settled_channel(schema)
             except BaseException as exc:
                 await pool.close()
                 if isinstance(exc, self._errors):
@@ -237,35 +290,68 @@ class PostgresStore(StoreLifecycle):
             await conn.close()
 
     async def _migrate(self, conn: Any) -> None:
+        # A current store is only read: even CREATE ... IF NOT EXISTS needs
+        # the CREATE privilege, which the roles using a store may lack.
+        if await self._version(conn) == SCHEMA_VERSION:
+            return
         async with conn.transaction():
             # Workers starting together migrate once: the others wait here.
             key = f"resonate_async.migrate:{self._schema or ''}"
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
+            current = await self._version(conn)
+            if current == SCHEMA_VERSION:
+                return
             if self._schema is not None:
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(self._schema)}")
-            await conn.execute(SCHEMA_VERSION_DDL)
-            current = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
-            steps = migrations(POSTGRES)
-            if current > len(steps):
-                raise StoreError(
-                    f"the database has schema version {current}, newer than this "
-                    f"resonate_async knows ({len(steps)}); upgrade resonate_async"
-                )
-            for step in steps[current:]:
+            if current is None:
+                await conn.execute(SCHEMA_VERSION_DDL)
+            for step in migrations(POSTGRES)[current or 0 :]:
                 for statement in step:
                     await conn.execute(statement)
-            if current < len(steps):
-                await conn.execute("DELETE FROM schema_version")
-                await conn.execute("INSERT INTO schema_version VALUES ($1)", len(steps))
+            await conn.execute("DELETE FROM schema_version")
+            await conn.execute("INSERT INTO schema_version VALUES ($1)", SCHEMA_VERSION)
+
+    async def _version(self, conn: Any) -> int | None:
+        """The store's schema version; ``None`` if there is no store yet.
+
+        Raises:
+            StoreError: the tables are not a store's (an application's own
+                ``schema_version`` table, say), or are newer than this code.
+        """
+        rows = await conn.fetch(_TABLES)
+        tables = {row[0] for row in rows}
+        if not tables:
+            return None
+        columns = [tuple(row[1:]) for row in rows if row[0] == "schema_version"]
+        if "schema_version" not in tables:
+            found = "a promises table but no schema_version table"
+        elif columns != [("version", "integer")]:
+            found = "a schema_version table with other columns than (version integer)"
+        elif "promises" not in tables:
+            found = "a schema_version table but no promises table"
+        else:
+            found = ""
+        if found:
+            # Never write to tables the store did not create.
+            schema = await conn.fetchval("SELECT current_schema()")
+            raise StoreError(
+                f"schema {schema!r} holds {found}: these tables are not resonate_async's "
+                f"(your application's, perhaps) and the store leaves them alone; {_OWN_SCHEMA}"
+            )
+        current: int = await conn.fetchval("SELECT max(version) FROM schema_version") or 0
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database has schema version {current}, newer than this "
+                f"resonate_async knows ({SCHEMA_VERSION}); upgrade resonate_async"
+            )
+        return current
 
     async def close(self) -> None:
         """Close the listener connection and the pool. Idempotent."""
-        listener, self._listener = self._listener, None
         self._callbacks.clear()
+        await self._stop_listening()
         pool, self._pool = self._pool, None
         try:
-            if listener is not None:
-                await listener.close()
             if pool is not None:
                 await pool.close()
         except self._errors as exc:
@@ -355,7 +441,7 @@ class PostgresStore(StoreLifecycle):
         # commit, and drops them on rollback.
         if self._notify and ids:
             small = [i for i in ids if len(i.encode()) <= _MAX_PAYLOAD]
-            await conn.execute(_NOTIFY, small, self.channel)
+            await conn.execute(_NOTIFY, small, self._channel)
 
     async def _query(self, sql: str, *args: object) -> list[PromiseRecord]:
         async with self._connection() as conn:
@@ -446,7 +532,9 @@ class PostgresStore(StoreLifecycle):
         """Call ``callback(id)`` for each promise settled by any worker, from now on.
 
         The first listener opens a dedicated connection (outside the pool)
-        that receives ``NOTIFY resonate_settled``. Callbacks run on the event
+        that receives the store's ``NOTIFY`` (see :attr:`channel`); when that
+        connection drops, it is opened again, retrying with backoff, and
+        settles made meanwhile are not announced. Callbacks run on the event
         loop and must not block; an exception in one is logged and ignored.
 
         Raises:
@@ -455,13 +543,14 @@ class PostgresStore(StoreLifecycle):
         async with self._opening:
             if self._pool is None:
                 raise StoreError(f"{self!r} is not open: call `await store.open()` first")
-            if self._listener is None:
+            if self._listening is None:
                 try:
-                    conn = await self._asyncpg.connect(self._dsn, server_settings=self._settings)
-                    await conn.add_listener(self.channel, self._dispatch)
+                    conn, lost = await self._connect_listener()
                 except self._errors as exc:
                     raise StoreError(f"cannot LISTEN on PostgreSQL: {exc}") from exc
-                self._listener = conn
+                self._listening = asyncio.create_task(
+                    self._keep_listening(conn, lost), name=f"{self!r} listener"
+                )
             self._callbacks.append(callback)
 
     async def unlisten(self, callback: Callable[[str], None]) -> None:
@@ -469,9 +558,50 @@ class PostgresStore(StoreLifecycle):
         async with self._opening:
             if callback in self._callbacks:
                 self._callbacks.remove(callback)
-            if not self._callbacks and self._listener is not None:
-                conn, self._listener = self._listener, None
-                await conn.close()
+            if not self._callbacks:
+                await self._stop_listening()
+
+    async def _stop_listening(self) -> None:
+        task, self._listening = self._listening, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+            if not task.cancelled():
+                task.result()  # re-raise whatever else ended it
+
+    async def _connect_listener(self) -> tuple[Any, asyncio.Event]:
+        """A connection listening on the store's channel, and an event set when it drops."""
+        conn = await self._asyncpg.connect(self._dsn, server_settings=self._settings)
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        try:
+            await conn.add_listener(self.channel, self._dispatch)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn, lost
+
+    async def _keep_listening(self, conn: Any, lost: asyncio.Event) -> None:
+        """Hold the listening connection, opening a new one whenever it drops, until cancelled."""
+        while True:
+            try:
+                await lost.wait()
+            finally:
+                # Nothing to do if the server closed it; an error closing
+                # a connection that is dropped anyway does not matter.
+                with contextlib.suppress(*self._errors):
+                    await conn.close()
+            logger.warning("%r lost its LISTEN connection; opening another", self)
+            for attempt in itertools.count():
+                try:
+                    conn, lost = await self._connect_listener()
+                    break
+                except self._errors as exc:
+                    delay = min(0.1 * 2**attempt, _MAX_LISTEN_BACKOFF)
+                    logger.warning("%r cannot LISTEN (%s); retrying in %.1f s", self, exc, delay)
+                    # Jitter: workers that lost the server together do not return together.
+                    await asyncio.sleep(random.uniform(delay / 2, delay))
+            logger.info("%r is listening again", self)
 
     def _dispatch(self, conn: object, pid: int, channel: str, payload: str) -> None:
         for callback in list(self._callbacks):
