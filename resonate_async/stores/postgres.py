@@ -4,7 +4,8 @@ Every worker of a deployment points at the same database and coordinates only
 through it (DESIGN §7): leases on pending runs are taken with
 ``FOR UPDATE SKIP LOCKED``, and each transaction that settles promises sends
 ``NOTIFY resonate_settled, '<id>'`` so waiters elsewhere wake up without
-polling (:meth:`PostgresStore.listen`).
+polling (:meth:`PostgresStore.listen`, which hands the receiving side to a
+:class:`~resonate_async.stores._pg_listener.ChannelListener`).
 
 Opening a store that is already current reads its version and changes
 nothing, so a role with only ``USAGE`` on the schema and DML privileges on
@@ -17,9 +18,8 @@ it; a missing driver is an ``ImportError`` that names the extra to install.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import hashlib
-import itertools
 import logging
 import random
 from contextlib import asynccontextmanager
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import StoreError
 from ._base import Kind, Op, PromiseRecord, State, StoreLifecycle
+from ._pg_listener import ChannelListener
 from ._sql import (
     COLUMN_LIST,
     COLUMNS,
@@ -60,9 +61,6 @@ _ATTEMPTS = 5
 
 #: The channel on which the ids of newly settled promises are announced.
 SETTLED_CHANNEL = "resonate_settled"
-# The longest wait between attempts to LISTEN again (seconds); settles are
-# still seen meanwhile, by polling.
-_MAX_LISTEN_BACKOFF = 10.0
 # The longest identifier PostgreSQL keeps whole (NAMEDATALEN - 1): a longer
 # channel name is refused by NOTIFY and silently truncated by LISTEN.
 _MAX_IDENTIFIER = 63
@@ -212,8 +210,7 @@ class PostgresStore(StoreLifecycle):
         self._pool: Any = None
         self._opening = asyncio.Lock()
         self._channel = None if schema is None else _settled_channel(schema)
-        self._listening: asyncio.Task[None] | None = None
-        self._callbacks: list[Callable[[str], None]] = []
+        self._listener: ChannelListener | None = None
 
     @property
     def schema(self) -> str | None:
@@ -348,7 +345,6 @@ class PostgresStore(StoreLifecycle):
 
     async def close(self) -> None:
         """Close the listener connection and the pool. Idempotent."""
-        self._callbacks.clear()
         await self._stop_listening()
         pool, self._pool = self._pool, None
         try:
@@ -543,70 +539,27 @@ class PostgresStore(StoreLifecycle):
         async with self._opening:
             if self._pool is None:
                 raise StoreError(f"{self!r} is not open: call `await store.open()` first")
-            if self._listening is None:
+            if self._listener is None:
+                connect = functools.partial(
+                    self._asyncpg.connect, self._dsn, server_settings=self._settings
+                )
                 try:
-                    conn, lost = await self._connect_listener()
+                    self._listener = await ChannelListener.open(
+                        connect, self.channel, self._errors, name=repr(self)
+                    )
                 except self._errors as exc:
                     raise StoreError(f"cannot LISTEN on PostgreSQL: {exc}") from exc
-                self._listening = asyncio.create_task(
-                    self._keep_listening(conn, lost), name=f"{self!r} listener"
-                )
-            self._callbacks.append(callback)
+            self._listener.add(callback)
 
     async def unlisten(self, callback: Callable[[str], None]) -> None:
         """Stop calling ``callback``; the last one closes the listening connection."""
         async with self._opening:
-            if callback in self._callbacks:
-                self._callbacks.remove(callback)
-            if not self._callbacks:
-                await self._stop_listening()
+            if self._listener is not None:
+                self._listener.remove(callback)
+                if not self._listener.callbacks:
+                    await self._stop_listening()
 
     async def _stop_listening(self) -> None:
-        task, self._listening = self._listening, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
-            if not task.cancelled():
-                task.result()  # re-raise whatever else ended it
-
-    async def _connect_listener(self) -> tuple[Any, asyncio.Event]:
-        """A connection listening on the store's channel, and an event set when it drops."""
-        conn = await self._asyncpg.connect(self._dsn, server_settings=self._settings)
-        lost = asyncio.Event()
-        conn.add_termination_listener(lambda _conn: lost.set())
-        try:
-            await conn.add_listener(self.channel, self._dispatch)
-        except BaseException:
-            await conn.close()
-            raise
-        return conn, lost
-
-    async def _keep_listening(self, conn: Any, lost: asyncio.Event) -> None:
-        """Hold the listening connection, opening a new one whenever it drops, until cancelled."""
-        while True:
-            try:
-                await lost.wait()
-            finally:
-                # Nothing to do if the server closed it; an error closing
-                # a connection that is dropped anyway does not matter.
-                with contextlib.suppress(*self._errors):
-                    await conn.close()
-            logger.warning("%r lost its LISTEN connection; opening another", self)
-            for attempt in itertools.count():
-                try:
-                    conn, lost = await self._connect_listener()
-                    break
-                except self._errors as exc:
-                    delay = min(0.1 * 2**attempt, _MAX_LISTEN_BACKOFF)
-                    logger.warning("%r cannot LISTEN (%s); retrying in %.1f s", self, exc, delay)
-                    # Jitter: workers that lost the server together do not return together.
-                    await asyncio.sleep(random.uniform(delay / 2, delay))
-            logger.info("%r is listening again", self)
-
-    def _dispatch(self, conn: object, pid: int, channel: str, payload: str) -> None:
-        for callback in list(self._callbacks):
-            try:
-                callback(payload)
-            except Exception:
-                # One faulty listener must not starve the others.
-                logger.exception("settlement listener %r failed for %r", callback, payload)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
