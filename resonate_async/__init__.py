@@ -29,7 +29,8 @@ from ._context import Context
 from ._encoding import Encoder, JSONEncoder
 from ._handle import Handle
 from ._promise import Promise
-from ._resonate import Promises, Resonate
+from ._promises import Promises
+from ._resonate import Resonate
 from ._stats import BatcherStats, Histogram, RunStats, Stats, StoreStats
 from .errors import (
     BatchResultError,
