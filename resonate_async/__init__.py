@@ -98,10 +98,12 @@ __all__ = (
 )
 
 
-def __getattr__(name: str) -> object:
-    # PostgresStore needs the optional asyncpg driver: import it only on use.
-    if name == "PostgresStore":
-        from .stores.postgres import PostgresStore
+if not TYPE_CHECKING:  # type checkers see the import above, and no catch-all
 
-        return PostgresStore
-    raise AttributeError(f"module 'resonate_async' has no attribute {name!r}")
+    def __getattr__(name: str) -> object:
+        # PostgresStore needs the optional asyncpg driver: import it only on use.
+        if name == "PostgresStore":
+            from .stores.postgres import PostgresStore
+
+            return PostgresStore
+        raise AttributeError(f"module 'resonate_async' has no attribute {name!r}")

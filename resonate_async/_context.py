@@ -35,7 +35,7 @@ from ._promise import (
 from ._registry import call_style, function_name
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Generator
 
     from ._engine import Engine
     from ._runs import RunState
@@ -128,11 +128,19 @@ class Context:
     @overload
     def lfi(
         self,
-        target: Callable[Concatenate[Context, P], Any],
+        target: Callable[Concatenate[Context, P], Generator[Any, Any, T]],
         /,
         *args: P.args,
         **kwargs: P.kwargs,
-    ) -> Promise[Any]: ...
+    ) -> Promise[T]: ...
+    @overload
+    def lfi(
+        self,
+        target: Callable[Concatenate[Context, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Promise[T]: ...
     def lfi(self, target: Any, /, *args: Any, **kwargs: Any) -> Promise[Any]:
         """Start a local function invocation (or a batched command); return its promise.
 
@@ -158,11 +166,19 @@ class Context:
     @overload
     def lfc(
         self,
-        target: Callable[Concatenate[Context, P], Any],
+        target: Callable[Concatenate[Context, P], Generator[Any, Any, T]],
         /,
         *args: P.args,
         **kwargs: P.kwargs,
-    ) -> Promise[Any]: ...
+    ) -> Promise[T]: ...
+    @overload
+    def lfc(
+        self,
+        target: Callable[Concatenate[Context, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Promise[T]: ...
     def lfc(self, target: Any, /, *args: Any, **kwargs: Any) -> Promise[Any]:
         """``lfi`` and await: ``value = await ctx.lfc(fn, *args)``.
 
@@ -209,11 +225,19 @@ class Context:
     @overload
     def rfi(
         self,
-        target: Callable[Concatenate[Context, P], Any],
+        target: Callable[Concatenate[Context, P], Generator[Any, Any, T]],
         /,
         *args: P.args,
         **kwargs: P.kwargs,
-    ) -> Promise[Any]: ...
+    ) -> Promise[T]: ...
+    @overload
+    def rfi(
+        self,
+        target: Callable[Concatenate[Context, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Promise[T]: ...
     @overload
     def rfi(self, target: str, /, *args: Any, **kwargs: Any) -> Promise[Any]: ...
     def rfi(self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Promise[Any]:
@@ -240,11 +264,19 @@ class Context:
     @overload
     def rfc(
         self,
-        target: Callable[Concatenate[Context, P], Any],
+        target: Callable[Concatenate[Context, P], Generator[Any, Any, T]],
         /,
         *args: P.args,
         **kwargs: P.kwargs,
-    ) -> Promise[Any]: ...
+    ) -> Promise[T]: ...
+    @overload
+    def rfc(
+        self,
+        target: Callable[Concatenate[Context, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Promise[T]: ...
     @overload
     def rfc(self, target: str, /, *args: Any, **kwargs: Any) -> Promise[Any]: ...
     def rfc(self, target: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Promise[Any]:

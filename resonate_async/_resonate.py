@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from ._clock import check_seconds
@@ -24,9 +23,12 @@ from .retry import RetryPolicy, checked_policy, exponential, never
 from .stores import store_from_spec
 
 if TYPE_CHECKING:
+    import os
+    from collections.abc import Awaitable, Callable, Generator
     from types import TracebackType
 
     from ._clock import Clock
+    from ._command import Command
     from ._context import Context
     from ._encoding import Encoder
     from .stores._base import Store
@@ -37,7 +39,8 @@ log = logging.getLogger("resonate_async")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C", bound="Command[Any]")
+F = TypeVar("F", bound="Callable[Concatenate[Context, ...], Any]")
 
 
 class Resonate:
@@ -96,7 +99,7 @@ class Resonate:
 
     def __init__(
         self,
-        store: str | Store | None = None,
+        store: str | os.PathLike[str] | Store | None = None,
         *,
         encoder: Encoder | None = None,
         clock: Clock | None = None,
@@ -120,7 +123,7 @@ class Resonate:
         check_seconds("grace_seconds", grace_seconds, zero_ok=True, inf_ok=True)
         if heartbeat_seconds >= lease_seconds:
             raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
-        self._store_spec: str | Store | None = store
+        self._store_spec: str | os.PathLike[str] | Store | None = store
         self._encoder: Encoder = encoder if encoder is not None else JSONEncoder()
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._worker_id = worker_id or default_worker_id()
@@ -159,7 +162,7 @@ class Resonate:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def use_store(self, store: str | Store) -> None:
+    def use_store(self, store: str | os.PathLike[str] | Store) -> None:
         """Swap the store before start (e.g. a throwaway store in tests)."""
         self._forget_ended_loop()
         if self._engine is not None:
@@ -387,8 +390,8 @@ class Resonate:
 
     def register_command_handler(
         self,
-        command_type: type[Any],
-        handler: Callable[..., Any],
+        command_type: type[C],
+        handler: Callable[[Context, list[C]], Any],
         *,
         maxlen: int | None = None,
         max_wait: float = 0.0,
@@ -466,11 +469,20 @@ class Resonate:
     def run(
         self,
         id: str,
-        fn: Callable[Concatenate[Context, P], Any],
+        fn: Callable[Concatenate[Context, P], Generator[Any, Any, R]],
         /,
         *args: P.args,
         **kwargs: P.kwargs,
-    ) -> Handle[Any]: ...
+    ) -> Handle[R]: ...
+    @overload
+    def run(
+        self,
+        id: str,
+        fn: Callable[Concatenate[Context, P], R],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Handle[R]: ...
     @overload
     def run(self, id: str, fn: str, /, *args: Any, **kwargs: Any) -> Handle[Any]: ...
     def run(

@@ -33,13 +33,15 @@ if TYPE_CHECKING:
     from ._store_suite import StoreConformance as StoreConformance
 
 
-def __getattr__(name: str) -> object:
-    # The conformance suite is imported on use, keeping plugin start-up light.
-    if name == "StoreConformance":
-        from ._store_suite import StoreConformance
+if not TYPE_CHECKING:  # type checkers see the import above, and no catch-all
 
-        return StoreConformance
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> object:
+        # The conformance suite is imported on use, keeping plugin start-up light.
+        if name == "StoreConformance":
+            from ._store_suite import StoreConformance
+
+            return StoreConformance
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ("MemoryStore", "StoreConformance", "VirtualClock", "crash", "quiesce")

@@ -27,7 +27,8 @@ from resonate_async.testing import VirtualClock
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from resonate_async.stores import Op, PromiseRecord
+    from resonate_async.stores import PromiseRecord
+    from resonate_async.stores._base import Op
 
 
 @dataclass

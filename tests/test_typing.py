@@ -7,9 +7,12 @@ unless the expression has exactly that type.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, assert_type
+from typing import TYPE_CHECKING, Any, assert_type
 
 from resonate_async import Command, Context, Handle, MemoryStore, Promise, Resonate
+
+if TYPE_CHECKING:
+    from collections.abc import Generator
 
 
 @dataclass
@@ -71,3 +74,52 @@ def typed_postgres_store() -> None:
     from resonate_async import PostgresStore
 
     assert_type(PostgresStore("postgresql://app@db/app", schema="x"), PostgresStore)
+
+
+def sync_and_generator_calls_give_their_values(ctx: Context, resonate: Resonate) -> None:
+    """Never called: a plain ``def`` or a generator's result is typed too, not ``Any``."""
+    assert_type(ctx.lfc(step_in_thread, 1), Promise[int])
+    assert_type(ctx.lfc(generator_step, 1), Promise[str])
+    assert_type(resonate.run("s", step_in_thread, 1), Handle[int])
+    assert_type(resonate.run("g", generator_step, 1), Handle[str])
+
+
+def generator_step(ctx: Context, x: int) -> Generator[Any, Any, str]:
+    value = yield ctx.lfc(double, x)
+    return str(value)
+
+
+async def wrong_results_do_not_type_check(ctx: Context, resonate: Resonate) -> str:
+    """Never called: an expected type no longer falls through to ``Any``."""
+    wrong: str = await ctx.lfc(double, 1)  # type: ignore[call-overload]
+    handle: Handle[str] = resonate.run("x", double, 1)  # type: ignore[call-overload]
+    del wrong, handle
+    return await ctx.lfc(double, 1)  # type: ignore[call-overload,no-any-return]
+
+
+def no_context(x: int) -> int:
+    return x
+
+
+def wrong_registrations_do_not_type_check(resonate: Resonate) -> None:
+    """Never called: a function needs a Context first, a handler a list of its commands."""
+    resonate.register(no_context)  # type: ignore[type-var]
+    resonate.register_command_handler(Greet, double)  # type: ignore[arg-type]
+    resonate.register_command_handler(int, lambda ctx, batch: batch)  # type: ignore[type-var]
+    resonate.register_command_handler(Greet, lambda ctx, batch: [g.name for g in batch])
+
+
+def typos_in_imports_do_not_type_check() -> None:
+    """Never called: no module-level ``__getattr__`` hides a misspelt name."""
+    from resonate_async import Resonat  # type: ignore[attr-defined]
+    from resonate_async.stores import SqliteStore  # type: ignore[attr-defined]
+    from resonate_async.testing import VirtualClok  # type: ignore[attr-defined]
+
+    del Resonat, SqliteStore, VirtualClok
+
+
+def a_path_names_a_store() -> None:
+    """Never called: a ``pathlib.Path`` is a store spec, as at run time."""
+    from pathlib import Path
+
+    Resonate(Path("app.db")).use_store(Path("other.db"))

@@ -37,12 +37,14 @@ _ACCEPTED = (
 )
 
 
-def __getattr__(name: str) -> Any:
-    if name == "PostgresStore":
-        from .postgres import PostgresStore
+if not TYPE_CHECKING:  # type checkers see the import above, and no catch-all
 
-        return PostgresStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> Any:
+        if name == "PostgresStore":
+            from .postgres import PostgresStore
+
+            return PostgresStore
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def store_from_spec(spec: str | os.PathLike[str] | Store | None) -> Store:
