@@ -181,7 +181,7 @@ class Attempts:
         shutdown whose cancellation the body caught (it resumes at the next
         start, instead of settling with what the interrupted body chose)."""
         if run is not None and run.fatal is not None:
-            raise run.fatal from None
+            raise run.fatal  # with its own cause: the driver's error, say
         if self.closing:
             raise asyncio.CancelledError
 

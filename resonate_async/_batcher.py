@@ -358,7 +358,8 @@ class Batcher:
         try:
             return (State.RESOLVED, encoder.encode(item))
         except EncodingError as exc:
-            return (State.REJECTED, encoder.encode_error(exc))
+            error = EncodingError(f"the {self.entry.name} handler's result is not encodable: {exc}")
+            return (State.REJECTED, encoder.encode_error(error))
 
 
 def _waited_for(promise: Promise[Any]) -> bool:

@@ -132,6 +132,7 @@ class Resonate:
         self._heartbeat = heartbeat_seconds
         self._poll = poll_seconds
         self._grace = grace_seconds
+        _check_count("max_rows_per_transaction", max_rows_per_transaction)
         self._max_rows = max_rows_per_transaction
         self._replay_every_step = replay_every_step
         if tracing or tracer_provider is not None:

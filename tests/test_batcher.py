@@ -15,6 +15,7 @@ from resonate_async import (
     CanceledError,
     Command,
     Context,
+    EncodingError,
     MemoryStore,
     PromiseTimeoutError,
     Resonate,
@@ -482,3 +483,17 @@ def test_every_command_is_handled_once_and_gets_its_own_outcome(
         assert handled == [i for i, (n, _) in enumerate(jobs) if n not in poison]
 
     asyncio.run(scenario())
+
+
+async def test_a_result_that_cannot_be_encoded_names_the_handler() -> None:
+    async def handler(ctx: Context, cmds: list[Add]) -> list[Any]:
+        return [object() if c.n == 1 else c.n for c in cmds]
+
+    resonate, _ = setup(handler)
+    async with resonate:
+        results = await asyncio.gather(
+            *(resonate.run(f"e{i}", "wf", i) for i in range(3)), return_exceptions=True
+        )
+    assert results[0] == 0 and results[2] == 2
+    assert isinstance(results[1], EncodingError)
+    assert "the Add handler's result is not encodable: cannot encode" in str(results[1])

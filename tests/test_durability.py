@@ -538,8 +538,9 @@ async def test_a_store_failure_the_body_catches_still_leaves_the_run_pending(cal
             return -1  # "log and carry on"
 
     async with resonate:
-        with pytest.raises(StoreError, match="disk full"):
+        with pytest.raises(StoreError, match="disk full") as caught:
             await resonate.run("c", careless)
+        assert isinstance(caught.value.__cause__, OSError)  # the driver's error, as documented
         assert (await store.get_many(["c"]))["c"].state is State.PENDING
         assert await asyncio.wait_for(resonate.get("c").result(), 10) == 42
     assert calls == [21, 21]  # its row was lost: the call ran again on resume

@@ -52,3 +52,22 @@ def test_the_package_says_it_is_typed() -> None:
     from importlib.resources import files
 
     assert files("resonate_async").joinpath("py.typed").is_file()
+
+
+def test_the_api_page_documents_every_public_name() -> None:
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    by_module = {
+        name
+        for module in (resonate_async.errors, resonate_async.retry, resonate_async.testing)
+        if f"::: {module.__name__}\n" in page
+        for name in module.__all__
+    }
+    missing = [
+        name
+        for name in resonate_async.__all__
+        if f"::: resonate_async.{name}\n" not in page and name not in by_module
+    ]
+    assert missing == []
+    assert "PostgresStore" in page

@@ -37,6 +37,7 @@ def pong(ctx: Context, commands: list[Ping]) -> str:
         ("heartbeat_seconds", 0),
         ("heartbeat_seconds", -5),
         ("grace_seconds", -0.5),
+        ("max_rows_per_transaction", 0),
     ],
 )
 def test_durations_out_of_range_are_refused_naming_the_parameter(param: str, value: float) -> None:
