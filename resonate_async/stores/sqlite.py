@@ -169,7 +169,14 @@ class SQLiteStore(StoreLifecycle):
         async with self._lock:
             if self._conn is not None:
                 return
-            conn = aiosqlite.connect(self._path, isolation_level=None, timeout=self._busy_timeout)
+            # check_same_thread=False: only aiosqlite's thread uses it, but if
+            # that thread dies (see _close), the connection is closed from here.
+            conn = aiosqlite.connect(
+                self._path,
+                isolation_level=None,
+                timeout=self._busy_timeout,
+                check_same_thread=False,
+            )
             try:
                 await conn
             except sqlite3.Error as exc:
@@ -245,7 +252,7 @@ class SQLiteStore(StoreLifecycle):
         conn = self._conn
         if conn is not None and _dead(conn):  # see _close
             self._conn = None
-            conn._connection = None
+            _close_abandoned(conn)
             return
         async with self._lock:
             conn, self._conn = self._conn, None
@@ -457,13 +464,21 @@ def _dead(conn: aiosqlite.Connection) -> bool:
     return thread.ident is not None and not thread.is_alive()
 
 
+def _close_abandoned(conn: aiosqlite.Connection) -> None:
+    """Close the sqlite3 connection of an aiosqlite one whose thread died."""
+    db, conn._connection = conn._connection, None
+    if db is not None:
+        with suppress(sqlite3.Error):
+            db.close()
+
+
 async def _close(conn: aiosqlite.Connection) -> None:
     """``conn.close()``, unless its thread dies first: then its answer never
-    comes, and the connection is left for sqlite3 to close as it is freed."""
+    comes, and the connection is closed from here."""
     closing = asyncio.ensure_future(conn.close())
     while not (await asyncio.wait({closing}, timeout=0.1))[0]:
         if _dead(conn):
-            conn._connection = None
+            _close_abandoned(conn)
             # aiosqlite's close awaits once more in its `finally`: cancel both.
             closing.cancel()
             await asyncio.sleep(0)
