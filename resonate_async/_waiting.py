@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .errors import NondeterminismError
     from .stores._base import PromiseRecord, Store
 
-__all__ = ("SettleWatcher",)
+__all__ = ("SettleWatcher", "ignore_report")
 
 log = logging.getLogger("resonate_async")
 
@@ -66,7 +66,7 @@ class SettleWatcher:
         """Write ``record``'s overdue settle without waiting for it: it came due
         while nobody waited (its process was down), and a replay reads it as
         settled already; its row must not stay PENDING under a settled run."""
-        self.writer.write_then(self.overdue_settle(record, self.clock.now()), _ignore, None)
+        self.writer.write_then(self.overdue_settle(record, self.clock.now()), ignore_report, None)
 
     def wake(self, record: PromiseRecord) -> None:
         """Tell local waiters that ``record`` settled (after a durable settle)."""
@@ -161,5 +161,5 @@ class SettleWatcher:
             handle._set_exception(exc)
 
 
-def _ignore(arg: Any, record: PromiseRecord | None, error: BaseException | None) -> None:
+def ignore_report(arg: Any, record: PromiseRecord | None, error: BaseException | None) -> None:
     """A write nobody waits for (a failed one is logged by the writer)."""

@@ -837,8 +837,34 @@ async def test_a_run_resumed_after_its_deadline_runs_no_further_step() -> None:
         with pytest.raises(PromiseTimeoutError):
             await asyncio.wait_for(handle.result(), 10)
     assert effects == ["before"]
-    root = (await store.get_many(["late"]))["late"]
-    assert root.state is State.REJECTED_TIMEDOUT
+    rows = await store.get_many(["late", "late.2"])
+    assert rows["late"].state is State.REJECTED_TIMEDOUT
+    assert rows["late.2"].state is State.RESOLVED  # its sleep, due since: not left PENDING
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+async def test_a_sleep_a_run_was_stopped_in_is_settled_canceled(how: str) -> None:
+    # Not left PENDING for good under the settled run.
+    clock = VirtualClock(autojump=how == "timeout")
+    store = MemoryStore()
+    resonate = Resonate(store, clock=clock)
+
+    @resonate.register(name="naps", timeout=30 if how == "timeout" else None)
+    async def naps(ctx: Context) -> None:
+        await ctx.sleep(3600)
+
+    async with resonate:
+        handle = resonate.run("n", "naps")
+        if how == "cancel":
+            while not await store.get_many(["n.1"]):
+                await asyncio.sleep(0)
+            assert handle.cancel()
+        with pytest.raises(PromiseTimeoutError if how == "timeout" else CanceledError):
+            await handle
+    rows = await store.get_many(["n", "n.1"])
+    expected = State.REJECTED_TIMEDOUT if how == "timeout" else State.REJECTED_CANCELED
+    assert rows["n"].state is expected
+    assert rows["n.1"].state is State.REJECTED_CANCELED
 
 
 async def test_a_settle_notice_read_while_the_store_fails_is_dropped_quietly() -> None:
