@@ -113,11 +113,8 @@ class Attempts:
                     raise inner from None
             except ReplayNow:
                 # Replay-every-step mode: a fresh call settled; re-run from the store.
-                self.restarting.discard(ctx)
-                if ctx._children:
-                    for child in ctx._children:
-                        child._fresh = False  # the restart replays them all at once
-                    await ctx._join_children()
+                if ctx._children:  # the restart replays them all at once
+                    await ctx._join_children(settled_by_now=True)
                 if run is not None:
                     run.replay = {r.id: r for r in await self.store.tree(run.id)}
                 continue
@@ -135,6 +132,9 @@ class Attempts:
                     run.replay = {r.id: r for r in await self.store.tree(run.id)}
                 attempt += 1
                 continue
+            finally:
+                if self.restarting:  # however the attempt ended (see Promise._replayed)
+                    self.restarting.discard(ctx)
             state, data = self._succeeded(run, id, value)
             return state, data, attempt
 
@@ -154,16 +154,11 @@ class Attempts:
         clock = self.clock
         timed_out = deadline is not None and clock.now() >= deadline
         if ctx._children:
-            if deadline is not None and not timed_out:
-                try:  # its children may not outlive the call's deadline either
-                    await with_deadline(ctx._join_children(), deadline, clock)
-                except TimeoutError:
-                    timed_out = True
-            if timed_out:
-                ctx._cancel_children()  # the call's time is up, and its children's
-                await ctx._join_children()
-            elif deadline is None:
-                await ctx._join_children()
+            try:
+                timed_out = await self._join_after_failure(ctx, deadline, timed_out)
+            except BaseException:  # a cancel, a shutdown: its children stop first
+                await ctx._stop_children()
+                raise
         self._check_unsettled(run)
         if timed_out:
             timeout = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
@@ -174,6 +169,25 @@ class Attempts:
         log.info("%s failed on attempt %d (%r); retrying in %.3fs", id, attempt, exc, delay)
         await clock.sleep(delay)
         return None
+
+    async def _join_after_failure(
+        self, ctx: Context, deadline: float | None, timed_out: bool
+    ) -> bool:
+        """Wait for the children of a failed attempt, within its deadline;
+        whether the call timed out (then its children are stopped)."""
+        clock = self.clock
+        join = ctx._join_children
+        if deadline is not None and not timed_out:
+            try:  # its children may not outlive the call's deadline either
+                await with_deadline(join(settled_by_now=True), deadline, clock)
+            except TimeoutError:
+                timed_out = True
+        if timed_out:
+            ctx._cancel_children()  # the call's time is up, and its children's
+            await join(settled_by_now=True)
+        elif deadline is None:
+            await join(settled_by_now=True)
+        return timed_out
 
     def _check_unsettled(self, run: RunState | None) -> None:
         """Raise what must leave the call PENDING whatever its body did with it:

@@ -30,6 +30,7 @@ from ._promise import (
     _SLEEP,
     _STEP,
     Promise,
+    ReplayNow,
     check_id,
 )
 from ._registry import call_style, function_name
@@ -353,11 +354,13 @@ class Context:
 
     # -- structure -----------------------------------------------------------
 
-    async def _join_children(self) -> None:
+    async def _join_children(self, *, settled_by_now: bool = False) -> None:
         """Wait for every ``lfi`` child; errors of children never awaited are logged.
 
         A child stopped by :meth:`_cancel_children` (its parent timed out) has
-        nothing to wait for.
+        nothing to wait for. ``settled_by_now``: the call's outcome is known
+        (it failed) or its body restarts anyway, so a child settling fresh in
+        replay-every-step mode asks for no restart (its ``ReplayNow``).
         """
         children = self._children
         if not children:
@@ -368,6 +371,9 @@ class Context:
                 continue
             try:
                 await child
+            except ReplayNow:
+                if not settled_by_now:
+                    raise
             except asyncio.CancelledError:
                 if _stopped(child) and not being_cancelled():
                     continue

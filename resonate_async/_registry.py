@@ -39,7 +39,9 @@ def call_style(fn: Callable[..., Any]) -> CallStyle:
     style = _styles.get(code) if code is not None else None
     if style is None:
         # A callable object is called through its __call__.
-        call = fn if code is not None else getattr(fn, "__call__", None)  # noqa: B004
+        # (Not a class: calling one builds an instance, whatever its __call__.)
+        plain = code is not None or isinstance(fn, type)
+        call = fn if plain else getattr(fn, "__call__", None)  # noqa: B004
         if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call):
             style = CallStyle.ASYNC
         elif inspect.isgeneratorfunction(fn) or inspect.isgeneratorfunction(call):

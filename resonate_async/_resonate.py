@@ -356,7 +356,9 @@ class Resonate:
 
         Accepts ``async def``, plain ``def`` (run in a worker thread) and
         generator functions, each taking a ``Context`` first. The registry key
-        is ``(name, version)``; ``name`` defaults to ``fn.__qualname__``. A run's
+        is ``(name, version)``; ``name`` defaults to ``fn.__qualname__`` (a
+        ``functools.partial``'s function's, a callable object's class's: give
+        two partials of one function, or two instances, a ``name=`` each). A run's
         own body is not retried by default (``never()``): its steps carry their
         own retries. Registering after start recovers that function's pending runs.
 

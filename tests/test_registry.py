@@ -123,3 +123,27 @@ async def test_a_generator_cancelled_in_a_step_runs_its_finally_cleanup() -> Non
         stored = await resonate.promises.get("g")
         assert stored is not None and stored.state is State.REJECTED_CANCELED
     assert effects == ["cleanup"]
+
+
+def test_a_class_is_called_to_build_an_instance_whatever_its_call_method() -> None:
+    assert call_style(Charge) is CallStyle.SYNC  # Charge(...) builds a Charge
+
+
+def test_a_dead_aiosqlite_thread_is_seen_before_and_after_aiosqlite_0_22() -> None:
+    import threading
+
+    from resonate_async.stores.sqlite import _dead
+
+    class OldConnection(threading.Thread):  # aiosqlite < 0.22: the connection is the thread
+        pass
+
+    class NewConnection:  # aiosqlite 0.22+: the connection holds its thread
+        def __init__(self) -> None:
+            self._thread = threading.Thread(target=lambda: None)
+
+    for conn in (OldConnection(target=lambda: None), NewConnection()):
+        thread = conn if isinstance(conn, threading.Thread) else conn._thread
+        assert not _dead(conn)  # type: ignore[arg-type]  # not started yet
+        thread.start()
+        thread.join()
+        assert _dead(conn)  # type: ignore[arg-type]

@@ -158,3 +158,37 @@ async def test_a_cleanup_step_in_finally_runs_once_in_program_order(style: str) 
     async with resonate:
         assert await asyncio.wait_for(resonate.run("t", "tidy").result(), 10) == "second"
     assert effects == ["first", "second", "cleanup"]
+
+
+async def test_bodies_that_end_oddly_leave_nothing_restarting() -> None:
+    # A failure whose lfi child settles fresh while it is joined is the
+    # outcome (its ReplayNow escaped as the run's error); a ReplayNow that a
+    # gather(return_exceptions=True) swallowed kept its body's Context (and
+    # run) in the engine for good.
+    resonate = Resonate(MemoryStore(), replay_every_step=True, step_retry_policy=never())
+
+    async def one(ctx: Context) -> int:
+        return 1
+
+    async def slow(ctx: Context) -> int:
+        await asyncio.sleep(0.01)
+        return 2
+
+    @resonate.register(name="gathered", retry_policy=never())
+    async def gathered(ctx: Context) -> str:
+        await asyncio.gather(ctx.lfc(one), return_exceptions=True)
+        return "ok"
+
+    @resonate.register(name="raises", retry_policy=never())
+    async def raises(ctx: Context) -> str:
+        ctx.lfi(slow)
+        raise ValueError("boom")
+
+    async with resonate:
+        engine = resonate._engine
+        assert engine is not None
+        for i in range(3):
+            assert await resonate.run(f"g{i}", "gathered") == "ok"
+        with pytest.raises(ValueError, match="boom"):
+            await asyncio.wait_for(resonate.run("r", "raises").result(), 10)
+        assert engine.restarting == set()

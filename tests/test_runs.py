@@ -795,3 +795,31 @@ async def test_no_lfi_child_outlives_its_runs_shutdown_or_cancel(how: str) -> No
     assert log == ["child stopped"]
     others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert others == []
+
+
+async def test_a_cancel_while_a_failed_body_joins_its_child_stops_the_child_first() -> None:
+    resonate = make()
+    log: list[str] = []
+    joining = asyncio.Event()
+
+    async def child(ctx: Context) -> None:
+        try:
+            joining.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            log.append("child stopped")
+            raise
+
+    @resonate.register
+    async def fails(ctx: Context) -> None:
+        ctx.lfi(child)
+        raise ValueError("the body failed while its child runs")
+
+    async with resonate:
+        handle = resonate.run("f", fails)
+        await joining.wait()
+        await asyncio.sleep(0)  # the failure is joining the child
+        assert handle.cancel()
+        with pytest.raises(CanceledError):
+            await handle
+        assert log == ["child stopped"]  # before the run settled

@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 from contextlib import asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import aiosqlite
 
@@ -460,7 +460,7 @@ def _dead(conn: aiosqlite.Connection) -> bool:
     """Whether aiosqlite's thread (private) has died: it does when it hands a
     result to an event loop that has ended (a store left open by an
     ``asyncio.run`` that returned), and then never answers again."""
-    thread = conn._thread
+    thread = cast("threading.Thread", getattr(conn, "_thread", conn))  # before 0.22: itself
     return thread.ident is not None and not thread.is_alive()
 
 
