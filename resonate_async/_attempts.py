@@ -21,14 +21,16 @@ from ._context import Context
 from ._invoke import invoke
 from ._promise import ReplayNow
 from ._registry import CallStyle
+from ._waiting import ignore_report
 from .errors import (
+    CanceledError,
     EncodingError,
     NondeterminismError,
     PromiseTimeoutError,
     ShutdownError,
     StoreError,
 )
-from .stores._base import State
+from .stores._base import Kind, Settle, State
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -37,8 +39,9 @@ if TYPE_CHECKING:
     from ._encoding import Encoder
     from ._engine import Engine
     from ._runs import RunState
+    from ._writer import GroupCommitWriter
     from .retry import RetryPolicy
-    from .stores._base import Store
+    from .stores._base import PromiseRecord, Store
 
 __all__ = ("LEAVE_PENDING", "Attempts", "unwrap_group")
 
@@ -64,6 +67,13 @@ class Attempts:
     encoded_none: bytes
     closing: bool
     restarting: set[Context]
+    writer: GroupCommitWriter
+
+    if TYPE_CHECKING:
+
+        def effectively_settled(self, record: PromiseRecord) -> bool: ...
+
+        def overdue_settle(self, record: PromiseRecord, now: float) -> Settle: ...
 
     async def attempts(
         self,
@@ -161,6 +171,7 @@ class Attempts:
                 raise
         self._check_unsettled(run)
         if timed_out:
+            await self.settle_cut_sleeps(id)
             timeout = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
             return State.REJECTED_TIMEDOUT, self.encoder.encode_error(timeout)
         delay = policy.next_delay(attempt + 1) if policy.should_retry(exc) else None
@@ -188,6 +199,30 @@ class Attempts:
         elif deadline is None:
             await join(settled_by_now=True)
         return timed_out
+
+    async def settle_cut_sleeps(self, id: str) -> None:
+        """Settle the sleeps under call ``id`` that its deadline or a cancel cut
+        short, which would otherwise stay PENDING for good under the settled
+        call: as every reader sees them already (woken) once due, else
+        canceled."""
+        try:
+            pending = await self.store.search(
+                state=State.PENDING, kind=Kind.SLEEP, prefix=f"{id}.", limit=None
+            )
+        except StoreError as exc:
+            log.warning("%s: reading its sleeps to settle them failed: %s", id, exc)
+            return
+        now = self.clock.now()
+        canceled: bytes | None = None
+        for record in pending:
+            if self.effectively_settled(record):
+                op = self.overdue_settle(record, now)
+            else:
+                if canceled is None:
+                    cut = CanceledError(f"a sleep of {id} was cut short")
+                    canceled = self.encoder.encode_error(cut)
+                op = Settle(record.id, State.REJECTED_CANCELED, canceled, now)
+            self.writer.write_then(op, ignore_report, None)
 
     def _check_unsettled(self, run: RunState | None) -> None:
         """Raise what must leave the call PENDING whatever its body did with it:

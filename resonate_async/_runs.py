@@ -25,7 +25,6 @@ from ._invoke import being_cancelled
 from ._leases import MAX_RESUME_DELAY
 from ._promise import _NO_KWARGS
 from ._registry import CallStyle
-from ._waiting import ignore_report
 from .errors import (
     CanceledError,
     ConflictError,
@@ -194,8 +193,6 @@ class RunDriver(Attempts):
         def outcome(self, record: PromiseRecord) -> Any: ...
 
         def effectively_settled(self, record: PromiseRecord) -> bool: ...
-
-        def overdue_settle(self, record: PromiseRecord, now: float) -> Settle: ...
 
         def wake(self, record: PromiseRecord) -> None: ...
 
@@ -368,8 +365,6 @@ class RunDriver(Attempts):
                     attributes = {"resonate.id": run.id, "resonate.func": entry.name}
                     call = self.tracing.traced(call, "resonate.run", attributes, settles=True)
                 state, data, _ = await call
-                if state is State.REJECTED_TIMEDOUT:
-                    await self._settle_cut_sleeps(run)
             # The task ends here; the writer reports the outcome once it commits.
             # `prior` lets the store answer without reading the row back.
             op = new_settle(run.id, state, data, self.clock.now(), run.record)
@@ -606,31 +601,8 @@ class RunDriver(Attempts):
                 self.run_stats.completed += 1
             run._set_result(value)
 
-    async def _settle_cut_sleeps(self, run: RunState) -> None:
-        """Settle the sleeps of a run that its deadline or a cancel cut short,
-        which would otherwise stay PENDING under the settled run for good: as
-        every reader sees them already (woken) once due, else canceled."""
-        try:
-            tree = await self.store.tree(run.id)
-        except StoreError as exc:
-            log.warning("run %s: reading its sleeps to settle them failed: %s", run.id, exc)
-            return
-        now = self.clock.now()
-        canceled: bytes | None = None
-        for record in tree:
-            if record.kind is not Kind.SLEEP or record.state is not State.PENDING:
-                continue
-            if self.effectively_settled(record):
-                op = self.overdue_settle(record, now)
-            else:
-                if canceled is None:
-                    cut = CanceledError(f"the sleep of run {run.id!r} was cut short")
-                    canceled = self.encoder.encode_error(cut)
-                op = Settle(record.id, State.REJECTED_CANCELED, canceled, now)
-            self.writer.write_then(op, ignore_report, None)
-
     async def _settle_canceled(self, run: RunState) -> None:
-        await self._settle_cut_sleeps(run)
+        await self.settle_cut_sleeps(run.id)
         error = self.encoder.encode_error(CanceledError(f"run {run.id!r} was canceled"))
         op = Settle(run.id, State.REJECTED_CANCELED, error, self.clock.now())
         try:

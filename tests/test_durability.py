@@ -842,6 +842,30 @@ async def test_a_run_resumed_after_its_deadline_runs_no_further_step() -> None:
     assert rows["late.2"].state is State.RESOLVED  # its sleep, due since: not left PENDING
 
 
+async def test_a_sleep_a_timed_out_step_was_in_is_settled_canceled() -> None:
+    clock = VirtualClock(autojump=True)
+    store = MemoryStore()
+    resonate = Resonate(store, clock=clock)
+
+    async def napping(ctx: Context) -> None:
+        await ctx.sleep(3600)
+
+    @resonate.register(name="impatient")
+    async def impatient(ctx: Context) -> str:
+        try:
+            await ctx.lfc(napping).with_options(timeout=30, retry_policy=never())
+        except PromiseTimeoutError:
+            return "gave up"
+        return "slept"
+
+    async with resonate:
+        assert await resonate.run("i", "impatient") == "gave up"
+    rows = await store.get_many(["i", "i.1", "i.1.1"])
+    assert rows["i"].state is State.RESOLVED
+    assert rows["i.1"].state is State.REJECTED_TIMEDOUT
+    assert rows["i.1.1"].state is State.REJECTED_CANCELED  # not PENDING under a settled step
+
+
 @pytest.mark.parametrize("how", ["timeout", "cancel"])
 async def test_a_sleep_a_run_was_stopped_in_is_settled_canceled(how: str) -> None:
     # Not left PENDING for good under the settled run.
