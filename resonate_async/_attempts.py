@@ -171,7 +171,7 @@ class Attempts:
                 raise
         self._check_unsettled(run)
         if timed_out:
-            await self.settle_cut_sleeps(id)
+            await self.settle_cut_sleeps(id, ctx.root_id)
             timeout = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
             return State.REJECTED_TIMEDOUT, self.encoder.encode_error(timeout)
         delay = policy.next_delay(attempt + 1) if policy.should_retry(exc) else None
@@ -200,11 +200,12 @@ class Attempts:
             await join(settled_by_now=True)
         return timed_out
 
-    async def settle_cut_sleeps(self, id: str) -> None:
-        """Settle the sleeps under call ``id`` that its deadline or a cancel cut
-        short, which would otherwise stay PENDING for good under the settled
-        call: as every reader sees them already (woken) once due, else
-        canceled."""
+    async def settle_cut_sleeps(self, id: str, root_id: str) -> None:
+        """Settle the sleeps under call ``id`` (of the run ``root_id``) that its
+        deadline or a cancel cut short, which would otherwise stay PENDING for
+        good under the settled call: as every reader sees them already (woken)
+        once due, else canceled. Not those of another run whose id happens to
+        extend ``id`` (a remote call's, or a run named ``<id>.x``)."""
         try:
             pending = await self.store.search(
                 state=State.PENDING, kind=Kind.SLEEP, prefix=f"{id}.", limit=None
@@ -215,6 +216,8 @@ class Attempts:
         now = self.clock.now()
         canceled: bytes | None = None
         for record in pending:
+            if record.root_id != root_id:
+                continue
             if self.effectively_settled(record):
                 op = self.overdue_settle(record, now)
             else:

@@ -602,7 +602,7 @@ class RunDriver(Attempts):
             run._set_result(value)
 
     async def _settle_canceled(self, run: RunState) -> None:
-        await self.settle_cut_sleeps(run.id)
+        await self.settle_cut_sleeps(run.id, run.id)
         error = self.encoder.encode_error(CanceledError(f"run {run.id!r} was canceled"))
         op = Settle(run.id, State.REJECTED_CANCELED, error, self.clock.now())
         try:

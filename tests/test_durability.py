@@ -905,3 +905,29 @@ async def test_a_settle_notice_read_while_the_store_fails_is_dropped_quietly() -
         engine = resonate._engine
         assert engine is not None
         await engine._refresh("some-id")  # no error escapes
+
+
+async def test_a_timed_out_run_leaves_the_sleeps_of_other_runs_alone() -> None:
+    # Their ids extend its id (a remote call's, a run named "<id>.x"), but
+    # they are other runs' sleeps, still running.
+    clock = VirtualClock(autojump=True)
+    store = MemoryStore()
+    resonate = Resonate(store, clock=clock)
+
+    @resonate.register(name="napper")
+    async def napper(ctx: Context) -> str:
+        await ctx.sleep(100)
+        return "rested"
+
+    @resonate.register(name="timed", timeout=30)
+    async def timed(ctx: Context) -> None:
+        await ctx.sleep(3600)
+
+    async with resonate:
+        other = resonate.run("t.x", "napper")
+        await other.created()
+        with pytest.raises(PromiseTimeoutError):
+            await resonate.run("t", "timed")
+        assert (await store.get_many(["t.1"]))["t.1"].state is State.REJECTED_CANCELED
+        assert (await store.get_many(["t.x.1"]))["t.x.1"].state is not State.REJECTED_CANCELED
+        assert await other == "rested"
