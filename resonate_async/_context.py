@@ -392,13 +392,13 @@ class Context:
         """Cancel every child and wait for those running in tasks to stop: no
         child step outlives its run's cancellation, or the shutdown."""
         self._cancel_children()
-        running = [
-            child._future
-            for child in self._children or ()
-            if isinstance(child._future, asyncio.Task) and not child._future.done()
-        ]
+        tasks = [c._future for c in self._children or () if isinstance(c._future, asyncio.Task)]
+        running = [task for task in tasks if not task.done()]
         if running:
             await asyncio.wait(running)
+        for task in tasks:  # the call is left PENDING: their errors are not its outcome
+            if not task.cancelled():
+                task.exception()  # retrieved, so asyncio does not log it as lost
 
 
 def _stopped(child: Promise[Any]) -> bool:

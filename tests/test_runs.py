@@ -27,7 +27,10 @@ from resonate_async import (
 from resonate_async.retry import RetryPolicy, constant, never
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
+
+    from resonate_async.stores._base import Op
 
 
 @dataclass
@@ -823,3 +826,45 @@ async def test_a_cancel_while_a_failed_body_joins_its_child_stops_the_child_firs
         with pytest.raises(CanceledError):
             await handle
         assert log == ["child stopped"]  # before the run settled
+
+
+async def test_a_stopped_childs_failure_is_not_reported_as_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A run left PENDING (here: its sleep's row could not be written) stops
+    # its children; one that had failed already (its own create failed) kept
+    # an exception nobody read, which asyncio logged as lost.
+    import gc
+
+    from resonate_async.errors import StoreError
+    from resonate_async.stores import Create, PromiseRecord
+
+    class FailsAtFirst(MemoryStore):
+        failures = 0
+
+        async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+            ids = [op.record.id for op in ops if isinstance(op, Create)]
+            if any(id.startswith("b.") for id in ids) and self.failures < 3:
+                self.failures += 1
+                raise StoreError("connection lost")
+            return await super().write(ops)
+
+    resonate = Resonate(FailsAtFirst(), poll_seconds=0.05)
+
+    @resonate.register(name="body", timeout=30)
+    async def body(ctx: Context) -> str:
+        ctx.rfi("remote")
+        await ctx.sleep(0.01)
+        return "done"
+
+    @resonate.register(name="remote")
+    async def remote(ctx: Context) -> None:
+        return None
+
+    with caplog.at_level(logging.ERROR, "asyncio"):
+        async with resonate:
+            with pytest.raises(StoreError):
+                await resonate.run("b", "body")
+            assert await asyncio.wait_for(resonate.get("b").result(), 10) == "done"
+        gc.collect()
+    assert "never retrieved" not in caplog.text
