@@ -124,7 +124,16 @@ class Attempts:
             except ReplayNow:
                 # Replay-every-step mode: a fresh call settled; re-run from the store.
                 if ctx._children:  # the restart replays them all at once
-                    await ctx._join_children(settled_by_now=True)
+                    try:
+                        join = ctx._join_children(settled_by_now=True)
+                        await (join if deadline is None else with_deadline(join, deadline, clock))
+                    except TimeoutError as exc:  # the call's time ran out first
+                        final = await self._failed(run, id, ctx, exc, attempt, policy, deadline)
+                        if final is not None:
+                            return final[0], final[1], attempt
+                    except BaseException:  # a cancel, a shutdown: its children stop first
+                        await ctx._stop_children()
+                        raise
                 if run is not None:
                     run.replay = {r.id: r for r in await self.store.tree(run.id)}
                 continue

@@ -13,10 +13,12 @@ from resonate_async import (
     Context,
     MemoryStore,
     NondeterminismError,
+    PromiseTimeoutError,
     Resonate,
     StoreError,
 )
 from resonate_async.retry import never
+from resonate_async.testing import VirtualClock
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Generator
@@ -192,3 +194,41 @@ async def test_bodies_that_end_oddly_leave_nothing_restarting() -> None:
         with pytest.raises(ValueError, match="boom"):
             await asyncio.wait_for(resonate.run("r", "raises").result(), 10)
         assert engine.restarting == set()
+
+
+def _restarting_with_a_child(
+    clock: VirtualClock, log: list[str], timeout: float | None
+) -> Resonate:
+    """A body whose own sleep settles first (a restart) while its lfi child runs."""
+    resonate = Resonate(MemoryStore(), clock=clock, replay_every_step=True)
+
+    async def child(ctx: Context) -> None:
+        await ctx.sleep(100)
+        log.append("child done")
+
+    @resonate.register(name="wf", timeout=timeout)
+    async def wf(ctx: Context) -> None:
+        ctx.lfi(child)
+        await ctx.sleep(5)
+
+    return resonate
+
+
+async def test_a_deadline_covers_the_children_a_restart_waits_for() -> None:
+    clock, log = VirtualClock(), list[str]()
+    async with _restarting_with_a_child(clock, log, timeout=10) as resonate:
+        handle = resonate.run("t", "wf")
+        await clock.advance(10)
+        assert handle.done()
+        with pytest.raises(PromiseTimeoutError):
+            await handle
+        await clock.advance(200)
+    assert log == []  # stopped at the deadline
+
+
+async def test_a_shutdown_during_a_restart_stops_the_children() -> None:
+    clock, log = VirtualClock(), list[str]()
+    async with _restarting_with_a_child(clock, log, timeout=None) as resonate:
+        resonate.run("t", "wf")
+        await clock.advance(7)
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []

@@ -7,7 +7,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from resonate_async import Context, MemoryStore, Resonate
-from resonate_async.testing import VirtualClock, crash
+from resonate_async.testing import VirtualClock, crash, quiesce
 
 if TYPE_CHECKING:
     from resonate_async.stores import PromiseRecord
@@ -120,3 +120,17 @@ async def test_a_poll_given_up_leaves_nothing_behind() -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await waiter
     assert clock._polls == []
+
+
+async def test_quiesce_next_to_an_autojump_clock_does_not_make_it_jump_while_busy() -> None:
+    # The test's quiesce() and the clock's each saw the other's next step as
+    # work, so neither saw an idle loop; the clock then jumped regardless.
+    clock = VirtualClock(autojump=True)
+    sleeper = asyncio.ensure_future(clock.sleep(10))
+    await asyncio.sleep(0)
+    start = clock.now()
+    await quiesce()
+    for _ in range(50):  # busy: never idle
+        await asyncio.sleep(0)
+    assert clock.now() == start
+    sleeper.cancel()
