@@ -43,6 +43,7 @@ from ._cli_view import (
     summary,
     table,
     tree_parent,
+    unstored_roots,
 )
 from ._encoding import JSONEncoder
 from .errors import CanceledError, EncodingError, PromiseTimeoutError, StoreError
@@ -216,9 +217,10 @@ async def cmd_tree(store: Store, args: argparse.Namespace) -> int:
         print(f"({args.id} belongs to run {root_id}; showing its tree)", file=sys.stderr)
     now = time.time()
     by_id = {r.id: effective(r, now) for r in records}
+    roots = unstored_roots(records)
     children: dict[str | None, list[PromiseRecord]] = {}
     for r in by_id.values():
-        children.setdefault(tree_parent(r, by_id), []).append(r)
+        children.setdefault(tree_parent(r, by_id, roots), []).append(r)
     lines: list[tuple[int, PromiseRecord]] = []
     stack = [(0, r) for r in reversed(children.pop(None, []))]
     while stack:

@@ -20,7 +20,7 @@ from .errors import EncodingError, StoredError
 from .stores._base import Kind, PromiseRecord, State
 
 if TYPE_CHECKING:
-    from collections.abc import Container, Sequence
+    from collections.abc import Container, Iterable, Mapping, Sequence
 
     from ._encoding import JSONEncoder
     from .stores._base import Store
@@ -37,6 +37,7 @@ __all__ = (
     "summary",
     "table",
     "tree_parent",
+    "unstored_roots",
 )
 
 
@@ -104,16 +105,35 @@ def _ancestry(id: str) -> list[str]:
     return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
 
 
-def tree_parent(record: PromiseRecord, ids: Container[str]) -> str | None:
+def tree_parent(
+    record: PromiseRecord, ids: Container[str], roots: Mapping[str, str] | None = None
+) -> str | None:
     """The id among ``ids`` that ``record`` is shown under, if any.
 
     That is its ``parent_id``; or, for a parent not stored yet (a step is
     written only when it settles, so a step still running is missing), the
-    parent's nearest ancestor by id.
+    parent's nearest ancestor by id; or, when that parent's id extends no
+    stored id (a step given its own id), the run it belongs to: the record's
+    own ``root_id``, or for a remote call (the root of its own tree) the run
+    that ``roots`` (see :func:`unstored_roots`) says its caller belongs to.
     """
-    if record.parent_id is None:
+    parent = record.parent_id
+    if parent is None:
         return None
-    return next((a for a in _ancestry(record.parent_id) if a in ids and a != record.id), None)
+    found = next((a for a in _ancestry(parent) if a in ids and a != record.id), None)
+    if found is not None:
+        return found
+    if record.root_id != record.id:
+        return record.root_id if record.root_id in ids else None
+    if roots is not None:
+        return next((roots[a] for a in _ancestry(parent) if roots.get(a) in ids), None)
+    return None
+
+
+def unstored_roots(records: Iterable[PromiseRecord]) -> dict[str, str]:
+    """The run each parent of ``records`` belongs to, stored or not: what a
+    remote call made by an unstored parent is placed under."""
+    return {r.parent_id: r.root_id for r in records if r.parent_id and r.root_id != r.id}
 
 
 async def _top_run(store: Store, record: PromiseRecord) -> str:
@@ -133,10 +153,23 @@ async def _top_run(store: Store, record: PromiseRecord) -> str:
             return record.id
         found = await store.get_many(up)
         above = next((found[a] for a in up if a in found), None)
+        if above is None and record.root_id == record.id:
+            above = await _run_of_unstored(store, up)
         if above is None or above.id in seen:  # a missing row, or a cycle: stop here
             return record.root_id
         seen.add(above.id)
         record = above
+
+
+async def _run_of_unstored(store: Store, ids: Sequence[str]) -> PromiseRecord | None:
+    """The run that one of ``ids`` (unstored calls, nearest first) belongs to,
+    found through a stored child of it: a step given its own id that still
+    runs is known only by its children."""
+    for id in ids:
+        for child in await store.search(prefix=f"{id}.", limit=100):
+            if child.parent_id == id and child.root_id != child.id:
+                return (await store.get_many([child.root_id])).get(child.root_id)
+    return None
 
 
 async def run_tree(store: Store, id: str) -> tuple[str, list[PromiseRecord]]:
@@ -160,8 +193,12 @@ async def run_tree(store: Store, id: str) -> tuple[str, list[PromiseRecord]]:
     # A caller is the parent, or its nearest *stored* ancestor: look them all up at once.
     wanted = [a for r in remotes if r.parent_id is not None for a in _ancestry(r.parent_id)]
     stored = await store.get_many(wanted)
-    callers = {r.id: tree_parent(r, stored) for r in remotes}
-    while attached := [r for r in remotes if r.id not in by_id and callers[r.id] in by_id]:
+    while attached := [
+        r
+        for r in remotes
+        if r.id not in by_id
+        and tree_parent(r, stored.keys() | by_id.keys(), unstored_roots(by_id.values())) in by_id
+    ]:
         for remote in attached:
             for r in [remote, *await store.tree(remote.id)]:
                 by_id.setdefault(r.id, r)

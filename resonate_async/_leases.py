@@ -131,7 +131,7 @@ class LeaseKeeper:
             # renew for ever: free them, for this claim to take them again.
             await self._release_dead_owners(own=True)
             self._claim_lost = False
-        resumed = 0
+        resumed = remote = 0
         while True:
             now = self.clock.now()
             try:
@@ -148,11 +148,14 @@ class LeaseKeeper:
                 raise
             fresh = [r for r in claimed if r.id not in self.runs and r.id not in self.stuck]
             for record in fresh:
-                resumed += self._resume(record)
+                started = self._resume(record)
+                resumed += started
+                if record.kind is Kind.REMOTE:
+                    remote += started
             if len(claimed) < _CLAIM_CHUNK or not fresh or self.closing:
                 break
-        if resumed:
-            log.info("resumed %d pending runs", resumed)
+        if resumed > remote:  # a remote call taken here is work, not a recovery
+            log.info("resumed %d pending runs", resumed - remote)
         return resumed
 
     def _resume(self, record: PromiseRecord) -> int:

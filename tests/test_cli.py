@@ -323,6 +323,18 @@ REMOTE_RECORDS = [
     remote("own-id.1", 11, "own-id", func="grandchild"),
     # Called from step p1.4, still running so not stored yet: shown under p1.
     remote("p1.4.1", 12, "p1.4", state=State.PENDING, func="child"),
+    # Made by a step given its own id ("my-step"), still running: the step is
+    # known only by its stored child, whose root says which run it is in.
+    rec("my-step.1", State.RESOLVED, Kind.STEP, 13, parent_id="my-step", root_id="p1"),
+    remote("rem-of-my-step", 14, "my-step", state=State.PENDING, func="child"),
+    rec(
+        "gate-m",
+        State.PENDING,
+        Kind.EXTERNAL,
+        15,
+        parent_id="rem-of-my-step",
+        root_id="rem-of-my-step",
+    ),
 ]
 REMOTE_TREE = [
     ("p1", 0, "run"),
@@ -337,6 +349,9 @@ REMOTE_TREE = [
     ("own-id", 1, "remote"),
     ("own-id.1", 2, "remote"),
     ("p1.4.1", 1, "remote"),
+    ("my-step.1", 1, "step"),
+    ("rem-of-my-step", 1, "remote"),
+    ("gate-m", 2, "external"),
 ]
 
 
@@ -389,7 +404,9 @@ def test_tree_shows_remote_calls_under_their_caller(remote_cli: Any) -> None:
     assert lines[6].split() == ["p1.3", "PENDING", "remote", "child"]
 
 
-@pytest.mark.parametrize("id", ["p1.1", "p1.1.2.1", "p1.3", "ship-7.1", "own-id.1", "p1.4.1"])
+@pytest.mark.parametrize(
+    "id", ["p1.1", "p1.1.2.1", "p1.3", "ship-7.1", "own-id.1", "p1.4.1", "rem-of-my-step", "gate-m"]
+)
 def test_tree_of_a_remote_call_or_its_child_shows_the_run_it_belongs_to(
     remote_cli: Any, id: str
 ) -> None:

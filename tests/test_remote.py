@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from resonate_async import Context, Kind, MemoryStore, Resonate, State
 from resonate_async.testing import VirtualClock, crash
 
 if TYPE_CHECKING:
+    import pytest
+
     from resonate_async.stores import PromiseRecord
 
 
@@ -293,3 +296,22 @@ async def test_rows_a_claim_leased_here_whose_answer_was_lost_are_run() -> None:
     async with caller, worker:
         assert await asyncio.wait_for(caller.run("p", "parent", 21).result(), 10) == 42
     assert store.lost
+
+
+async def test_taking_a_fresh_remote_call_is_not_logged_as_a_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    resonate = Resonate(MemoryStore(), poll_seconds=60)
+
+    @resonate.register(name="square")
+    async def square(ctx: Context, x: int) -> int:
+        return x * x
+
+    @resonate.register(name="calls")
+    async def calls(ctx: Context) -> int:
+        return int(await ctx.rfc("square", 3))
+
+    with caplog.at_level(logging.INFO, "resonate_async"):
+        async with resonate:
+            assert await resonate.run("c", "calls") == 9
+    assert "resumed" not in caplog.text
