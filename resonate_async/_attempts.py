@@ -123,17 +123,12 @@ class Attempts:
                     raise inner from None
             except ReplayNow:
                 # Replay-every-step mode: a fresh call settled; re-run from the store.
-                if ctx._children:  # the restart replays them all at once
-                    try:
-                        join = ctx._join_children(settled_by_now=True)
-                        await (join if deadline is None else with_deadline(join, deadline, clock))
-                    except TimeoutError as exc:  # the call's time ran out first
-                        final = await self._failed(run, id, ctx, exc, attempt, policy, deadline)
-                        if final is not None:
-                            return final[0], final[1], attempt
-                    except BaseException:  # a cancel, a shutdown: its children stop first
-                        await ctx._stop_children()
-                        raise
+                # The restart replays its children all at once, once they end.
+                if ctx._children and await self._join_within(ctx, deadline):
+                    timeout = TimeoutError()  # the call's time ran out first
+                    final = await self._failed(run, id, ctx, timeout, attempt, policy, deadline)
+                    if final is not None:
+                        return final[0], final[1], attempt
                 if run is not None:
                     run.replay = {r.id: r for r in await self.store.tree(run.id)}
                 continue
@@ -173,11 +168,7 @@ class Attempts:
         clock = self.clock
         timed_out = deadline is not None and clock.now() >= deadline
         if ctx._children:
-            try:
-                timed_out = await self._join_after_failure(ctx, deadline, timed_out)
-            except BaseException:  # a cancel, a shutdown: its children stop first
-                await ctx._stop_children()
-                raise
+            timed_out = await self._join_within(ctx, deadline, timed_out=timed_out)
         self._check_unsettled(run)
         if timed_out:
             await self.settle_cut_sleeps(id, ctx.root_id)
@@ -190,23 +181,28 @@ class Attempts:
         await clock.sleep(delay)
         return None
 
-    async def _join_after_failure(
-        self, ctx: Context, deadline: float | None, timed_out: bool
+    async def _join_within(
+        self, ctx: Context, deadline: float | None, *, timed_out: bool = False
     ) -> bool:
-        """Wait for the children of a failed attempt, within its deadline;
-        whether the call timed out (then its children are stopped)."""
-        clock = self.clock
+        """Wait for the children of an attempt whose outcome is known (it
+        failed) or whose body restarts, within the call's deadline; whether
+        the call timed out (then its children are stopped). A cancel or a
+        shutdown meanwhile stops them before it goes on."""
         join = ctx._join_children
-        if deadline is not None and not timed_out:
-            try:  # its children may not outlive the call's deadline either
-                await with_deadline(join(settled_by_now=True), deadline, clock)
-            except TimeoutError:
-                timed_out = True
-        if timed_out:
-            ctx._cancel_children()  # the call's time is up, and its children's
-            await join(settled_by_now=True)
-        elif deadline is None:
-            await join(settled_by_now=True)
+        try:
+            if deadline is not None and not timed_out:
+                try:  # its children may not outlive the call's deadline either
+                    await with_deadline(join(settled_by_now=True), deadline, self.clock)
+                except TimeoutError:
+                    timed_out = True
+            if timed_out:
+                ctx._cancel_children()  # the call's time is up, and its children's
+                await join(settled_by_now=True)
+            elif deadline is None:
+                await join(settled_by_now=True)
+        except BaseException:
+            await ctx._stop_children()
+            raise
         return timed_out
 
     async def settle_cut_sleeps(self, id: str, root_id: str) -> None:

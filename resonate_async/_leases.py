@@ -197,7 +197,7 @@ class LeaseKeeper:
                     if own and id not in self.stuck and id not in self.store_failed:
                         dead.setdefault(owner, []).append(id)
                 elif self._dead(owner):
-                    dead.setdefault(owner, []).append(record.id)
+                    dead.setdefault(owner, []).append(id)
         for owner, ids in dead.items():
             await self.store.release(owner, ids)
 

@@ -46,7 +46,6 @@ _NOT_STARTED, _STARTED, _INLINE_DONE = range(3)
 # its awaiter having left it): queued, taken into a batch, recorded after its
 # awaiter left (``_value`` holds the row).
 _QUEUED, _IN_BATCH, _RECORDED = range(3, 6)
-# What a user wrote to make a promise of each kind, for the never-awaited warning.
 # Why with_options(retry_policy=) does not apply to a call other than a step.
 _NO_RETRY_POLICY = {
     _COMMAND: "a command's retries follow its handler's retry_policy; "
@@ -80,6 +79,7 @@ def check_id(id: object, what: str) -> None:
         raise ValueError(f"{what} must not contain NUL characters, got {id!r}")
 
 
+# What a user wrote to make a promise of each kind, for the never-awaited warning.
 _CALLS = {_REMOTE: "ctx.rfc", _EXTERNAL: "ctx.promise", _SLEEP: "ctx.sleep"}
 _NO_KWARGS: dict[str, Any] = {}  # shared by every command; never mutated
 
@@ -455,10 +455,7 @@ class Promise(Generic[T]):
                 f"recorded {stored.func!r}; deploy code compatible with the history or register "
                 "the changed workflow under a new version"
             )
-            run = self._ctx._run
-            if run is not None:  # fatal for the run, even if the workflow catches it
-                run.fatal = error
-            raise error
+            raise self._fatal(error)
         if stored.state is State.PENDING:
             engine = self._ctx._engine
             if not engine.effectively_settled(stored):
@@ -484,10 +481,15 @@ class Promise(Generic[T]):
                 f"{self.id}: its stored value no longer decodes ({exc}); deploy code "
                 "that can read the history"
             )
-            run = self._ctx._run
-            if run is not None:  # fatal for the run, even if the workflow catches it
-                run.fatal = error
-            raise error from None
+            raise self._fatal(error) from None
+
+    def _fatal(self, error: NondeterminismError) -> NondeterminismError:
+        """``error``, made fatal for the run: it ends unsettled even if the
+        workflow catches it (see ``RunState.fatal``)."""
+        run = self._ctx._run
+        if run is not None:
+            run.fatal = error
+        return error
 
     def _func_name(self) -> str | None:
         if self._type == _COMMAND:
