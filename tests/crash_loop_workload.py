@@ -22,7 +22,8 @@ evidence of what it executed:
   returns ``G``: the stored value of a settled step names the generation
   whose execution was committed;
 * a run's body appends ``"{run id} {G}"`` each time it is invoked (first
-  execution or replay);
+  execution or replay), and returns ``["user-{i}", G]``: the root's stored
+  value names the generation whose body settled it (no clocks involved);
 * the ``InsertUser`` handler inserts into ``users`` (``INSERT OR IGNORE`` on
   a primary key: idempotent), logs each execution in ``executions``, commits
   once per batch, and returns ``G`` for every command.
@@ -86,8 +87,15 @@ def run_id(i: int) -> str:
 
 
 def expected_value(i: int) -> str:
-    """What run ``i`` must return."""
+    """What run ``i`` must return, beside the generation that settled it."""
     return f"user-{i}"
+
+
+def returned_value(outcome: object) -> object:
+    """The part of a run's outcome that must equal :func:`expected_value`."""
+    if isinstance(outcome, list) and len(outcome) == 2:
+        return outcome[0]
+    return outcome
 
 
 # -- the workload (the child process) --------------------------------------------
@@ -143,16 +151,17 @@ async def insert_users(ctx: Context, commands: list[InsertUser]) -> int:
     return generation
 
 
-async def signup(ctx: Context, user_id: int) -> str:
+async def signup(ctx: Context, user_id: int) -> list[str | int]:
     """Four steps, one batched command and a durable sleep; the body logs each invocation."""
-    ctx.get_dependency("effects").record(ctx.id)
+    effects: EffectsLog = ctx.get_dependency("effects")
+    effects.record(ctx.id)
     async with ctx.get_dependency("gate"):  # at most `concurrency` bodies past this point
         await ctx.lfc(step, "profile")
         await asyncio.gather(ctx.lfi(step, "welcome"), ctx.lfi(step, "quota"))
         await ctx.lfc(InsertUser(user_id))
         await ctx.lfc(step, "audit")
         await ctx.sleep(SLEEP_SECONDS)
-    return expected_value(user_id)
+    return [expected_value(user_id), effects.generation]
 
 
 async def workload(
@@ -189,7 +198,11 @@ async def workload(
                 print("closing", flush=True)
     finally:
         effects.close()
-    wrong = [(i, out) for i, out in zip(ids, outcomes, strict=True) if out != expected_value(i)]
+    wrong = [
+        (i, out)
+        for i, out in zip(ids, outcomes, strict=True)
+        if returned_value(out) != expected_value(i)
+    ]
     for i, outcome in wrong[:20]:
         print(f"{run_id(i)}: {outcome!r}", file=sys.stderr)
     if wrong:
@@ -276,7 +289,7 @@ class LoopResult:
     * ``loop``: a round could not land its kills (every process finished first,
       or processes kept failing);
     * ``lost_runs``: a run has no root promise, or it is not RESOLVED;
-    * ``wrong_values``: a root's stored value is not ``user-{i}``;
+    * ``wrong_values``: a root's stored value is not ``["user-{i}", G]``;
     * ``pending``: a promise of any kind is left PENDING;
     * ``not_resolved``: a step, command or sleep is missing or not RESOLVED;
     * ``unexpected_rows``: a promise that no run should have made, or of the wrong kind;
@@ -492,6 +505,29 @@ def _select(path: Path, sql: str) -> list[Any]:
         db.close()
 
 
+def _check_root(
+    root_id: str,
+    settled_in: int,
+    settled_at: float,
+    bodies: list[int],
+    starts: list[float],
+    anomalies: dict[str, list[str]],
+    metrics: Counter[str],
+) -> None:
+    """A root settled by generation ``settled_in``, whose body ran in ``bodies``."""
+    if settled_in not in bodies:
+        anomalies["committed_without_effect"].append(f"{root_id} (generation {settled_in})")
+    later = sorted(g for g in bodies if g > settled_in)
+    if later:
+        anomalies["roots_reexecuted"].append(
+            f"{root_id} settled by generation {settled_in}, body ran again in {later}"
+        )
+    # The wall clock's view, for the record only: `settled_at` bisected into
+    # the spawn times. It disagrees if the clock was stepped meanwhile.
+    if bisect.bisect_right(starts, settled_at) != settled_in:
+        metrics["roots whose settled_at is outside their generation's lifetime"] += 1
+
+
 def check(
     files: LoopFiles, runs: int, starts: list[float]
 ) -> tuple[dict[str, list[str]], dict[str, int], dict[int, int]]:
@@ -500,10 +536,10 @@ def check(
     Returns the anomalies (see :class:`LoopResult`), the metrics, and the
     generation that settled each run.
 
-    ``starts[g - 1]`` is when generation ``g`` was spawned: a root settled at
-    time ``t`` was settled by generation ``bisect(starts, t)`` (the processes
-    of the loop never overlap). A step or command names the generation that
-    committed it in its value.
+    A root, step or command names the generation that committed it in its
+    value. ``starts[g - 1]`` is when generation ``g`` was spawned; a root's
+    ``settled_at`` is only compared with them, as a metric (the wall clock
+    can be stepped while the loop runs).
     """
     anomalies: dict[str, list[str]] = defaultdict(list)
     metrics: Counter[str] = Counter()
@@ -532,17 +568,17 @@ def check(
             anomalies["lost_runs"].append(f"{root_id}: {root[1] if root else 'missing'}")
         else:
             value = json.loads(root[3])
-            if value != expected_value(i):
+            if (
+                isinstance(value, list)
+                and len(value) == 2
+                and value[0] == expected_value(i)
+                and isinstance(value[1], int)
+            ):
+                _check_root(root_id, value[1], root[4], bodies, starts, anomalies, metrics)
+                settled[i] = value[1]
+                committing["runs"].add(value[1])
+            else:
                 anomalies["wrong_values"].append(f"{root_id}: {value!r}")
-            settled_in = settled[i] = bisect.bisect_right(starts, root[4])
-            committing["runs"].add(settled_in)
-            if settled_in not in bodies:
-                anomalies["committed_without_effect"].append(f"{root_id} (generation {settled_in})")
-            later = sorted(g for g in bodies if g > settled_in)
-            if later:
-                anomalies["roots_reexecuted"].append(
-                    f"{root_id} settled by generation {settled_in}, body ran again in {later}"
-                )
         for suffix in (*STEP_SUFFIXES, COMMAND_SUFFIX):
             child_id = root_id + suffix
             expected.add(child_id)

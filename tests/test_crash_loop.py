@@ -19,11 +19,20 @@ failure).
 
 from __future__ import annotations
 
+import json
 import os
-from typing import TYPE_CHECKING
+import sqlite3
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from crash_loop_workload import LoopConfig, LoopResult, run_crash_loop
+from crash_loop_workload import (
+    USERS_SCHEMA,
+    LoopConfig,
+    LoopFiles,
+    LoopResult,
+    check,
+    run_crash_loop,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -69,3 +78,63 @@ def slow_requested(request: pytest.FixtureRequest) -> None:
 def test_long_sigkill_loop_loses_nothing_and_repeats_nothing(tmp_path: Path) -> None:
     config = LoopConfig(runs=1000, kills=200, kills_per_round=20, seed=_seed())
     _check(run_crash_loop(tmp_path, config), config)
+
+
+def _evidence(tmp_path: Path, promises: list[tuple[Any, ...]], effects: list[str]) -> LoopFiles:
+    """Loop files holding the given promise rows and effects-log lines, one user."""
+    files = LoopFiles.under(tmp_path)
+    with sqlite3.connect(files.store) as db:
+        db.execute("CREATE TABLE promises (id, state, kind, value, settled_at)")
+        db.executemany("INSERT INTO promises VALUES (?, ?, ?, ?, ?)", promises)
+    with sqlite3.connect(files.users) as db:
+        for statement in USERS_SCHEMA:
+            db.execute(statement)
+        db.execute("INSERT INTO users VALUES (0, 1)")
+        db.execute("INSERT INTO executions VALUES (0, 1)")
+    files.effects.write_text("".join(f"{line}\n" for line in effects))
+    return files
+
+
+def _one_run(root_value: object, settled_at: float) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = [
+        ("signup-0", "RESOLVED", "root", json.dumps(root_value), settled_at),
+        ("signup-0.4", "RESOLVED", "command", "1", 1.5),
+        ("signup-0.6", "RESOLVED", "sleep", None, 1.5),
+    ]
+    rows += [(f"signup-0{s}", "RESOLVED", "step", "1", 1.5) for s in (".1", ".2", ".3", ".5")]
+    return rows
+
+
+STEPS_IN_1 = [f"signup-0{s} 1" for s in (".1", ".2", ".3", ".5")]
+
+
+def test_the_checker_names_the_generation_from_the_value_not_the_clock(tmp_path: Path) -> None:
+    # Generation 1 ran everything and settled the root; the root's settled_at
+    # lies in generation 2's lifetime (a stepped clock): only a metric.
+    files = _evidence(tmp_path, _one_run(["user-0", 1], 2.5), ["signup-0 1", *STEPS_IN_1])
+    anomalies, metrics, settled = check(files, 1, starts=[1.0, 2.0])
+    assert anomalies == {}
+    assert settled == {0: 1}
+    assert metrics["roots whose settled_at is outside their generation's lifetime"] == 1
+
+
+def test_the_checker_reports_a_settled_root_run_again(tmp_path: Path) -> None:
+    effects = ["signup-0 1", *STEPS_IN_1, "signup-0 2", "signup-0.1 3"]
+    files = _evidence(tmp_path, _one_run(["user-0", 1], 1.5), effects)
+    anomalies, _, _ = check(files, 1, starts=[1.0, 2.0, 3.0])
+    assert anomalies == {
+        "roots_reexecuted": ["signup-0 settled by generation 1, body ran again in [2]"],
+        "steps_reexecuted": ["signup-0.1 committed by generation 1, executed again in [3]"],
+    }
+
+
+def test_the_checker_reports_a_root_settled_without_its_body(tmp_path: Path) -> None:
+    files = _evidence(tmp_path, _one_run(["user-0", 2], 1.5), ["signup-0 1", *STEPS_IN_1])
+    anomalies, _, _ = check(files, 1, starts=[1.0, 2.0])
+    assert anomalies == {"committed_without_effect": ["signup-0 (generation 2)"]}
+
+
+def test_the_checker_reports_a_wrong_value(tmp_path: Path) -> None:
+    files = _evidence(tmp_path, _one_run("user-0", 1.5), ["signup-0 1", *STEPS_IN_1])
+    anomalies, _, _ = check(files, 1, starts=[1.0])
+    assert anomalies == {"wrong_values": ["signup-0: 'user-0'"]}
