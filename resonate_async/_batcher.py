@@ -57,8 +57,8 @@ class Batcher:
         self._now = engine.clock.now
         self._limit = entry.queue_size
         # Queue lengths that wake the batch window: the first command, and a
-        # full batch while the window lingers for more.
-        self._wake_at = (1, entry.maxlen or 1)
+        # full batch or a full queue while the window lingers for more.
+        self._wake_at = (1, entry.maxlen or 1, entry.queue_size or 1)
         self._nonempty = asyncio.Event()
         self._space = asyncio.Event()
         self._closing = False
@@ -122,29 +122,48 @@ class Batcher:
         self._closing = True
         self._nonempty.set()
 
+    def _shutting_down(self) -> bool:
+        """Whether a cancellation now is the engine's: a shutdown or a crash."""
+        return self._closing or self._engine.closing
+
+    def _more_may_come(self) -> bool:
+        """Whether lingering could grow the batch: it is not full, nor the queue."""
+        queued = len(self._queue)
+        maxlen, limit = self.entry.maxlen, self._limit
+        return (maxlen is None or queued < maxlen) and (limit is None or queued < limit)
+
     async def run_worker(self) -> None:
-        """One handler slot: take batches and flush them until closed."""
+        """One handler slot: take batches and flush them until closed.
+
+        Only the engine's cancellation (a shutdown, a crash) ends it: one from
+        anywhere else is absorbed and logged (the batcher never dies).
+        """
         entry = self.entry
         maxlen = entry.maxlen
         queue = self._queue
         clock = self._engine.clock
         while not self._closing:
-            if not queue:
-                self._nonempty.clear()
-                await self._nonempty.wait()
-                continue
-            await asyncio.sleep(0)
-            if entry.max_wait > 0 and (maxlen is None or len(queue) < maxlen):
-                await self._linger(clock.now() + entry.max_wait)
-            batch = self._take(maxlen)
-            if batch:
-                await self._flush(batch)
-            del batch  # an idle worker holds no commands (nor their workflows' state)
+            try:
+                if not queue:
+                    self._nonempty.clear()
+                    await self._nonempty.wait()
+                    continue
+                await asyncio.sleep(0)
+                if entry.max_wait > 0 and self._more_may_come():
+                    await self._linger(clock.now() + entry.max_wait)
+                batch = self._take(maxlen)
+                if batch:
+                    await self._flush(batch)
+                del batch  # an idle worker holds no commands (nor their workflows' state)
+            except asyncio.CancelledError:
+                if self._shutting_down():
+                    raise
+                _uncancel()
+                log.error("the %s batcher was cancelled from outside; it goes on", entry.name)
 
     async def _linger(self, until: float) -> None:
         clock = self._engine.clock
-        maxlen = self.entry.maxlen
-        while maxlen is None or len(self._queue) < maxlen:
+        while self._more_may_come():
             remaining = until - clock.now()
             if remaining <= 0 or self._closing:
                 return
@@ -220,8 +239,13 @@ class Batcher:
                 )
                 write_then(new_create(record), recorded, p)
         except asyncio.CancelledError:
-            self._fail(batch, ShutdownError("shut down before the batch was recorded"))
-            raise
+            if self._shutting_down():
+                self._fail(batch, ShutdownError("shut down before the batch was recorded"))
+                raise
+            _uncancel()  # not the engine's: a failure of this batch, not of the batcher
+            stats.failed_batches += 1
+            log.error("a batch of %d %s commands was cancelled", len(batch), self.entry.name)
+            self._fail(batch, RuntimeError(f"the {self.entry.name} batch was cancelled"))
         except Exception as exc:  # the boundary: fail these commands, keep serving
             stats.failed_batches += 1
             log.exception("batch of %d %s commands failed", len(batch), self.entry.name)
@@ -312,22 +336,33 @@ class Batcher:
                 attempt += 1
 
     async def _call_handler(self, batch: list[Promise[Any]], attempt: int) -> Any:
+        self.stats.handler_calls += 1
+        try:
+            return await self._call_handler_once(batch, attempt)
+        except Exception:
+            self.stats.handler_failures += 1
+            raise
+
+    async def _call_handler_once(self, batch: list[Promise[Any]], attempt: int) -> Any:
         self._batch_no += 1
         ctx = Context(
             self._engine, None, f"batch:{self.entry.name}:{self._batch_no}", "", attempt, leaf=True
         )
         commands = [p._target for p in batch]
         try:
-            return await invoke(self.entry.style, self.entry.handler, ctx, (commands,), {})
+            result = await invoke(self.entry.style, self.entry.handler, ctx, (commands,), {})
         except (KeyboardInterrupt, SystemExit):
             raise
         except asyncio.CancelledError:
-            if being_cancelled():
+            if self._shutting_down():
                 raise  # this worker is cancelled (a shutdown)
-            # The handler's own: a failure of the batch, not of the batcher.
-            raise RuntimeError(
-                f"{self.entry.name} handler raised CancelledError without being cancelled"
-            ) from None
+            # The handler's own, or a cancel from outside the engine: a
+            # failure of the batch, not of the batcher.
+            cancelled = being_cancelled()
+            if cancelled:
+                _uncancel()
+            why = "was cancelled" if cancelled else "raised CancelledError without being cancelled"
+            raise RuntimeError(f"{self.entry.name} handler {why}") from None
         except Exception:
             raise
         except BaseException as exc:  # the batcher never dies of a handler
@@ -335,6 +370,35 @@ class Batcher:
                 f"{self.entry.name} handler raised {type(exc).__name__}: {exc}, "
                 "which is not an Exception"
             ) from exc
+        if isinstance(result, list) and any(
+            c is not p._target for c, p in zip(commands, batch, strict=False)
+        ):
+            return self._in_batch_order(batch, commands, result)
+        return result
+
+    def _in_batch_order(
+        self, batch: list[Promise[Any]], commands: list[Any], result: list[Any]
+    ) -> list[Any]:
+        """Results of a handler that reordered its list in place (sorted it,
+        say): item ``i`` answers the command now at ``commands[i]``. A list
+        grown, shrunk or with commands replaced rejects them all."""
+        where: dict[int, list[int]] = {}
+        if len(commands) == len(batch) == len(result):
+            for i, command in enumerate(commands):
+                where.setdefault(id(command), []).append(i)
+            ordered = []
+            for p in batch:
+                places = where.get(id(p._target))
+                if not places:
+                    break
+                ordered.append(result[places.pop()])
+            else:
+                return ordered
+        error = BatchResultError(
+            f"{self.entry.name} handler changed the list of commands it was given "
+            "(other than by reordering it); work on a copy"
+        )
+        return [error] * len(batch)
 
     def _map_results(self, batch: list[Promise[Any]], result: Any) -> list[Outcome]:
         encoder = self._engine.encoder
@@ -360,6 +424,13 @@ class Batcher:
         except EncodingError as exc:
             error = EncodingError(f"the {self.entry.name} handler's result is not encodable: {exc}")
             return (State.REJECTED, encoder.encode_error(error))
+
+
+def _uncancel() -> None:
+    """Withdraw the current task's cancel request (one absorbed, not obeyed)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        task.uncancel()
 
 
 def _waited_for(promise: Promise[Any]) -> bool:

@@ -30,7 +30,8 @@ def check_seconds(name: str, value: object, *, zero_ok: bool = False, inf_ok: bo
     if not (value >= 0 if zero_ok else value > 0):  # `not`: NaN fails too
         raise ValueError(f"{name} must be {'>= 0' if zero_ok else 'positive'}, got {value!r}")
     if value == math.inf and not inf_ok:
-        raise ValueError(f"{name} must be finite, got {value!r} (None means no limit)")
+        hint = " (None means no limit)" if name == "timeout" else ""
+        raise ValueError(f"{name} must be finite, got {value!r}{hint}")
 
 
 @runtime_checkable

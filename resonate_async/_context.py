@@ -52,8 +52,11 @@ class Context:
     """What a workflow, a step or a batch handler receives as its first argument.
 
     Attributes:
-        id: this execution's promise id (``"order-7"``, ``"order-7.2"``, ...).
-        root_id: the id of the root run of the tree.
+        id: this execution's promise id (``"order-7"``, ``"order-7.2"``, ...),
+            the same on every retry and after a crash: a step's idempotency
+            key. In a batch handler it names the handler call
+            (``"batch:InsertUser:7"``), which is no key: use the commands' fields.
+        root_id: the id of the root run of the tree (``""`` in a batch handler).
         attempt: 1 for the first attempt, 2 for the first retry, ...
 
     Example:

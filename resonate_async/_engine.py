@@ -4,7 +4,8 @@
 per run, the group-commit writer, the batcher workers and the lease
 heartbeat. Shutdown stops them in order (runs, then batchers within the
 grace period, then the writer once drained), so no task outlives
-``async with resonate``. Its halves, one idea each:
+``async with resonate`` (except one that ignores its cancellation: it is
+logged and left behind, not waited for for ever). Its halves, one idea each:
 
 * ``RunDriver`` (``_runs``): root runs from admission to settle;
 * ``Attempts`` (``_attempts``): a call under its retry policy;
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._batcher import Batcher
 from ._leases import LeaseKeeper, abandoned_workers
-from ._runs import RunDriver, RunState
+from ._runs import HistoryLoader, RunDriver, RunState
 from ._stats import RunStats, StoreStats
 from ._telemetry import Tracing
 from ._waiting import SettleWatcher
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
 __all__ = ("Engine", "argument_path")
 
 log = logging.getLogger("resonate_async")
+
+# How long shutdown waits for a background task it cancelled (at least).
+_CANCEL_SECONDS = 5.0
 
 # Read on every settled child: a module global is cheaper than an Enum class attribute.
 _RESOLVED = State.RESOLVED
@@ -128,6 +132,7 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         # pid free its leases at once; networked stores wait for the lease.
         self._single_host = bool(getattr(store, "single_host", False))
         # The writer's callbacks, bound once rather than once per run.
+        self._histories = HistoryLoader(store, self.spawn_other)
         self._on_root_op = self._root_op
         self._on_root_created = self._root_created
         self._on_root_settled = self._root_settled
@@ -227,7 +232,18 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
             pending = list(still)
         for task in pending:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if pending:
+            # A cancel lands at once, unless the code it lands in ignores it
+            # (a handler that catches CancelledError and goes on): after as long
+            # again, such a task is left behind, not waited for for ever.
+            _, still = await asyncio.wait(pending, timeout=max(grace, _CANCEL_SECONDS))
+            for task in still:
+                log.error(
+                    "background task %s ignored its cancellation for %.1fs; left running",
+                    task.get_name(),
+                    max(grace, _CANCEL_SECONDS),
+                )
+        await asyncio.gather(*(t for t in tasks if t.done()), return_exceptions=True)
 
     # -- encoding helpers ------------------------------------------------------
 

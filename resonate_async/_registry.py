@@ -126,13 +126,17 @@ class Registry:
         if newest is None or newest.version <= entry.version:
             self._newest[entry.name] = entry
 
-    def add_handler(self, entry: HandlerEntry) -> None:
-        """Register a command handler; one per command type."""
+    def check_handler(self, entry: HandlerEntry) -> None:
+        """Raise ``ValueError`` if :meth:`add_handler` would refuse ``entry``."""
         if entry.command_type in self._handlers:
             raise ValueError(
                 f"a handler for {entry.command_type.__qualname__} is already registered; "
                 "register one handler per command type"
             )
+
+    def add_handler(self, entry: HandlerEntry) -> None:
+        """Register a command handler; one per command type."""
+        self.check_handler(entry)
         self._handlers[entry.command_type] = entry
 
     def function(self, fn_or_name: Callable[..., Any] | str) -> FunctionEntry:

@@ -410,11 +410,14 @@ class Resonate:
             handler: ``async def handler(ctx, commands)`` or a plain ``def``
                 (run in a worker thread). Return a list with one item per
                 command (an ``Exception`` item rejects its command alone) or a
-                single value for every command. Handlers run at least once per
-                command: make them idempotent.
+                single value for every command; a handler may reorder its list
+                in place (results follow the list as it left it). Handlers run
+                at least once per command: make them idempotent, keyed on the
+                commands' fields.
             maxlen: largest batch (unbounded by default).
-            max_wait: seconds to linger for a fuller batch when fewer than
-                ``maxlen`` are queued (default 0: never adds latency).
+            max_wait: seconds to linger for a fuller batch while fewer than
+                ``maxlen`` (and fewer than ``queue_size``) are queued
+                (default 0: never adds latency).
             concurrency: handler calls that may run at once.
             retry_policy: retries of a failing batch (default exponential);
                 once exhausted, the batch is bisected to isolate bad commands.
@@ -446,8 +449,11 @@ class Resonate:
             retry_policy=policy,
             queue_size=queue_size,
         )
-        self._registry.add_handler(entry)
+        # Check both sides before changing either: a registration that
+        # raises leaves nothing registered.
+        self._registry.check_handler(entry)
         self._encoder.register_type(entry.name, command_type)
+        self._registry.add_handler(entry)
         if self._engine is not None and not self._engine.closing:
             self._engine.add_batcher(entry)
 

@@ -107,9 +107,24 @@ class StoreStats:
 class BatcherStats:
     """One command type's batcher: queue depth, batches, sizes, waits, handler time.
 
-    ``wait_seconds`` has one sample per batch: how long its oldest command
-    waited in the queue before the batch was taken (lingering for
-    ``max_wait`` included), on the engine's clock.
+    Attributes:
+        queue_depth: commands waiting for a batch, their workflows still waiting.
+        batches: batches taken from the queue (retries and halves of a batch
+            are counted in ``handler_calls``, not here).
+        commands: commands in those batches.
+        failed_batches: batches whose commands failed without a recorded
+            outcome: the store could not record them, or the batch was
+            cancelled. A handler that raises is not one: its commands are
+            rejected with its error (see ``handler_failures``).
+        handler_calls: calls of the handler, retries and bisection included.
+        handler_failures: those calls that raised (or returned after being
+            cancelled); each failed command is still recorded as rejected.
+        batch_size: the size of each batch.
+        wait_seconds: one sample per batch: how long its oldest command waited
+            in the queue before the batch was taken (lingering for
+            ``max_wait`` included), on the engine's clock.
+        handler_seconds: one sample per batch: from taking it to its
+            outcomes (retries and their delays included).
     """
 
     name: str
@@ -120,6 +135,8 @@ class BatcherStats:
     batch_size: Histogram = field(default_factory=size_histogram)
     wait_seconds: Histogram = field(default_factory=seconds_histogram)
     handler_seconds: Histogram = field(default_factory=seconds_histogram)
+    handler_calls: int = 0
+    handler_failures: int = 0
 
     def copy(self) -> BatcherStats:
         """A snapshot."""
@@ -132,6 +149,8 @@ class BatcherStats:
             self.batch_size.copy(),
             self.wait_seconds.copy(),
             self.handler_seconds.copy(),
+            self.handler_calls,
+            self.handler_failures,
         )
 
 

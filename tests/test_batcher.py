@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +21,11 @@ from resonate_async import (
     PromiseTimeoutError,
     Resonate,
     State,
+    _engine,
 )
 from resonate_async.retry import constant, never
 from resonate_async.stores import Create, Kind
-from resonate_async.testing import VirtualClock
+from resonate_async.testing import VirtualClock, crash
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -497,3 +499,158 @@ async def test_a_result_that_cannot_be_encoded_names_the_handler() -> None:
     assert results[0] == 0 and results[2] == 2
     assert isinstance(results[1], EncodingError)
     assert "the Add handler's result is not encodable: cannot encode" in str(results[1])
+
+
+async def test_a_handler_that_sorts_its_list_in_place_answers_the_right_commands() -> None:
+    async def sorting(ctx: Context, cmds: list[Add]) -> list[int]:
+        cmds.sort(key=lambda c: -c.n)  # results follow the list as the handler left it
+        return [c.n * 10 for c in cmds]
+
+    resonate, _ = setup(sorting)
+    async with resonate:
+        handles = [resonate.run(f"w{i}", "wf", i) for i in range(50)]
+        assert await asyncio.gather(*handles) == [i * 10 for i in range(50)]
+
+
+async def test_a_handler_that_changes_its_list_rejects_the_batch() -> None:
+    async def replacing(ctx: Context, cmds: list[Add]) -> list[int]:
+        cmds[0] = Add(99)
+        cmds.reverse()
+        return [c.n for c in cmds]
+
+    resonate, _ = setup(replacing)
+    async with resonate:
+        handles = [resonate.run(f"w{i}", "wf", i) for i in range(5)]
+        outcomes = await asyncio.gather(*handles, return_exceptions=True)
+    assert all(isinstance(o, BatchResultError) for o in outcomes), outcomes
+    assert "changed the list of commands" in str(outcomes[0])
+
+
+async def test_a_stray_cancel_fails_the_batch_not_the_batcher() -> None:
+    # A cancel that is not the engine's (code cancelling "the current task")
+    # fails the commands in hand; the batcher serves the next ones.
+    first = [True]
+
+    async def handler(ctx: Context, cmds: list[Add]) -> list[int]:
+        if first[0]:
+            first[0] = False
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)
+        return [c.n for c in cmds]
+
+    resonate, calls = setup(handler)
+    async with resonate:
+        with pytest.raises(RuntimeError, match="Add handler was cancelled"):
+            await resonate.run("x", "wf", 1)
+        assert await asyncio.wait_for(resonate.run("y", "wf", 2), 5) == 2
+        stats = resonate.stats().batchers["Add"]
+        assert (stats.handler_calls, stats.handler_failures) == (2, 1)
+    assert calls == [[1], [2]]
+
+
+async def test_max_wait_ends_once_the_queue_is_full() -> None:
+    # Producers are blocked on a full queue: lingering cannot grow the batch.
+    clock = VirtualClock()
+    resonate, calls = setup(doubled, clock=clock, max_wait=1.0, queue_size=5)
+    async with resonate:
+        start = clock.now()
+        handles = [resonate.run(f"w{i}", "wf", i) for i in range(20)]
+        assert await asyncio.gather(*handles) == [i * 2 for i in range(20)]
+        assert clock.now() == start  # no batch waited for the clock (nothing advances it)
+    assert sorted(n for batch in calls for n in batch) == list(range(20))
+    assert max(len(c) for c in calls) == 5
+
+
+async def test_handler_calls_and_failures_count_retries_and_bisection() -> None:
+    async def poisoned(ctx: Context, cmds: list[Add]) -> list[int]:
+        if any(c.n == 3 for c in cmds):
+            raise Poison
+        return [c.n for c in cmds]
+
+    resonate, calls = setup(poisoned)
+    async with resonate:
+        handles = [resonate.run(f"w{i}", "wf", i) for i in range(4)]
+        outcomes = await asyncio.gather(*handles, return_exceptions=True)
+        stats = resonate.stats().batchers["Add"]
+    assert isinstance(outcomes[3], Poison) and outcomes[:3] == [0, 1, 2]
+    # [0,1,2,3] fails; halves [0,1] ok, [2,3] fails; [2] ok, [3] fails.
+    assert calls == [[0, 1, 2, 3], [0, 1], [2, 3], [2], [3]]
+    assert (stats.batches, stats.failed_batches) == (1, 0)
+    assert (stats.handler_calls, stats.handler_failures) == (5, 3)
+
+
+async def test_shutdown_does_not_wait_for_ever_on_a_handler_that_ignores_cancellation(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_engine, "_CANCEL_SECONDS", 0.2)
+    entered = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def stubborn(ctx: Context, cmds: list[Add]) -> list[int]:
+        entered.set()
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # ignores the shutdown
+                await asyncio.sleep(0.01)
+        return [c.n for c in cmds]
+
+    resonate = Resonate(MemoryStore(), grace_seconds=0.05)
+    resonate.register_command_handler(Add, stubborn, retry_policy=never())
+
+    @resonate.register(name="wf")
+    async def wf(ctx: Context, n: int) -> int:
+        return await ctx.lfc(Add(n))
+
+    loop = asyncio.get_running_loop()
+    async with resonate:
+        resonate.run("w", "wf", 1)
+        await entered.wait()
+        began = loop.time()
+    assert loop.time() - began < 5  # the grace, then the bound after the cancel
+    assert "ignored its cancellation" in caplog.text
+    stop.set()
+    await asyncio.sleep(0.05)  # the stubborn task ends: nothing leaks into other tests
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_runs_recovered_together_batch_their_commands(tmp_path: Any, backend: str) -> None:
+    # Resumed runs read their histories in one round and replay together, so
+    # their first live commands reach the batcher at once (they used to
+    # arrive one by one: a thousand recovered runs, a thousand batches of one).
+    store: Any = MemoryStore() if backend == "memory" else str(tmp_path / "p.db")
+    gate = asyncio.Event()
+    sizes: list[int] = []
+
+    def build() -> Resonate:
+        resonate = Resonate(store)
+
+        async def handler(ctx: Context, cmds: list[Add]) -> list[int]:
+            sizes.append(len(cmds))
+            return [c.n for c in cmds]
+
+        resonate.register_command_handler(Add, handler, retry_policy=never())
+
+        @resonate.register(name="wf")
+        async def wf(ctx: Context, n: int) -> int:
+            await ctx.lfc(Add(n))
+            await gate.wait()
+            return await ctx.lfc(Add(n + 1))
+
+        return resonate
+
+    first = build()
+    await first.start()
+    for i in range(300):
+        first.run(f"w{i}", "wf", i)
+    recorded = [f"w{i}.1" for i in range(300)]
+    while any(r is None for r in [await first.promises.get(id) for id in recorded]):
+        await asyncio.sleep(0.01)  # every first command is recorded
+    await crash(first)
+    gate.set()
+    sizes.clear()
+    async with build() as second:
+        assert await asyncio.gather(*(second.get(f"w{i}") for i in range(300))) == [
+            i + 1 for i in range(300)
+        ]
+    assert sum(sizes) == 300 and len(sizes) <= 3, sizes

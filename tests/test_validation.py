@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from resonate_async import Command, Context, Kind, MemoryStore, Resonate, State
+from resonate_async import (
+    Command,
+    Context,
+    Kind,
+    MemoryStore,
+    NotRegisteredError,
+    Resonate,
+    State,
+)
 from resonate_async.retry import Never, RetryPolicy, constant, never
 
 
@@ -123,7 +131,7 @@ def test_register_refuses_a_timeout_that_is_not_positive(timeout: float) -> None
         ({"maxlen": 2.5}, TypeError, r"^maxlen must be an int \(or None\)"),
         ({"maxlen": True}, TypeError, r"^maxlen must be an int"),
         ({"max_wait": -1}, ValueError, r"^max_wait must be >= 0"),
-        ({"max_wait": math.inf}, ValueError, r"^max_wait must be finite"),
+        ({"max_wait": math.inf}, ValueError, r"^max_wait must be finite, got inf$"),
         ({"max_wait": math.nan}, ValueError, r"^max_wait must be >= 0"),
         ({"max_wait": "1"}, TypeError, r"^max_wait must be a number of seconds"),
         ({"concurrency": 0}, ValueError, r"^concurrency must be at least 1"),
@@ -313,3 +321,36 @@ async def test_ids_no_store_could_keep_are_refused_at_the_call(id: str, message:
         await resonate.run("c", "custom")
         assert await resonate.run("é" * 500, echo, 2) == 2  # 1,000 bytes: kept
     assert len(errors) == 2 and all(message in e for e in errors)
+
+
+@dataclass
+class Pong(Command[str]):
+    n: int
+
+
+class NotADataclass(Command[str]):
+    pass
+
+
+def any_pong(ctx: Context, commands: list[Any]) -> str:
+    return "pong"
+
+
+async def test_a_refused_handler_registration_leaves_nothing_registered() -> None:
+    resonate = Resonate(MemoryStore())
+    resonate.register_command_handler(Ping, pong, name="Ping")
+    with pytest.raises(ValueError, match="Ping"):  # the name is taken by Ping
+        resonate.register_command_handler(Pong, any_pong, name="Ping")
+    with pytest.raises(TypeError):
+        resonate.register_command_handler(NotADataclass, any_pong)
+
+    async def call(ctx: Context, which: str) -> str:
+        return await ctx.lfc(Pong(1) if which == "Pong" else NotADataclass())
+
+    resonate.register(call)
+    async with resonate:
+        for which in ("Pong", "NotADataclass"):
+            with pytest.raises(NotRegisteredError, match=which):
+                await resonate.run(f"call-{which}", call, which)
+    # Fixed, the same type registers: it was not half-registered before.
+    resonate.register_command_handler(Pong, any_pong, name="Pong")
