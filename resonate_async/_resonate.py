@@ -145,6 +145,7 @@ class Resonate:
         self._dependencies: dict[str, Any] = {}
         self._engine: Engine | None = None
         self._closing: asyncio.Task[None] | None = None
+        self._starting: asyncio.Future[None] | None = None  # done when start() returns
         # The counters of the last engine, kept from its stop to the next start.
         self._stopped_stats: Stats | None = None
         # The store of an engine whose event loop ended, closed at the next
@@ -182,8 +183,18 @@ class Resonate:
         await self._close_orphaned_store()
         if self._closing is not None and not self._closing.done():
             await asyncio.shield(self._closing)  # an aclose() in progress: start after it
-        if self._engine is not None:
+        if self._engine is not None or self._starting is not None:
             raise RuntimeError("this Resonate is already started; call aclose() first")
+        # From here until it returns, a second start() is refused and aclose()
+        # waits for this one (then stops what it started).
+        starting = self._starting = asyncio.get_running_loop().create_future()
+        try:
+            await self._start()
+        finally:
+            self._starting = None
+            starting.set_result(None)
+
+    async def _start(self) -> None:
         self._closing = None
         self._stopped_stats = None
         store = store_from_spec(self._store_spec)
@@ -225,6 +236,9 @@ class Resonate:
         """
         self._forget_ended_loop()
         await self._close_orphaned_store()
+        starting = self._starting
+        if starting is not None:  # a start() in progress: stop what it starts
+            await asyncio.shield(starting)
         if self._closing is None:
             if self._engine is None:
                 return
@@ -254,6 +268,9 @@ class Resonate:
         closing = self._closing
         if closing is not None and _ended(closing.get_loop()):
             self._closing = None
+        starting = self._starting
+        if starting is not None and _ended(starting.get_loop()):
+            self._starting = None
         engine = self._engine
         if engine is None or not _ended(engine.loop):
             return

@@ -765,6 +765,50 @@ async def test_a_start_during_an_aclose_waits_for_it_and_starts() -> None:
         await resonate.aclose()
 
 
+def test_a_process_whose_loop_ended_without_aclose_still_exits(tmp_path: Path) -> None:
+    # aiosqlite's thread is no daemon: a store left open (a failed test, a
+    # script without `async with`) kept the interpreter from exiting.
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio\n"
+        "from resonate_async import Resonate\n"
+        f"resonate = Resonate({str(tmp_path / 'r.db')!r})\n"
+        "asyncio.run(resonate.start())\n"
+        "print('returned', flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "returned\n"
+
+
+async def test_a_second_start_while_the_first_is_in_progress_is_refused(tmp_path: Path) -> None:
+    resonate = Resonate(str(tmp_path / "r.db"))  # its open() awaits a thread
+    first = asyncio.create_task(resonate.start())
+    await asyncio.sleep(0)  # the first has begun
+    with pytest.raises(RuntimeError, match="already started"):
+        await resonate.start()
+    await first
+    await resonate.aclose()
+    assert "not started" in repr(resonate)
+    names = {t.get_name() for t in asyncio.all_tasks()}
+    assert not any(name.startswith("resonate-") for name in names), names
+
+
+async def test_an_aclose_during_a_start_stops_what_it_starts(tmp_path: Path) -> None:
+    resonate = Resonate(str(tmp_path / "r.db"))
+    starting = asyncio.create_task(resonate.start())
+    await asyncio.sleep(0)  # the start has begun
+    await resonate.aclose()
+    await starting
+    assert "not started" in repr(resonate)
+    names = {t.get_name() for t in asyncio.all_tasks()}
+    assert not any(name.startswith("resonate-") for name in names), names
+
+
 @pytest.mark.parametrize("how", ["aclose", "cancel"])
 async def test_no_lfi_child_outlives_its_runs_shutdown_or_cancel(how: str) -> None:
     resonate = make()

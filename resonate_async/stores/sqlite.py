@@ -177,6 +177,12 @@ class SQLiteStore(StoreLifecycle):
                 timeout=self._busy_timeout,
                 check_same_thread=False,
             )
+            # A daemon thread: a store left open by an event loop that ended
+            # (no aclose(), a failed test) must not keep the interpreter from
+            # exiting. What it may have in hand then is a crash's: SQLite's
+            # commit is atomic, and the runs resume at the next start.
+            thread = cast("threading.Thread", getattr(conn, "_thread", conn))  # <0.22: itself
+            thread.daemon = True
             try:
                 await conn
             except sqlite3.Error as exc:
