@@ -117,6 +117,7 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         self._batcher_tasks: list[asyncio.Task[None]] = []
         self._others: set[asyncio.Task[Any]] = set()  # watchers of get() handles
         self._waiters: dict[str, list[asyncio.Future[PromiseRecord]]] = {}
+        self._someone_waits = asyncio.Event()
         # Runs stopped by nondeterminism: PENDING in the store, not retried here.
         self.stuck: dict[str, NondeterminismError] = {}
         # Runs stopped here by a store failure, whose leases the claim loop frees.
@@ -155,6 +156,7 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         await self._release_dead_owners(own=True)
         await self.recover()
         self._services.append(self._spawn_service(self._claim_loop(), "claims"))
+        self._services.append(self._spawn_service(self.poll_waiters(), "waits"))
 
     def _spawn_service(self, coro: Any, name: str) -> asyncio.Task[None]:
         # An empty context: not the variables (an OpenTelemetry span, say)

@@ -615,17 +615,29 @@ class RunDriver(Attempts):
             del self.runs[run.id]
         self.stuck.pop(run.id, None)  # an explicit run() retries a stuck run
         owner = stored.owner
-        # Under the claim loop's lock, so that its releases and claims never
-        # interleave with these.
-        async with self.claiming:
-            self.store_failed.pop(run.id, None)  # its lease is freed right here
-            # Unless the claim loop has claimed it meanwhile and it executes here,
-            # this worker's own lease on it (a stuck run, one stopped by a store
-            # failure) is as free as a dead worker's.
-            if run.id not in self.runs:
-                if owner is not None and (owner == self.worker_id or self._dead(owner)):
-                    await self.store.release(owner, [run.id])
-                await self.recover([(entry.name, entry.version)])
+        lease = stored.lease_expires_at
+        live_elsewhere = (
+            owner is not None
+            and owner != self.worker_id
+            and lease is not None
+            and lease > self.clock.now()
+            and not self._dead(owner)
+        )
+        # A run a live worker holds: no claim could take it, so none is made
+        # (a thousand run() calls of runs elsewhere made a thousand claims in
+        # a row, which starved this worker's heartbeat). Otherwise under the
+        # claim loop's lock, so that its releases and claims never interleave
+        # with these.
+        if not live_elsewhere:
+            async with self.claiming:
+                self.store_failed.pop(run.id, None)  # its lease is freed right here
+                # Unless the claim loop has claimed it meanwhile and it executes
+                # here, this worker's own lease on it (a stuck run, one stopped by
+                # a store failure) is as free as a dead worker's.
+                if run.id not in self.runs:
+                    if owner is not None and (owner == self.worker_id or self._dead(owner)):
+                        await self.store.release(owner, [run.id])
+                    await self.recover([(entry.name, entry.version)])
         execution = self.runs.get(run.id)
         if execution is not None:  # claimed here: answer with that execution's outcome
             run.execution = execution  # cancelling this handle cancels the run now

@@ -4,8 +4,11 @@ A run's own children settle through this process's writer, which wakes
 their waiters directly. A promise settled by another process (an external
 promise resolved through the CLI, a remote call run by another worker, a run
 another worker owns) is seen by polling the store every ``poll_seconds``,
-or at once on PostgreSQL, whose NOTIFY wakes the waiters. A PENDING promise
-past its ``timeout_at`` is settled as timed out by the first waiter to see it.
+or at once on PostgreSQL, whose NOTIFY wakes the waiters. One poll reads
+every promise waited for at once (:meth:`SettleWatcher.poll_waiters`): a
+thousand handles on runs of other workers cost one query a poll, not a
+thousand. A PENDING promise past its ``timeout_at`` is settled as timed out
+by the first waiter to see it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ __all__ = ("SettleWatcher", "ignore_report")
 
 log = logging.getLogger("resonate_async")
 
+# How many awaited promises one poll reads per query.
+_POLL_CHUNK = 500
+
 
 class SettleWatcher:
     """The waiting half of the engine: local waiters and watched handles (a mixin of ``Engine``)."""
@@ -45,6 +51,7 @@ class SettleWatcher:
     stuck: dict[str, NondeterminismError]
     _others: set[asyncio.Task[Any]]
     _waiters: dict[str, list[asyncio.Future[PromiseRecord]]]
+    _someone_waits: asyncio.Event
 
     encoded_none: bytes
 
@@ -90,7 +97,8 @@ class SettleWatcher:
             self.wake(record)
 
     async def wait_settled(self, record: PromiseRecord) -> PromiseRecord:
-        """Wait until ``record`` settles: woken in-process, else by polling the store.
+        """Wait until ``record`` settles: woken in-process, by a NOTIFY, or by
+        :meth:`poll_waiters`.
 
         A pending promise past its ``timeout_at`` is settled as timed out here.
         """
@@ -106,13 +114,14 @@ class SettleWatcher:
                 return record
             waiter: asyncio.Future[PromiseRecord] = self.loop.create_future()
             self._waiters.setdefault(record.id, []).append(waiter)
-            deadline = clock.now() + self.poll_seconds
-            if record.timeout_at is not None:
-                deadline = min(deadline, record.timeout_at)
+            self._someone_waits.set()
             try:
-                record = await with_deadline(waiter, deadline, clock)
+                if record.timeout_at is None:
+                    record = await waiter
+                else:
+                    record = await with_deadline(waiter, record.timeout_at, clock)
                 continue
-            except TimeoutError:
+            except TimeoutError:  # due: read it once more, it may have settled in time
                 pass
             finally:
                 waiters = self._waiters.get(record.id)
@@ -124,6 +133,34 @@ class SettleWatcher:
             if fresh is None:
                 raise NotFoundError(f"promise {record.id!r} disappeared from the store")
             record = fresh
+
+    async def poll_waiters(self) -> None:
+        """Every ``poll_seconds``, read every promise waited for in one round
+        and wake the waiters of those settled (or gone)."""
+        # A timer of the clock's own, as each waiter had before they shared
+        # one: virtual time stops every poll_seconds while someone waits.
+        while True:
+            if not self._waiters:
+                self._someone_waits.clear()
+                await self._someone_waits.wait()
+            await self.clock.sleep(self.poll_seconds)
+            ids = list(self._waiters)
+            for start in range(0, len(ids), _POLL_CHUNK):
+                chunk = ids[start : start + _POLL_CHUNK]
+                try:
+                    found = await self.store.get_many(chunk)
+                except StoreError as exc:  # the next poll tries again
+                    log.warning("polling %d awaited promises failed: %s", len(ids), exc)
+                    break
+                for id in chunk:
+                    record = found.get(id)
+                    if record is None:
+                        error = NotFoundError(f"promise {id!r} disappeared from the store")
+                        for waiter in self._waiters.pop(id, ()):
+                            if not waiter.done():
+                                waiter.set_exception(error)
+                    elif record.state is not State.PENDING:
+                        self.wake(record)
 
     def spawn_other(self, coro: Any) -> asyncio.Task[Any]:
         """Start an owned task that shutdown cancels (watchers, late recoveries)."""

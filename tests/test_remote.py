@@ -10,6 +10,8 @@ from resonate_async import Context, Kind, MemoryStore, Resonate, State
 from resonate_async.testing import VirtualClock, crash
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import pytest
 
     from resonate_async.stores import PromiseRecord
@@ -315,3 +317,63 @@ async def test_taking_a_fresh_remote_call_is_not_logged_as_a_recovery(
         async with resonate:
             assert await resonate.run("c", "calls") == 9
     assert "resumed" not in caplog.text
+
+
+class CountingStore(MemoryStore):
+    """Counts the claims and the reads of ``job-*`` promises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims = 0
+        self.job_reads = 0
+
+    async def claim(self, owner: str, **kwargs: Any) -> list[PromiseRecord]:
+        self.claims += 1
+        return await super().claim(owner, **kwargs)
+
+    async def get_many(self, ids: Sequence[str]) -> dict[str, PromiseRecord]:
+        if any(id.startswith("job-") for id in ids):
+            self.job_reads += 1
+        return await super().get_many(ids)
+
+
+async def test_handles_on_runs_a_live_worker_holds_cost_one_read_a_poll() -> None:
+    # Every worker calling run() on the same ids: each run() of a run another
+    # live worker held made a claim, and each handle read its row every poll,
+    # a query per handle per poll, enough to starve a worker's heartbeat.
+    clock = VirtualClock()
+    store = CountingStore()
+    gate = asyncio.Event()
+    started: list[str] = []
+
+    def build(worker_id: str) -> Resonate:
+        resonate = Resonate(
+            store, clock=clock, worker_id=worker_id, lease_seconds=60, poll_seconds=1
+        )
+
+        @resonate.register(name="job")
+        async def job(ctx: Context) -> str:
+            started.append(ctx.id)
+            await gate.wait()
+            return worker_id
+
+        return resonate
+
+    async with build("host-a:1:x") as a, build("host-b:2:y") as b:
+        for i in range(200):
+            a.run(f"job-{i}", "job")
+        while len(started) < 200:
+            await asyncio.sleep(0)
+        store.claims = store.job_reads = 0
+        handles = [b.run(f"job-{i}", "job") for i in range(200)]
+        for _ in range(3):
+            await clock.advance(1)
+        assert not any(h.done() for h in handles)
+        assert store.claims <= 2 * 3  # the two claim loops' polls, no claim per run()
+        assert store.job_reads <= 3  # one read a poll for all 200 handles
+        gate.set()
+        for _ in range(10):  # a poll after A's settles commit finds them
+            await clock.advance(1)
+            if all(h.done() for h in handles):
+                break
+        assert await asyncio.gather(*handles) == ["host-a:1:x"] * 200

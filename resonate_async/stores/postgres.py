@@ -362,7 +362,23 @@ class PostgresStore(StoreLifecycle):
             async with self._pool.acquire() as conn:
                 yield conn
         except self._errors as exc:
-            raise StoreError(f"PostgreSQL operation failed: {exc}") from exc
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: BaseException) -> StoreError:
+        """A driver error as the ``StoreError`` callers get, a lost connection said so."""
+        lost = isinstance(
+            exc,
+            self._asyncpg.InternalClientError  # an operation cut short by the server
+            | self._asyncpg.exceptions.PostgresConnectionError
+            | OSError,
+        ) or "connection is closed" in str(exc)
+        if lost:
+            return StoreError(
+                f"the connection to PostgreSQL was lost ({type(exc).__name__}: {exc}); "
+                "the call may or may not have taken effect. The next call reconnects, "
+                "and runs it stopped resume by themselves"
+            )
+        return StoreError(f"PostgreSQL operation failed: {exc}")
 
     async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
         """Apply ``ops`` in order in one transaction; see :meth:`Store.write`.
