@@ -122,10 +122,6 @@ class Batcher:
         self._closing = True
         self._nonempty.set()
 
-    def _shutting_down(self) -> bool:
-        """Whether a cancellation now is the engine's: a shutdown or a crash."""
-        return self._closing or self._engine.closing
-
     def _more_may_come(self) -> bool:
         """Whether lingering could grow the batch: it is not full, nor the queue."""
         queued = len(self._queue)
@@ -133,33 +129,24 @@ class Batcher:
         return (maxlen is None or queued < maxlen) and (limit is None or queued < limit)
 
     async def run_worker(self) -> None:
-        """One handler slot: take batches and flush them until closed.
-
-        Only the engine's cancellation (a shutdown, a crash) ends it: one from
-        anywhere else is absorbed and logged (the batcher never dies).
-        """
+        """One handler slot: take batches and flush them until closed (or
+        cancelled: a shutdown, a crash, the event loop ending)."""
         entry = self.entry
         maxlen = entry.maxlen
         queue = self._queue
         clock = self._engine.clock
         while not self._closing:
-            try:
-                if not queue:
-                    self._nonempty.clear()
-                    await self._nonempty.wait()
-                    continue
-                await asyncio.sleep(0)
-                if entry.max_wait > 0 and self._more_may_come():
-                    await self._linger(clock.now() + entry.max_wait)
-                batch = self._take(maxlen)
-                if batch:
-                    await self._flush(batch)
-                del batch  # an idle worker holds no commands (nor their workflows' state)
-            except asyncio.CancelledError:
-                if self._shutting_down():
-                    raise
-                _uncancel()
-                log.error("the %s batcher was cancelled from outside; it goes on", entry.name)
+            if not queue:
+                self._nonempty.clear()
+                await self._nonempty.wait()
+                continue
+            await asyncio.sleep(0)
+            if entry.max_wait > 0 and self._more_may_come():
+                await self._linger(clock.now() + entry.max_wait)
+            batch = self._take(maxlen)
+            if batch:
+                await self._flush(batch)
+            del batch  # an idle worker holds no commands (nor their workflows' state)
 
     async def _linger(self, until: float) -> None:
         clock = self._engine.clock
@@ -239,13 +226,8 @@ class Batcher:
                 )
                 write_then(new_create(record), recorded, p)
         except asyncio.CancelledError:
-            if self._shutting_down():
-                self._fail(batch, ShutdownError("shut down before the batch was recorded"))
-                raise
-            _uncancel()  # not the engine's: a failure of this batch, not of the batcher
-            stats.failed_batches += 1
-            log.error("a batch of %d %s commands was cancelled", len(batch), self.entry.name)
-            self._fail(batch, RuntimeError(f"the {self.entry.name} batch was cancelled"))
+            self._fail(batch, ShutdownError("shut down before the batch was recorded"))
+            raise
         except Exception as exc:  # the boundary: fail these commands, keep serving
             stats.failed_batches += 1
             log.exception("batch of %d %s commands failed", len(batch), self.entry.name)
@@ -349,20 +331,24 @@ class Batcher:
             self._engine, None, f"batch:{self.entry.name}:{self._batch_no}", "", attempt, leaf=True
         )
         commands = [p._target for p in batch]
+        # A task of its own: a handler that cancels "the current task" cancels
+        # itself, not this worker (the batcher never dies). Cancelling the
+        # worker (a shutdown, the loop ending) cancels the handler with it.
+        call = asyncio.ensure_future(
+            invoke(self.entry.style, self.entry.handler, ctx, (commands,), {})
+        )
         try:
-            result = await invoke(self.entry.style, self.entry.handler, ctx, (commands,), {})
+            result = await call
         except (KeyboardInterrupt, SystemExit):
             raise
         except asyncio.CancelledError:
-            if self._shutting_down():
-                raise  # this worker is cancelled (a shutdown)
-            # The handler's own, or a cancel from outside the engine: a
-            # failure of the batch, not of the batcher.
-            cancelled = being_cancelled()
-            if cancelled:
-                _uncancel()
-            why = "was cancelled" if cancelled else "raised CancelledError without being cancelled"
-            raise RuntimeError(f"{self.entry.name} handler {why}") from None
+            if being_cancelled():
+                raise  # this worker is cancelled
+            # The handler's own: a failure of the batch, not of the batcher.
+            raise RuntimeError(
+                f"{self.entry.name} handler raised CancelledError (it was cancelled, "
+                "not by a shutdown, or raised it itself)"
+            ) from None
         except Exception:
             raise
         except BaseException as exc:  # the batcher never dies of a handler
@@ -370,8 +356,9 @@ class Batcher:
                 f"{self.entry.name} handler raised {type(exc).__name__}: {exc}, "
                 "which is not an Exception"
             ) from exc
-        if isinstance(result, list) and any(
-            c is not p._target for c, p in zip(commands, batch, strict=False)
+        if isinstance(result, list) and (
+            len(commands) != len(batch)
+            or any(c is not p._target for c, p in zip(commands, batch, strict=True))
         ):
             return self._in_batch_order(batch, commands, result)
         return result
@@ -382,18 +369,20 @@ class Batcher:
         """Results of a handler that reordered its list in place (sorted it,
         say): item ``i`` answers the command now at ``commands[i]``. A list
         grown, shrunk or with commands replaced rejects them all."""
-        where: dict[int, list[int]] = {}
-        if len(commands) == len(batch) == len(result):
+        where: dict[int, deque[int]] = {}
+        if len(commands) == len(batch):
             for i, command in enumerate(commands):
-                where.setdefault(id(command), []).append(i)
-            ordered = []
+                where.setdefault(id(command), deque()).append(i)
+            order = []
             for p in batch:
                 places = where.get(id(p._target))
                 if not places:
                     break
-                ordered.append(result[places.pop()])
+                order.append(places.popleft())  # the same object twice: in order
             else:
-                return ordered
+                if len(result) != len(batch):
+                    return result  # the usual error for a list of another length
+                return [result[i] for i in order]
         error = BatchResultError(
             f"{self.entry.name} handler changed the list of commands it was given "
             "(other than by reordering it); work on a copy"
@@ -424,13 +413,6 @@ class Batcher:
         except EncodingError as exc:
             error = EncodingError(f"the {self.entry.name} handler's result is not encodable: {exc}")
             return (State.REJECTED, encoder.encode_error(error))
-
-
-def _uncancel() -> None:
-    """Withdraw the current task's cancel request (one absorbed, not obeyed)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        task.uncancel()
 
 
 def _waited_for(promise: Promise[Any]) -> bool:

@@ -4,8 +4,10 @@
 per run, the group-commit writer, the batcher workers and the lease
 heartbeat. Shutdown stops them in order (runs, then batchers within the
 grace period, then the writer once drained), so no task outlives
-``async with resonate`` (except one that ignores its cancellation: it is
-logged and left behind, not waited for for ever). Its halves, one idea each:
+``async with resonate``. (A batcher or background task that ignores its
+cancellation is logged and left behind after as long again as the grace
+period, at least 5 s; a run body is waited for, as its ``finally`` may
+need to finish.) Its halves, one idea each:
 
 * ``RunDriver`` (``_runs``): root runs from admission to settle;
 * ``Attempts`` (``_attempts``): a call under its retry policy;
@@ -23,11 +25,12 @@ import contextvars
 import logging
 import re
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._batcher import Batcher
+from ._coalesce import Coalescer
 from ._leases import LeaseKeeper, abandoned_workers
-from ._runs import HistoryLoader, RunDriver, RunState
+from ._runs import RunDriver, RunState
 from ._stats import RunStats, StoreStats
 from ._telemetry import Tracing
 from ._waiting import SettleWatcher
@@ -36,6 +39,7 @@ from .errors import (
     CanceledError,
     EncodingError,
     NondeterminismError,
+    NotFoundError,
     PromiseTimeoutError,
     StoredError,
 )
@@ -133,7 +137,10 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         # pid free its leases at once; networked stores wait for the lease.
         self._single_host = bool(getattr(store, "single_host", False))
         # The writer's callbacks, bound once rather than once per run.
-        self._histories = HistoryLoader(store, self.spawn_other)
+        self._histories: Coalescer[list[PromiseRecord]] = Coalescer(
+            self._read_trees, lambda root: [], self.spawn_other
+        )
+        self._records: Coalescer[PromiseRecord] = Coalescer(store.get_many, _gone, self.spawn_other)
         self._on_root_op = self._root_op
         self._on_root_created = self._root_created
         self._on_root_settled = self._root_settled
@@ -249,6 +256,14 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
 
     # -- encoding helpers ------------------------------------------------------
 
+    async def _read_trees(self, roots: list[str]) -> dict[str, list[PromiseRecord] | BaseException]:
+        """The trees of ``roots``: in one call where the store has ``trees``."""
+        many = getattr(self.store, "trees", None)  # optional: see Store
+        if many is not None:
+            return cast("dict[str, list[PromiseRecord] | BaseException]", await many(roots))
+        trees = await asyncio.gather(*(self.store.tree(r) for r in roots), return_exceptions=True)
+        return dict(zip(roots, trees, strict=True))
+
     def encode_for(self, value: Any, where: str) -> bytes:
         """Encode ``value`` or raise ``EncodingError`` naming the call."""
         try:
@@ -324,3 +339,7 @@ def argument_path(message: str) -> str:
     ``value[0][1]`` is ``argument 2``, ``value[1]['y']`` ``keyword argument 'y'``."""
     message = re.sub(r"\bvalue\[0\]\[(\d+)\]", lambda m: f"argument {int(m[1]) + 1}", message)
     return re.sub(r"\bvalue\[1\]\[('[^']*'|\"[^\"]*\")\]", r"keyword argument \1", message)
+
+
+def _gone(id: str) -> NotFoundError:
+    return NotFoundError(f"no run or promise with id {id!r}; start it with resonate.run first")

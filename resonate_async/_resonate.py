@@ -236,16 +236,16 @@ class Resonate:
         """
         self._forget_ended_loop()
         await self._close_orphaned_store()
-        starting = self._starting
-        if starting is not None:  # a start() in progress: stop what it starts
-            await asyncio.shield(starting)
         if self._closing is None:
-            if self._engine is None:
+            if self._engine is None and self._starting is None:
                 return
             self._closing = asyncio.get_running_loop().create_task(self._shutdown())
         await asyncio.shield(self._closing)
 
     async def _shutdown(self) -> None:
+        starting = self._starting
+        if starting is not None:  # a start() in progress: stop what it starts
+            await starting
         engine = self._engine
         if engine is None:
             return

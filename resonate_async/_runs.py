@@ -48,12 +48,12 @@ from .stores._base import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
 
+    from ._coalesce import Coalescer
     from ._engine import Engine
     from ._registry import FunctionEntry
     from ._stats import RunStats
     from ._telemetry import Tracing
     from ._writer import GroupCommitWriter
-    from .stores._base import Store
 
 __all__ = ("RunDriver", "RunState")
 
@@ -166,69 +166,12 @@ def _not_started(task: asyncio.Task[Any]) -> bool:
     return inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED
 
 
-class HistoryLoader:
-    """Reads the trees of runs resumed together in one round, then answers
-    them all at once.
-
-    Runs resumed by one claim start in the same loop iteration; each one
-    reading its own tree and going on as soon as it has it would replay them
-    one by one, and their first live command would reach an idle batcher
-    alone (a thousand recovered runs, a thousand batches of one). Answered
-    together, they replay in one iteration and their commands batch.
-    """
-
-    __slots__ = ("_spawn", "_store", "_wanted")
-
-    def __init__(
-        self, store: Store, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]
-    ) -> None:
-        self._store = store
-        self._spawn = spawn
-        self._wanted: dict[str, asyncio.Future[list[PromiseRecord]]] | None = None
-
-    def load(self, root_id: str) -> asyncio.Future[list[PromiseRecord]]:
-        """The records of ``root_id``'s tree, read with the others asked for now."""
-        wanted = self._wanted
-        if wanted is None:
-            wanted = self._wanted = {}
-            # An empty context: the reads are no run's (not the first caller's spans).
-            asyncio.get_running_loop().call_soon(self._flush, context=contextvars.Context())
-        future = wanted.get(root_id)
-        if future is None:
-            future = wanted[root_id] = asyncio.get_running_loop().create_future()
-        return future
-
-    def _flush(self) -> None:
-        wanted, self._wanted = self._wanted, None
-        if wanted:
-            self._spawn(self._read(wanted))
-
-    async def _read(self, wanted: dict[str, asyncio.Future[list[PromiseRecord]]]) -> None:
-        try:
-            trees = await asyncio.gather(
-                *(self._store.tree(id) for id in wanted), return_exceptions=True
-            )
-        except BaseException:  # cancelled (a shutdown): so are the runs waiting
-            for future in wanted.values():
-                future.cancel()
-            raise
-        for future, tree in zip(wanted.values(), trees, strict=True):
-            if future.done():  # its run was cancelled meanwhile
-                continue
-            if isinstance(tree, asyncio.CancelledError):
-                future.cancel()
-            elif isinstance(tree, BaseException):
-                future.set_exception(tree)
-            else:
-                future.set_result(tree)
-
-
 class RunDriver(Attempts):
     """The root runs of this process, from admission to settle (a mixin of ``Engine``)."""
 
     # Provided by Engine.
     writer: GroupCommitWriter
-    _histories: HistoryLoader
+    _histories: Coalescer[list[PromiseRecord]]
     loop: asyncio.AbstractEventLoop
     tracing: Tracing
     run_stats: RunStats

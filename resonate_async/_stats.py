@@ -117,8 +117,9 @@ class BatcherStats:
             cancelled. A handler that raises is not one: its commands are
             rejected with its error (see ``handler_failures``).
         handler_calls: calls of the handler, retries and bisection included.
-        handler_failures: those calls that raised (or returned after being
-            cancelled); each failed command is still recorded as rejected.
+        handler_failures: those calls that raised; each command a failure
+            leaves without an outcome (retries and bisection exhausted) is
+            recorded as rejected with its error.
         batch_size: the size of each batch.
         wait_seconds: one sample per batch: how long its oldest command waited
             in the queue before the batch was taken (lingering for

@@ -431,6 +431,11 @@ class StoreConformance:
         assert [r.id for r in await store.tree("o.2")] == ["o.2", "o.2.1"]
         assert [r.id for r in await store.tree("o-2")] == ["o-2", "another"]
         assert [r.id for r in await store.tree("o.")] == ["o."]
+        trees = getattr(store, "trees", None)  # optional: many trees in one round trip
+        if trees is not None:
+            roots = ["o", "o.2", "o-2", "o.", "unknown", "o"]
+            found = await trees(roots)
+            assert found == {root: await store.tree(root) for root in roots}
 
     async def test_search_filters_order_and_limit(self, store: Store) -> None:
         rows = [

@@ -24,6 +24,7 @@ from .stores._base import Kind, Settle, State
 
 if TYPE_CHECKING:
     from ._clock import Clock
+    from ._coalesce import Coalescer
     from ._encoding import Encoder
     from ._writer import GroupCommitWriter
     from .errors import NondeterminismError
@@ -52,6 +53,7 @@ class SettleWatcher:
     _others: set[asyncio.Task[Any]]
     _waiters: dict[str, list[asyncio.Future[PromiseRecord]]]
     _someone_waits: asyncio.Event
+    _records: Coalescer[PromiseRecord]
 
     encoded_none: bytes
 
@@ -146,21 +148,38 @@ class SettleWatcher:
             await self.clock.sleep(self.poll_seconds)
             ids = list(self._waiters)
             for start in range(0, len(ids), _POLL_CHUNK):
-                chunk = ids[start : start + _POLL_CHUNK]
                 try:
-                    found = await self.store.get_many(chunk)
+                    await self._poll(ids[start : start + _POLL_CHUNK])
                 except StoreError as exc:  # the next poll tries again
                     log.warning("polling %d awaited promises failed: %s", len(ids), exc)
                     break
-                for id in chunk:
-                    record = found.get(id)
-                    if record is None:
-                        error = NotFoundError(f"promise {id!r} disappeared from the store")
-                        for waiter in self._waiters.pop(id, ()):
-                            if not waiter.done():
-                                waiter.set_exception(error)
-                    elif record.state is not State.PENDING:
-                        self.wake(record)
+
+    async def _poll(self, ids: list[str]) -> None:
+        """Wake the waiters of ``ids`` settled (or gone). A read that fails
+        otherwise than the store being down (a row that does not decode, a
+        bug) is tried again id by id: it fails that id's waiters only."""
+        try:
+            found = await self.store.get_many(ids)
+        except StoreError:
+            raise
+        except Exception as exc:
+            if len(ids) == 1:
+                for waiter in self._waiters.pop(ids[0], ()):
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                return
+            for id in ids:
+                await self._poll([id])
+            return
+        for id in ids:
+            record = found.get(id)
+            if record is None:
+                error = NotFoundError(f"promise {id!r} disappeared from the store")
+                for waiter in self._waiters.pop(id, ()):
+                    if not waiter.done():
+                        waiter.set_exception(error)
+            elif record.state is not State.PENDING:
+                self.wake(record)
 
     def spawn_other(self, coro: Any) -> asyncio.Task[Any]:
         """Start an owned task that shutdown cancels (watchers, late recoveries)."""
@@ -180,11 +199,7 @@ class SettleWatcher:
 
     async def _watch(self, handle: Handle[Any]) -> None:
         try:
-            record = (await self.store.get_many([handle.id])).get(handle.id)
-            if record is None:
-                raise NotFoundError(
-                    f"no run or promise with id {handle.id!r}; start it with resonate.run first"
-                )
+            record = await self._records.load(handle.id)  # read with the others watched now
             handle._set_created()
             record = await self.wait_settled(record)
             try:

@@ -174,3 +174,11 @@ def test_gc_census_counts_collections_and_allocations_by_phase() -> None:
     if "no full collection after the burst was submitted" not in out:
         census = re.search(r"([\d,]+) RunState", out)
         assert census is not None and int(census.group(1).replace(",", "")) == 20_000
+
+
+def test_recovery_resumes_a_crashed_burst_in_few_batches() -> None:
+    proc = run_script("recovery.py", "--runs", "300")
+    assert proc.returncode == 0, proc.stderr
+    match = re.search(r"300 runs resumed in [\d.]+ s .* went in (\d+) batches", proc.stdout)
+    assert match is not None, proc.stdout
+    assert int(match.group(1)) <= 3, proc.stdout

@@ -6,13 +6,14 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from resonate_async import Context, Kind, MemoryStore, Resonate, State
+from resonate_async.stores import Settle
 from resonate_async.testing import VirtualClock, crash
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-    import pytest
 
     from resonate_async.stores import PromiseRecord
 
@@ -377,3 +378,36 @@ async def test_handles_on_runs_a_live_worker_holds_cost_one_read_a_poll() -> Non
             if all(h.done() for h in handles):
                 break
         assert await asyncio.gather(*handles) == ["host-a:1:x"] * 200
+
+
+async def test_a_poll_that_cannot_read_one_promise_fails_only_its_waiters() -> None:
+    # The poll reads every awaited promise at once; one that does not decode
+    # (here: the store raises for it) fails its own waiters, and the others
+    # are still woken (the poller does not die of it).
+    class OneBadRow(MemoryStore):
+        broken = False
+
+        async def get_many(self, ids: Sequence[str]) -> dict[str, PromiseRecord]:
+            if self.broken and "bad" in ids:
+                raise ValueError("row 'bad' does not decode")
+            return await super().get_many(ids)
+
+    clock = VirtualClock()
+    store = OneBadRow()
+    resonate = Resonate(store, clock=clock, poll_seconds=1)
+    async with resonate:
+        await resonate.promises.create("good")
+        await resonate.promises.create("bad")
+        good, bad = resonate.get("good"), resonate.get("bad")
+        await good.created()
+        await bad.created()  # both wait now
+        store.broken = True  # the row goes bad under a waiter
+        # Settled behind this process's back (as another worker would).
+        [settled] = await store.write(
+            [Settle("good", State.RESOLVED, b"42", clock.now())]  # JSON 42
+        )
+        assert settled is not None
+        await clock.advance(1)
+        assert await asyncio.wait_for(good.result(), 5) == 42
+        with pytest.raises(ValueError, match="does not decode"):
+            await bad

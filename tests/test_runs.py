@@ -771,18 +771,33 @@ def test_a_process_whose_loop_ended_without_aclose_still_exits(tmp_path: Path) -
     import subprocess
     import sys
 
+    # With a batch handler too: asyncio.run's teardown cancels its worker,
+    # which must end (not take it for a stray cancel and serve on).
     script = (
         "import asyncio\n"
-        "from resonate_async import Resonate\n"
+        "from dataclasses import dataclass\n"
+        "from resonate_async import Command, Context, Resonate\n"
+        "@dataclass\n"
+        "class Add(Command[int]):\n"
+        "    n: int\n"
+        "async def add(ctx, cmds):\n"
+        "    return [c.n + 1 for c in cmds]\n"
+        "async def wf(ctx, n):\n"
+        "    return await ctx.lfc(Add(n))\n"
         f"resonate = Resonate({str(tmp_path / 'r.db')!r})\n"
-        "asyncio.run(resonate.start())\n"
+        "resonate.register_command_handler(Add, add)\n"
+        "resonate.register(wf)\n"
+        "async def main():\n"
+        "    await resonate.start()\n"
+        "    print(await resonate.run('w', wf, 1), flush=True)\n"
+        "asyncio.run(main())\n"
         "print('returned', flush=True)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "returned\n"
+    assert done.stdout == "2\nreturned\n"
 
 
 async def test_a_second_start_while_the_first_is_in_progress_is_refused(tmp_path: Path) -> None:
@@ -807,6 +822,34 @@ async def test_an_aclose_during_a_start_stops_what_it_starts(tmp_path: Path) -> 
     assert "not started" in repr(resonate)
     names = {t.get_name() for t in asyncio.all_tasks()}
     assert not any(name.startswith("resonate-") for name in names), names
+
+
+async def test_a_cancelled_aclose_during_a_start_still_stops_what_it_starts() -> None:
+    opened = asyncio.Event()
+    proceed = asyncio.Event()
+
+    class SlowToOpen(MemoryStore):
+        async def open(self) -> None:
+            opened.set()
+            await proceed.wait()
+            await super().open()
+
+    resonate = Resonate(SlowToOpen())
+    starting = asyncio.create_task(resonate.start())
+    await opened.wait()
+    closing = asyncio.create_task(resonate.aclose())
+    await asyncio.sleep(0)
+    closing.cancel()  # aclose is shielded: the stop goes on
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    proceed.set()
+    await starting
+    for _ in range(100):
+        if "not started" in repr(resonate):
+            break
+        await asyncio.sleep(0)
+    assert "not started" in repr(resonate)
+    await resonate.aclose()
 
 
 @pytest.mark.parametrize("how", ["aclose", "cancel"])

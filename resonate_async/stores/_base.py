@@ -263,6 +263,11 @@ class Store(Protocol):
     implementation must pass the conformance suite in
     :mod:`resonate_async.testing`.
 
+    An optional method, ``trees(root_ids) -> dict[str, list[PromiseRecord]]``
+    (:meth:`tree` of each id, in one round trip), lets runs resumed together
+    read their histories at once; without it the engine calls :meth:`tree`
+    for each.
+
     Two optional attributes tell the engine more: ``single_host = True``
     when only processes of this host can share the store (a dead pid then
     frees its leases at once), and ``pipeline_depth = 2`` when the store

@@ -93,6 +93,9 @@ _SETTLE = f"{_SETTLE_COUNT} RETURNING {_RETURNING}"
 _UPSERT = upsert_sql(POSTGRES)
 _SELECT = f"SELECT {COLUMN_LIST} FROM promises WHERE id = ANY($1::text[])"
 _TREE = f"SELECT {COLUMN_LIST} FROM promises WHERE root_id = $1 ORDER BY created_at, id"
+_TREES = (
+    f"SELECT {COLUMN_LIST} FROM promises WHERE root_id = ANY($1::text[]) ORDER BY created_at, id"
+)
 _NOTIFY = "SELECT pg_notify($2, i) FROM unnest($1::text[]) AS i"
 _RENEW = "UPDATE promises SET lease_expires_at = $1 WHERE owner = $2 AND state = 'PENDING'"
 _RELEASE = (
@@ -358,10 +361,17 @@ class PostgresStore(StoreLifecycle):
         """A pooled connection, with driver errors as ``StoreError``."""
         if self._pool is None:
             raise StoreError(f"{self!r} is not open: call `await store.open()` first")
+        acquired = False
         try:
             async with self._pool.acquire() as conn:
+                acquired = True
                 yield conn
         except self._errors as exc:
+            if not acquired:  # nothing was sent
+                raise StoreError(
+                    f"cannot get a connection to PostgreSQL: {exc}; nothing was done. "
+                    "Check that the server is up and reachable"
+                ) from exc
             raise self._failed(exc) from exc
 
     def _failed(self, exc: BaseException) -> StoreError:
@@ -469,6 +479,13 @@ class PostgresStore(StoreLifecycle):
     async def tree(self, root_id: str) -> list[PromiseRecord]:
         """Every record of the tree of ``root_id``, ordered by ``created_at`` then id."""
         return await self._query(_TREE, root_id)
+
+    async def trees(self, root_ids: Sequence[str]) -> dict[str, list[PromiseRecord]]:
+        """:meth:`tree` of each of ``root_ids``, in one query."""
+        found: dict[str, list[PromiseRecord]] = {root: [] for root in root_ids}
+        for record in await self._query(_TREES, list(found)):
+            found[record.root_id].append(record)
+        return found
 
     async def search(
         self,

@@ -377,6 +377,12 @@ class SQLiteStore(StoreLifecycle):
         """Every record of the tree of ``root_id``, ordered by ``created_at`` then id."""
         return await self._query(_TREE, {"root": root_id})
 
+    async def trees(self, root_ids: Sequence[str]) -> dict[str, list[PromiseRecord]]:
+        """:meth:`tree` of each of ``root_ids``, in one trip to the connection's thread."""
+        async with self._connection() as conn:
+            rows = await submit(conn, _read_trees, conn._conn, list(dict.fromkeys(root_ids)))
+        return {root: [row_to_record(row) for row in tree] for root, tree in rows.items()}
+
     async def search(
         self,
         *,
@@ -460,6 +466,11 @@ async def _rollback(conn: aiosqlite.Connection) -> None:
     # and the original error is the one worth reporting.
     with suppress(sqlite3.Error):
         await conn.rollback()
+
+
+def _read_trees(db: sqlite3.Connection, roots: list[str]) -> dict[str, list[Any]]:
+    """The rows of each tree, read on the connection's thread."""
+    return {root: db.execute(_TREE, {"root": root}).fetchall() for root in roots}
 
 
 def _dead(conn: aiosqlite.Connection) -> bool:
