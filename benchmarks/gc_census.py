@@ -101,8 +101,9 @@ def instrument(census: Census, phases: collections.Counter[str]) -> None:
 async def burst(runs: int, tmp: str, census: Census | None) -> tuple[float, dict[str, int]]:
     """Run the burst; its seconds and, with a census, the counted allocations by phase."""
     users = os.path.join(tmp, f"users-{runs}.db")
-    with sqlite3.connect(users) as conn:
-        conn.execute(SCHEMA)
+    conn = sqlite3.connect(users)
+    conn.execute(SCHEMA)
+    conn.close()
     resonate = build(os.path.join(tmp, f"resonate-{runs}.db"))
     phases: collections.Counter[str] = collections.Counter()
     if census is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -83,10 +84,11 @@ def test_long_sigkill_loop_loses_nothing_and_repeats_nothing(tmp_path: Path) -> 
 def _evidence(tmp_path: Path, promises: list[tuple[Any, ...]], effects: list[str]) -> LoopFiles:
     """Loop files holding the given promise rows and effects-log lines, one user."""
     files = LoopFiles.under(tmp_path)
-    with sqlite3.connect(files.store) as db:
+    # closing(): a sqlite3 connection's own `with` commits but does not close.
+    with closing(sqlite3.connect(files.store)) as db, db:
         db.execute("CREATE TABLE promises (id, state, kind, value, settled_at)")
         db.executemany("INSERT INTO promises VALUES (?, ?, ?, ?, ?)", promises)
-    with sqlite3.connect(files.users) as db:
+    with closing(sqlite3.connect(files.users)) as db, db:
         for statement in USERS_SCHEMA:
             db.execute(statement)
         db.execute("INSERT INTO users VALUES (0, 1)")
