@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ._invoke import being_cancelled
 from .errors import StoreError
 
 if TYPE_CHECKING:
@@ -62,31 +63,56 @@ class Coalescer(Generic[T]):
 
     async def _read(self, wanted: dict[str, asyncio.Future[T]]) -> None:
         try:
-            found = await self._read_many(list(wanted))
-        except asyncio.CancelledError:  # a shutdown: so are the callers waiting
+            found: Mapping[str, T | BaseException] | BaseException = await self._read_many(
+                list(wanted)
+            )
+        except asyncio.CancelledError:
+            if being_cancelled():  # a shutdown: so are the callers waiting
+                for future in wanted.values():
+                    future.cancel()
+                raise
+            # A read that raised CancelledError on its own: an error of the
+            # read, not a cancel of the runs waiting for it.
+            found = RuntimeError("a store read raised CancelledError without being cancelled")
+        except Exception as exc:
+            found = exc
+        if isinstance(found, BaseException):
+            if len(wanted) > 1 and not isinstance(found, StoreError):
+                # Not the store being down: one bad key (a row that does not
+                # decode, say) fails only its own callers.
+                await self._read_one_by_one(wanted)
+            else:
+                _fail(wanted, found)
+            return
+        try:
+            for key, future in wanted.items():
+                if future.done():  # its caller was cancelled meanwhile
+                    continue
+                value = found[key] if key in found else self._missing(key)
+                if isinstance(value, BaseException):
+                    future.set_exception(value)
+                else:
+                    future.set_result(value)
+        except Exception as exc:  # a read_many that broke its contract (no mapping)
+            _fail(wanted, exc)
+
+    async def _read_one_by_one(self, wanted: dict[str, asyncio.Future[T]]) -> None:
+        try:
+            for key, future in wanted.items():
+                if future.done():
+                    continue
+                await self._read({key: future})
+                error = None if future.cancelled() else future.exception()
+                if isinstance(error, StoreError):  # the store went down meanwhile
+                    _fail(wanted, error)
+                    return
+        except BaseException:  # cancelled (a shutdown): so are the callers left
             for future in wanted.values():
                 future.cancel()
             raise
-        except Exception as exc:
-            if len(wanted) > 1 and not isinstance(exc, StoreError):
-                # Not the store being down: one bad key (a row that does not
-                # decode, say) fails only its own callers.
-                try:
-                    for key, future in wanted.items():
-                        await self._read({key: future})
-                finally:
-                    for future in wanted.values():
-                        future.cancel()  # a no-op on those answered
-                return
-            for future in wanted.values():
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for key, future in wanted.items():
-            if future.done():  # its caller was cancelled meanwhile
-                continue
-            value = found[key] if key in found else self._missing(key)
-            if isinstance(value, BaseException):
-                future.set_exception(value)
-            else:
-                future.set_result(value)
+
+
+def _fail(wanted: dict[str, asyncio.Future[Any]], error: BaseException) -> None:
+    for future in wanted.values():
+        if not future.done():
+            future.set_exception(error)

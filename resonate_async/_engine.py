@@ -262,7 +262,13 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         if many is not None:
             return cast("dict[str, list[PromiseRecord] | BaseException]", await many(roots))
         trees = await asyncio.gather(*(self.store.tree(r) for r in roots), return_exceptions=True)
-        return dict(zip(roots, trees, strict=True))
+        return {
+            # A read that raised CancelledError on its own: an error, not a cancel.
+            root: RuntimeError(f"reading {root!r} raised CancelledError")
+            if isinstance(tree, asyncio.CancelledError)
+            else tree
+            for root, tree in zip(roots, trees, strict=True)
+        }
 
     def encode_for(self, value: Any, where: str) -> bytes:
         """Encode ``value`` or raise ``EncodingError`` naming the call."""

@@ -199,7 +199,10 @@ class SettleWatcher:
 
     async def _watch(self, handle: Handle[Any]) -> None:
         try:
-            record = await self._records.load(handle.id)  # read with the others watched now
+            try:
+                record = await self._records.load(handle.id)  # read with the others now
+            except NotFoundError as exc:  # one error object per handle, not per round
+                raise NotFoundError(str(exc)) from None
             handle._set_created()
             record = await self.wait_settled(record)
             try:

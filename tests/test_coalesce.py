@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from resonate_async._coalesce import Coalescer
+from resonate_async.errors import StoreError
 
 
 class Reads:
@@ -98,3 +99,43 @@ async def test_one_bad_key_fails_only_its_callers() -> None:
     )
     assert got[0] == "A" and got[2] == "B" and isinstance(got[1], ValueError)
     assert calls == [["a", "bad", "b"], ["a"], ["bad"], ["b"]]
+
+
+async def test_a_read_raising_cancelled_error_on_its_own_is_an_error_not_a_cancel() -> None:
+    # A cancel would make the runs waiting for their histories settle as
+    # cancelled; nobody cancelled them.
+    async def read_many(keys: list[str]) -> dict[str, Any]:
+        if "b" in keys:
+            raise asyncio.CancelledError
+        return {k: k.upper() for k in keys}
+
+    loader: Coalescer[str] = Coalescer(read_many, LookupError, Reads().spawn)
+    got = await asyncio.gather(
+        loader.load("a"), loader.load("b"), loader.load("c"), return_exceptions=True
+    )
+    assert got[0] == "A" and got[2] == "C"
+    assert isinstance(got[1], RuntimeError) and "CancelledError" in str(got[1])
+
+
+async def test_the_store_going_down_mid_fallback_fails_the_rest_at_once() -> None:
+    calls: list[list[str]] = []
+
+    async def read_many(keys: list[str]) -> dict[str, Any]:
+        calls.append(keys)
+        if len(keys) > 1:
+            raise ValueError("one bad row")
+        raise StoreError("down")
+
+    loader: Coalescer[str] = Coalescer(read_many, LookupError, Reads().spawn)
+    got = await asyncio.gather(*(loader.load(k) for k in "abcdef"), return_exceptions=True)
+    assert all(isinstance(g, StoreError) for g in got)
+    assert calls == [list("abcdef"), ["a"]]  # not one more read per key
+
+
+async def test_a_read_that_returns_no_mapping_fails_its_callers() -> None:
+    async def read_many(keys: list[str]) -> Any:
+        return None
+
+    loader: Coalescer[str] = Coalescer(read_many, LookupError, Reads().spawn)
+    with pytest.raises(TypeError):
+        await asyncio.wait_for(loader.load("a"), 5)
