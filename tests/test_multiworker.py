@@ -579,14 +579,21 @@ async def test_a_killed_process_on_sqlite_is_taken_over_without_waiting_for_its_
 
     ``restart``: ``a`` starts every run, ``b`` serves; ``a`` is killed and a new
     process ``c`` starts (a restart), which frees the dead pid's leases at start.
-    ``attached``: ``a`` and ``b`` both ``run`` the same ids (``b`` waits on the
-    runs ``a`` owns); ``a`` is killed and ``b`` alone must finish them.
+    ``attached``: ``a`` and ``b`` both ``run`` the same ids, from opposite ends
+    (``b`` waits on the runs ``a`` owns); ``a`` is killed and ``b`` alone must
+    finish them.
     """
     began = time.perf_counter()
     fleet, store, users_db, log = await _sqlite_fleet(tmp_path, lease=SQLITE_LEASE)
     try:
         a = fleet.spawn("a", "starter" if scenario == "restart" else "both")
-        b = fleet.spawn("b", "server" if scenario == "restart" else "both")
+        # From opposite ends, so that a surely owns runs to kill it amid: in
+        # the same order, b could win the race for nearly every id.
+        b = (
+            fleet.spawn("b", "server")
+            if scenario == "restart"
+            else fleet.spawn("b", "both", None, "--order=reverse")
+        )
         await fleet.wait_for("both ready", lambda: a.printed("ready") and b.printed("ready"), 20)
         a_id = fleet.ready_id(a)
         (tmp_path / "go").touch()
