@@ -245,12 +245,13 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
             # A cancel lands at once, unless the code it lands in ignores it
             # (a handler that catches CancelledError and goes on): after as long
             # again, such a task is left behind, not waited for for ever.
-            _, still = await asyncio.wait(pending, timeout=max(grace, _CANCEL_SECONDS))
+            bound = max(grace, _CANCEL_SECONDS)
+            _, still = await asyncio.wait(pending, timeout=bound)
             for task in still:
                 log.error(
                     "background task %s ignored its cancellation for %.1fs; left running",
                     task.get_name(),
-                    max(grace, _CANCEL_SECONDS),
+                    bound,
                 )
         await asyncio.gather(*(t for t in tasks if t.done()), return_exceptions=True)
 

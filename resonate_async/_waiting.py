@@ -155,31 +155,23 @@ class SettleWatcher:
                     break
 
     async def _poll(self, ids: list[str]) -> None:
-        """Wake the waiters of ``ids`` settled (or gone). A read that fails
-        otherwise than the store being down (a row that does not decode, a
-        bug) is tried again id by id: it fails that id's waiters only."""
-        try:
-            found = await self.store.get_many(ids)
-        except StoreError:
-            raise
-        except Exception as exc:
-            if len(ids) == 1:
-                for waiter in self._waiters.pop(ids[0], ()):
-                    if not waiter.done():
-                        waiter.set_exception(exc)
-                return
-            for id in ids:
-                await self._poll([id])
-            return
-        for id in ids:
-            record = found.get(id)
-            if record is None:
-                error = NotFoundError(f"promise {id!r} disappeared from the store")
+        """Wake the waiters of ``ids`` settled (or gone), read in one round
+        through ``_records``, whose fallback confines a row that does not
+        decode to its own waiters (a ``StoreError`` ends the poll)."""
+        outcomes = await asyncio.gather(*map(self._records.load, ids), return_exceptions=True)
+        for id, outcome in zip(ids, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                continue  # a watcher sharing the read was stopped: read again next poll
+            if isinstance(outcome, StoreError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                if isinstance(outcome, NotFoundError):
+                    outcome = NotFoundError(f"promise {id!r} disappeared from the store")
                 for waiter in self._waiters.pop(id, ()):
                     if not waiter.done():
-                        waiter.set_exception(error)
-            elif record.state is not State.PENDING:
-                self.wake(record)
+                        waiter.set_exception(outcome)
+            elif outcome.state is not State.PENDING:
+                self.wake(outcome)
 
     def spawn_other(self, coro: Any) -> asyncio.Task[Any]:
         """Start an owned task that shutdown cancels (watchers, late recoveries)."""
