@@ -21,16 +21,24 @@ T = TypeVar("T")
 __all__ = ("Clock", "SystemClock", "check_seconds", "with_deadline")
 
 
-def check_seconds(name: str, value: object, *, zero_ok: bool = False, inf_ok: bool = False) -> None:
+def check_seconds(
+    name: str,
+    value: object,
+    *,
+    zero_ok: bool = False,
+    inf_ok: bool = False,
+    none_ok: bool = False,
+) -> None:
     """Raise unless ``value`` is a finite number of seconds (not a bool) above
     0, or at least 0 with ``zero_ok``; infinity only with ``inf_ok``; NaN
-    fails. The errors name ``name``."""
+    fails. The errors name ``name``; with ``none_ok`` (the caller takes
+    ``None`` for no limit) the one for infinity says so."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, got {value!r}")
     if not (value >= 0 if zero_ok else value > 0):  # `not`: NaN fails too
         raise ValueError(f"{name} must be {'>= 0' if zero_ok else 'positive'}, got {value!r}")
     if value == math.inf and not inf_ok:
-        hint = " (None means no limit)" if name == "timeout" else ""
+        hint = " (None means no limit)" if none_ok else ""
         raise ValueError(f"{name} must be finite, got {value!r}{hint}")
 
 

@@ -337,7 +337,7 @@ class Context:
             timeout: seconds after which it rejects with ``PromiseTimeoutError``.
         """
         if timeout is not None:
-            check_seconds("timeout", timeout)
+            check_seconds("timeout", timeout, none_ok=True)
         if id is not None:
             check_id(id, "id")
         child_id = self._next_id()

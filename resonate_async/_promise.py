@@ -214,7 +214,7 @@ class Promise(Generic[T]):
                 if self._type != _STEP:
                     raise RuntimeError(f"{self.id}: {_NO_RETRY_POLICY[self._type]}")
             if timeout is not None:
-                check_seconds("timeout", timeout)
+                check_seconds("timeout", timeout, none_ok=True)
                 if self._type == _SLEEP:
                     raise RuntimeError(f"{self.id}: a sleep takes no timeout; sleep less")
         except (TypeError, ValueError, RuntimeError):

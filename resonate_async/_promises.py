@@ -88,7 +88,7 @@ class Promises:
         """
         check_id(id, "a promise id")
         if timeout is not None:
-            check_seconds("timeout", timeout)
+            check_seconds("timeout", timeout, none_ok=True)
         engine = self._engine()
         now = engine.clock.now()
         record = PromiseRecord(

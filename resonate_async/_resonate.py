@@ -584,7 +584,7 @@ class Resonate:
 
 def _check_timeout(timeout: float | None) -> None:
     if timeout is not None:
-        check_seconds("timeout", timeout)
+        check_seconds("timeout", timeout, none_ok=True)
 
 
 def _check_count(name: str, value: object, *, optional: bool = False) -> None:

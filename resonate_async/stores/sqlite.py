@@ -181,8 +181,7 @@ class SQLiteStore(StoreLifecycle):
             # (no aclose(), a failed test) must not keep the interpreter from
             # exiting. What it may have in hand then is a crash's: SQLite's
             # commit is atomic, and the runs resume at the next start.
-            thread = cast("threading.Thread", getattr(conn, "_thread", conn))  # <0.22: itself
-            thread.daemon = True
+            _thread_of(conn).daemon = True
             try:
                 await conn
             except sqlite3.Error as exc:
@@ -473,11 +472,16 @@ def _read_trees(db: sqlite3.Connection, roots: list[str]) -> dict[str, list[Any]
     return {root: db.execute(_TREE, {"root": root}).fetchall() for root in roots}
 
 
+def _thread_of(conn: aiosqlite.Connection) -> threading.Thread:
+    """aiosqlite's worker thread of ``conn`` (private; before 0.22, ``conn`` itself)."""
+    return cast("threading.Thread", getattr(conn, "_thread", conn))
+
+
 def _dead(conn: aiosqlite.Connection) -> bool:
     """Whether aiosqlite's thread (private) has died: it does when it hands a
     result to an event loop that has ended (a store left open by an
     ``asyncio.run`` that returned), and then never answers again."""
-    thread = cast("threading.Thread", getattr(conn, "_thread", conn))  # before 0.22: itself
+    thread = _thread_of(conn)
     return thread.ident is not None and not thread.is_alive()
 
 
