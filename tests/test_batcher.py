@@ -512,18 +512,24 @@ async def test_a_handler_that_sorts_its_list_in_place_answers_the_right_commands
         assert await asyncio.gather(*handles) == [i * 10 for i in range(50)]
 
 
+async def rejected_batch(handler: Any, runs: int) -> str:
+    """Run ``runs`` workflows through ``handler``; every one must reject with
+    ``BatchResultError``: the first one's message."""
+    resonate, _ = setup(handler)
+    async with resonate:
+        handles = [resonate.run(f"w{i}", "wf", i) for i in range(runs)]
+        outcomes = await asyncio.gather(*handles, return_exceptions=True)
+    assert all(isinstance(o, BatchResultError) for o in outcomes), outcomes
+    return str(outcomes[0])
+
+
 async def test_a_handler_that_changes_its_list_rejects_the_batch() -> None:
     async def replacing(ctx: Context, cmds: list[Add]) -> list[int]:
         cmds[0] = Add(99)
         cmds.reverse()
         return [c.n for c in cmds]
 
-    resonate, _ = setup(replacing)
-    async with resonate:
-        handles = [resonate.run(f"w{i}", "wf", i) for i in range(5)]
-        outcomes = await asyncio.gather(*handles, return_exceptions=True)
-    assert all(isinstance(o, BatchResultError) for o in outcomes), outcomes
-    assert "changed the list of commands" in str(outcomes[0])
+    assert "changed the list of commands" in await rejected_batch(replacing, 5)
 
 
 async def test_a_stray_cancel_fails_the_batch_not_the_batcher() -> None:
@@ -687,12 +693,7 @@ async def test_a_sorted_list_with_too_few_results_gets_the_usual_error() -> None
         cmds.sort(key=lambda c: -c.n)
         return [0]
 
-    resonate, _ = setup(short)
-    async with resonate:
-        handles = [resonate.run(f"w{i}", "wf", i) for i in range(2)]
-        outcomes = await asyncio.gather(*handles, return_exceptions=True)
-    assert all(isinstance(o, BatchResultError) for o in outcomes), outcomes
-    assert "returned 1 results for a batch of 2" in str(outcomes[0])
+    assert "returned 1 results for a batch of 2" in await rejected_batch(short, 2)
 
 
 async def test_a_handler_that_grows_its_list_rejects_the_batch() -> None:
@@ -700,8 +701,4 @@ async def test_a_handler_that_grows_its_list_rejects_the_batch() -> None:
         cmds.append(Add(99))
         return [c.n for c in cmds]
 
-    resonate, _ = setup(growing)
-    async with resonate:
-        outcome = await asyncio.gather(resonate.run("w", "wf", 1), return_exceptions=True)
-    assert isinstance(outcome[0], BatchResultError), outcome
-    assert "changed the list of commands" in str(outcome[0])
+    assert "changed the list of commands" in await rejected_batch(growing, 1)
