@@ -17,6 +17,7 @@ import socket
 import uuid
 from typing import TYPE_CHECKING, Any, cast
 
+from .errors import StoreError
 from .stores._base import Kind, State
 
 if TYPE_CHECKING:
@@ -29,7 +30,13 @@ if TYPE_CHECKING:
     from .errors import NondeterminismError
     from .stores._base import PromiseRecord, Store
 
-__all__ = ("MAX_RESUME_DELAY", "LeaseKeeper", "abandoned_workers", "default_worker_id")
+__all__ = (
+    "MAX_RESUME_DELAY",
+    "LeaseKeeper",
+    "LeaseLost",
+    "abandoned_workers",
+    "default_worker_id",
+)
 
 log = logging.getLogger("resonate_async")
 
@@ -48,6 +55,20 @@ def default_worker_id() -> str:
 
 # Worker ids abandoned in this process by ``testing.crash``: as dead as a killed pid.
 abandoned_workers: set[str] = set()
+# How many runs' records one lease check reads at once.
+_CHECK_CHUNK = 500
+
+
+class LeaseLost(StoreError):
+    """A run executing here is another worker's now, or settled: this worker's
+    lease on it ran out while it could not renew (a paused process, an
+    unreachable store). The run stops here unsettled and its handle follows
+    the run's outcome from the store. A ``StoreError``, so a body that
+    catches it still ends without settling (see ``RunState.fatal``)."""
+
+    def __init__(self, message: str, record: PromiseRecord | None) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 def _dead_local_owner(owner: str | None, *, check_pids: bool = True) -> bool:
@@ -234,6 +255,9 @@ class LeaseKeeper:
     async def _heartbeat(self) -> None:
         clock = self.clock
         poll = getattr(clock, "poll", None)
+        # When this worker last renewed its leases (or started): every lease
+        # it holds runs at least a lease's length from then.
+        renewed_at = clock.now()
         while True:
             if poll is None:
                 await clock.sleep(self.heartbeat_seconds)
@@ -244,12 +268,68 @@ class LeaseKeeper:
                     poll(self.heartbeat_seconds),
                     clock.sleep(self.lease_seconds - self.heartbeat_seconds),
                 )
+            now = clock.now()
             try:
-                await self.store.renew(self.worker_id, lease_until=clock.now() + self.lease_seconds)
+                await self.store.renew(self.worker_id, lease_until=now + self.lease_seconds)
+                if now - renewed_at >= self.lease_seconds:
+                    # The leases could expire before this renewal (the process
+                    # was paused, the store unreachable): another worker may
+                    # have claimed runs that still execute here.
+                    await self._stop_lost_runs()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # tried again at the next heartbeat
                 log.warning("lease heartbeat failed: %s", exc)
+            else:
+                renewed_at = now
+
+    async def _stop_lost_runs(self) -> None:
+        """Stop the runs executing here whose lease this worker no longer holds.
+
+        Each is cancelled with ``LeaseLost`` as its ``fatal`` error: it stays
+        as the store has it (another worker's, or settled), and its handle
+        waits for its outcome there. Only after a lapse in renewing, so the
+        read costs nothing while leases are renewed in time.
+        """
+        running = [
+            run
+            for run in self.runs.values()
+            if run._created
+            and run.fatal is None
+            and not run.cancel_requested
+            and run._task is not None
+            and not run._task.done()
+        ]
+        records: dict[str, PromiseRecord] = {}
+        for start in range(0, len(running), _CHECK_CHUNK):
+            chunk = running[start : start + _CHECK_CHUNK]
+            records.update(await self.store.get_many([run.id for run in chunk]))
+        for run in running:
+            record = records.get(run.id)
+            if (
+                record is not None
+                and record.owner == self.worker_id
+                and record.state is State.PENDING
+            ):
+                continue  # renewed just now
+            task = run._task
+            if self.runs.get(run.id) is not run or task is None or task.done():
+                continue  # it ended (or is settling) while the records were read
+            if run.fatal is not None or run.cancel_requested:
+                continue
+            if record is None:
+                where = "is no longer in the store"
+            elif record.state is State.PENDING:
+                where = f"is held by worker {record.owner!r} now"
+            else:
+                where = f"was settled {record.state.name} meanwhile"
+            message = (
+                f"run {run.id!r} {where}: this worker's lease on it ran out before "
+                "it could renew it, so it stops executing here"
+            )
+            log.warning("%s; its handle waits for the run's outcome", message)
+            run.fatal = LeaseLost(message, record)
+            task.cancel()
 
     async def _claim_loop(self) -> None:
         """Every ``poll_seconds`` (or at once when woken), claim free runs and remote calls."""

@@ -22,7 +22,7 @@ from ._attempts import LEAVE_PENDING, Attempts, unwrap_group
 from ._context import Context
 from ._handle import Handle
 from ._invoke import being_cancelled
-from ._leases import MAX_RESUME_DELAY
+from ._leases import MAX_RESUME_DELAY, LeaseLost
 from ._promise import _NO_KWARGS
 from ._registry import CallStyle
 from .errors import (
@@ -339,7 +339,10 @@ class RunDriver(Attempts):
                 # cast: Engine is the one class that mixes this in.
                 ctx = Context(cast("Engine", self), run, run.id, run.id, 1, leaf=False)
                 try:
-                    value = await entry.fn(ctx, *run.args, **run.kwargs)
+                    try:
+                        value = await entry.fn(ctx, *run.args, **run.kwargs)
+                    finally:
+                        ctx._ended = True
                     if ctx._children:
                         await ctx._join_children()
                 except LEAVE_PENDING:
@@ -380,6 +383,8 @@ class RunDriver(Attempts):
         except asyncio.CancelledError:
             if self.closing:
                 run._set_exception(self._interrupted(run))
+            elif isinstance(run.fatal, LeaseLost):
+                self._follow(run, run.fatal.record)
             elif not run.cancel_requested and being_cancelled():
                 # Not by cancel(): the event loop is ending (asyncio.run
                 # returning, a test's loop torn down). Nothing is settled;
@@ -397,6 +402,8 @@ class RunDriver(Attempts):
                     waiter.set_exception(exc)
         except ShutdownError:  # a body that caught the shutdown's cancellation, then called
             run._set_exception(self._interrupted(run))
+        except LeaseLost as exc:  # a body that caught the cancellation
+            self._follow(run, exc.record)
         except StoreError as exc:  # the root stays PENDING; resumed once the store answers
             run._set_exception(exc)
             self._abandon(run, exc)
@@ -476,6 +483,15 @@ class RunDriver(Attempts):
         )
         return state, data
 
+    def _follow(self, run: RunState, record: PromiseRecord | None) -> None:
+        """The run is another worker's now, or settled (see ``LeaseLost``): it
+        no longer executes here, and its handle answers from the store, as a
+        handle on a run started elsewhere does (and should that worker die,
+        the claim loop takes the run over again)."""
+        self._forget(run)
+        run.attached = True
+        run._task = self.spawn_other(self._attach(run, record))
+
     def _forget(self, run: RunState) -> None:
         """The run no longer executes here: drop it and what only its body needed."""
         if self.runs.get(run.id) is run:
@@ -530,7 +546,12 @@ class RunDriver(Attempts):
                 "a workflow's calls get the ids '<its id>.1', '<its id>.2', ..., so use a "
                 "run id that is not another run's id plus '.<number>'"
             )
-        if stored.func != entry.name or stored.version != entry.version:
+        # Another version of the same function is the same run: an id that
+        # completed under version 1 still answers once version 2 is deployed
+        # (and one pending there is resumed by a worker that has version 1).
+        if stored.func is None:
+            differs = f"a promise of kind {stored.kind.value!r} (not a run)"
+        elif stored.func != entry.name:
             differs = f"{stored.func!r} version {stored.version}"
         elif stored.param != run.param:
             differs = f"{stored.func!r} version {stored.version} with other arguments"

@@ -10,7 +10,7 @@ import pytest
 
 from resonate_async import Context, Kind, MemoryStore, Resonate, State
 from resonate_async.stores import Settle
-from resonate_async.testing import VirtualClock, crash
+from resonate_async.testing import VirtualClock, crash, quiesce
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -96,8 +96,9 @@ async def test_a_run_owned_by_a_vanished_worker_is_taken_over_when_its_lease_exp
 
 
 async def test_a_stalled_worker_whose_run_was_taken_over_ends_with_the_stored_outcome() -> None:
-    # No fencing: a worker that lost its lease while stalled (here: its lease
-    # is freed under it) still finishes the run's body. What it may not do is
+    # No fencing at write time: a worker that lost its lease while stalled
+    # (here: its lease is freed under it while its heartbeats go on, so it
+    # has no lapse to notice) still finishes the run's body. What it may not do is
     # disagree with the store: the step it completes late finds the new
     # owner's outcome stored, and its body continues with that one.
     store = MemoryStore()
@@ -138,6 +139,83 @@ async def test_a_stalled_worker_whose_run_was_taken_over_ends_with_the_stored_ou
     assert continued == [("b", "step by b"), ("a", "step by b")]
     stored = (await store.get_many(["job-1.1"]))["job-1.1"]
     assert stored.value is not None and b"step by b" in stored.value
+
+
+class Unreachable(MemoryStore):
+    """A memory store that one worker cannot renew or claim leases in, while ``cut``."""
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__()
+        self.cut_off = worker_id
+        self.cut = False
+
+    async def renew(self, owner: str, *, lease_until: float) -> int:
+        if self.cut and owner == self.cut_off:
+            raise OSError("connection refused")
+        return await super().renew(owner, lease_until=lease_until)
+
+    async def claim(self, owner: str, **kwargs: Any) -> list[PromiseRecord]:
+        if self.cut and owner == self.cut_off:
+            raise OSError("connection refused")
+        return await super().claim(owner, **kwargs)
+
+
+@pytest.mark.parametrize("taken_over", ["settled", "running"])
+async def test_a_worker_that_lost_its_lease_stops_the_run_and_follows_it(
+    taken_over: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Worker a cannot renew for longer than a lease (a pause, a partition):
+    # b claims the run and executes it. Once a renews again it must stop its
+    # execution there, before its body starts steps b has recorded already,
+    # and its handle answers with the run's outcome from the store.
+    clock = VirtualClock()
+    store = Unreachable("a")
+    gates = {"a": asyncio.Event(), "b": asyncio.Event()}
+    steps: list[tuple[str, str]] = []
+
+    def build(name: str) -> Resonate:
+        resonate = Resonate(
+            store, clock=clock, worker_id=name, lease_seconds=10, heartbeat_seconds=3
+        )
+
+        async def step(ctx: Context, n: int) -> int:
+            steps.append((name, ctx.id))
+            if n == 2:
+                await gates[name].wait()
+            return n
+
+        @resonate.register(name="job")
+        async def job(ctx: Context) -> int:
+            total = 0
+            for n in (1, 2, 3):
+                total += await ctx.lfc(step, n)
+            return total
+
+        return resonate
+
+    first, second = build("a"), build("b")
+    async with first, second:
+        stalled = first.run("job-1", "job")
+        while ("a", "job-1.2") not in steps:
+            await asyncio.sleep(0)
+        store.cut = True
+        await clock.advance(11)  # a's lease ran out; b's claim loop takes the run
+        assert ("b", "job-1.2") in steps and ("a", "job-1.1") in steps
+        if taken_over == "settled":
+            gates["b"].set()
+            assert await second.get("job-1") == 6
+        store.cut = False
+        with caplog.at_level(logging.WARNING, logger="resonate_async"):
+            await clock.advance(3)  # a renews: its lapse makes it look at its runs
+        gates["a"].set()  # a's step would return now, and its body go on to step 3
+        await quiesce()
+        assert not stalled.done() or await stalled == 6
+        gates["b"].set()
+        await clock.advance(5)  # a's handle looks for the outcome at its polls
+        assert await asyncio.wait_for(stalled.result(), 10) == 6
+    assert steps == [("a", "job-1.1"), ("a", "job-1.2"), ("b", "job-1.2"), ("b", "job-1.3")]
+    held = "was settled RESOLVED" if taken_over == "settled" else "is held by worker 'b'"
+    assert f"run 'job-1' {held}" in caplog.text
 
 
 async def test_a_worker_id_restarted_after_a_crash_keeps_its_runs() -> None:
