@@ -121,6 +121,8 @@ class Attempts:
                     if inner is None:
                         raise
                     raise inner from None
+                finally:
+                    ctx._ended = True
             except ReplayNow:
                 # Replay-every-step mode: a fresh call settled; re-run from the store.
                 # The restart replays its children all at once, once they end.

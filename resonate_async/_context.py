@@ -34,6 +34,7 @@ from ._promise import (
     check_id,
 )
 from ._registry import call_style, function_name
+from .errors import _UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator
@@ -69,7 +70,17 @@ class Context:
         ```
     """
 
-    __slots__ = ("_children", "_engine", "_leaf", "_run", "_seq", "attempt", "id", "root_id")
+    __slots__ = (
+        "_children",
+        "_ended",
+        "_engine",
+        "_leaf",
+        "_run",
+        "_seq",
+        "attempt",
+        "id",
+        "root_id",
+    )
 
     def __init__(
         self,
@@ -89,6 +100,9 @@ class Context:
         self._seq = 0
         self._children: list[Promise[Any]] | None = None
         self._leaf = leaf
+        # Set once the function this context was passed to has returned or
+        # raised: a call made through it then would belong to no attempt.
+        self._ended = False
 
     def __repr__(self) -> str:
         return f"Context(id={self.id!r}, attempt={self.attempt})"
@@ -111,10 +125,16 @@ class Context:
 
     def _next_id(self) -> str:
         if self._run is None or self._leaf:
-            raise RuntimeError(
+            raise _UsageError(
                 f"{self.id}: durable calls (lfi, lfc, sleep, promise, now, random) are only "
                 "available to async or generator workflows and steps; a plain `def` function "
                 "or a batch handler is a leaf"
+            )
+        if self._ended:
+            raise _UsageError(
+                f"{self.id}: this context's function has already returned (or raised), so "
+                "a durable call through it would belong to no run; make every call before "
+                "the function returns (await the tasks that make them)"
             )
         self._seq += 1
         return f"{self.id}.{self._seq}"

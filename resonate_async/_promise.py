@@ -25,6 +25,7 @@ from .errors import (
     PromiseTimeoutError,
     ShutdownError,
     StoreError,
+    _UsageError,
 )
 from .retry import checked_policy
 from .stores._base import Create, Kind, PromiseRecord, State
@@ -204,7 +205,7 @@ class Promise(Generic[T]):
                 for a sleep.
         """
         if self._state != _NOT_STARTED:
-            raise RuntimeError(
+            raise _UsageError(
                 f"{self.id}: with_options must be called before the call starts "
                 "(right after lfi/lfc, before the next await)"
             )
@@ -212,11 +213,11 @@ class Promise(Generic[T]):
             if retry_policy is not None:
                 retry_policy = checked_policy("retry_policy", retry_policy)
                 if self._type != _STEP:
-                    raise RuntimeError(f"{self.id}: {_NO_RETRY_POLICY[self._type]}")
+                    raise _UsageError(f"{self.id}: {_NO_RETRY_POLICY[self._type]}")
             if timeout is not None:
                 check_seconds("timeout", timeout, none_ok=True)
                 if self._type == _SLEEP:
-                    raise RuntimeError(f"{self.id}: a sleep takes no timeout; sleep less")
+                    raise _UsageError(f"{self.id}: a sleep takes no timeout; sleep less")
         except (TypeError, ValueError, RuntimeError):
             self._awaited = True  # the call is an error: no never-awaited warning on top
             raise

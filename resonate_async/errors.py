@@ -1,8 +1,11 @@
 """The exception tree of resonate_async.
 
-Every error the SDK raises is a :class:`ResonateError`. The tree is shallow on
-purpose: catch ``ResonateError`` for "anything from the SDK", or one leaf for a
-specific case. Each message says what happened and what to do next.
+What goes wrong in durable execution is a :class:`ResonateError`. The tree
+is shallow on purpose: catch ``ResonateError`` for "anything from the SDK", or
+one leaf for a specific case. Bad arguments raise ``ValueError`` or
+``TypeError`` and misuse (a durable call from a leaf, ``with_options`` too
+late) raises ``RuntimeError``, as in the standard library. Each message says
+what happened and what to do next.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ class ResonateError(Exception):
 
 
 class ConflictError(ResonateError):
-    """An id is already used by a run with a different function or arguments.
+    """An id is already used by a run with a different function or arguments,
+    by another kind of promise, or is the id a call of another run takes.
 
     Runs are idempotent by id: pick a new id, or call ``run`` with the same
     function and arguments to attach to the existing run.
@@ -49,7 +53,9 @@ class EncodingError(ResonateError, TypeError):
 
 
 class BatchResultError(ResonateError):
-    """A batch handler returned a list whose length differs from the batch's."""
+    """A batch handler's result does not fit its batch: a list whose length
+    differs from the batch's, or a batch list it grew, shrank or replaced
+    commands in (reordering it in place is fine)."""
 
 
 class StoredError(ResonateError):
@@ -100,3 +106,10 @@ class ShutdownError(ResonateError):
 
     The run stays PENDING in the store and resumes at the next start.
     """
+
+
+class _UsageError(RuntimeError):
+    """A ``RuntimeError`` for using the SDK in a way that no retry can fix (a
+    durable call from a leaf or through a context whose function returned,
+    ``with_options`` after the call started): retry policies never retry it,
+    so it fails the call at once instead of after every back-off."""

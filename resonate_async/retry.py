@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Final, Protocol, runtime_checkable
 
-from .errors import NondeterminismError, ShutdownError
+from .errors import NondeterminismError, ShutdownError, _UsageError
 
 __all__ = (
     "Constant",
@@ -51,6 +51,7 @@ _NEVER_RETRIED: Final = (
     asyncio.CancelledError,
     NondeterminismError,
     ShutdownError,
+    _UsageError,
     KeyboardInterrupt,
     SystemExit,
     GeneratorExit,

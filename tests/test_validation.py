@@ -12,11 +12,13 @@ import pytest
 from resonate_async import (
     Command,
     Context,
+    JSONEncoder,
     Kind,
     MemoryStore,
     NotRegisteredError,
     Resonate,
     State,
+    SystemClock,
 )
 from resonate_async.retry import Never, RetryPolicy, constant, never
 
@@ -354,3 +356,96 @@ async def test_a_refused_handler_registration_leaves_nothing_registered() -> Non
                 await resonate.run(f"call-{which}", call, which)
     # Fixed, the same type registers: it was not half-registered before.
     resonate.register_command_handler(Pong, any_pong, name="Pong")
+
+
+@pytest.mark.parametrize("retried", [False, True])
+async def test_a_context_kept_past_its_function_makes_no_more_durable_calls(
+    retried: bool,
+) -> None:
+    # A context that outlives its function (kept in a global, a task left
+    # running) must not add children to a run that settled without them.
+    store = MemoryStore()
+    resonate = Resonate(store)
+    kept: list[Context] = []
+    steps: list[str] = []
+
+    async def step(ctx: Context, x: int) -> int:
+        steps.append(ctx.id)
+        return x
+
+    @resonate.register(retry_policy=constant(delay=0.001, max_retries=1) if retried else never())
+    async def keep(ctx: Context) -> int:
+        kept.append(ctx)
+        if retried and ctx.attempt == 1:
+            raise ValueError("first attempt fails")
+        return await ctx.lfc(step, 1)
+
+    async with resonate:
+        assert await resonate.run("keep", keep) == 1
+        for ctx in kept:
+            with pytest.raises(RuntimeError, match="already returned"):
+                ctx.lfc(step, 2)
+            with pytest.raises(RuntimeError, match="already returned"):
+                ctx.lfi(step, 2)
+            with pytest.raises(RuntimeError, match="already returned"):
+                ctx.sleep(1)
+            with pytest.raises(RuntimeError, match="already returned"):
+                ctx.now()
+        ids = sorted(r.id for r in await store.search(prefix="keep"))
+    assert steps == ["keep.1"]
+    assert ids == ["keep", "keep.1"]
+    assert len(kept) == (2 if retried else 1)
+
+
+async def test_a_durable_call_from_a_leaf_fails_the_step_without_retries() -> None:
+    # The SDK's own misuse errors cannot go away on a retry: the step fails
+    # at its first attempt, not after every back-off of its retry policy.
+    resonate = Resonate(MemoryStore(), step_retry_policy=constant(delay=60, max_retries=5))
+    attempts: list[int] = []
+
+    def leaf(ctx: Context) -> int:
+        attempts.append(ctx.attempt)
+        return ctx.lfc(echo, 1)  # type: ignore[return-value]
+
+    @resonate.register(retry_policy=never())
+    async def flow(ctx: Context) -> int:
+        return await ctx.lfc(leaf)
+
+    async with resonate:
+        with pytest.raises(RuntimeError, match="is a leaf"):
+            await asyncio.wait_for(resonate.run("leafy", flow).result(), 10)
+    assert attempts == [1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"encoder": JSONEncoder}, TypeError, r"encoder must be an instance .*JSONEncoder\(\)"),
+        ({"encoder": 1}, TypeError, "encoder must be an instance"),
+        ({"clock": SystemClock}, TypeError, r"clock must be an instance .*SystemClock\(\)"),
+        ({"clock": object()}, TypeError, "clock must be an instance with the methods now, sleep"),
+        ({"worker_id": ""}, ValueError, "worker_id must be a non-empty string"),
+        ({"worker_id": 5}, ValueError, "worker_id must be a non-empty string"),
+    ],
+)
+def test_resonate_refuses_what_no_start_could_use(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        Resonate(MemoryStore(), **kwargs)
+
+
+def test_resonate_refuses_a_store_argument_of_another_type() -> None:
+    with pytest.raises(TypeError, match="store must be a Store, a path or a URL"):
+        Resonate(123)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("version", "error"), [("2", TypeError), (1.5, TypeError), (0, ValueError)]
+)
+def test_register_refuses_a_version_that_is_not_a_positive_int(
+    version: object, error: type[Exception]
+) -> None:
+    resonate = Resonate(MemoryStore())
+    with pytest.raises(error, match="version must be"):
+        resonate.register(echo, version=version)  # type: ignore[call-overload]
