@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from ._clock import check_seconds
@@ -20,10 +21,9 @@ from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry, call_st
 from ._stats import RunStats, Stats, StoreStats
 from .errors import ConflictError, EncodingError
 from .retry import RetryPolicy, checked_policy, exponential, never
-from .stores import store_from_spec
+from .stores import Store, store_from_spec
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Awaitable, Callable, Generator
     from types import TracebackType
 
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from ._command import Command
     from ._context import Context
     from ._encoding import Encoder
-    from .stores._base import Store
 
 __all__ = ("Resonate",)
 
@@ -123,9 +122,14 @@ class Resonate:
         check_seconds("grace_seconds", grace_seconds, zero_ok=True, inf_ok=True)
         if heartbeat_seconds >= lease_seconds:
             raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
+        _check_store_spec(store)
         self._store_spec: str | os.PathLike[str] | Store | None = store
         self._encoder: Encoder = encoder if encoder is not None else JSONEncoder()
         self._clock: Clock = clock if clock is not None else SystemClock()
+        _check_instance("encoder", encoder, ("encode", "decode", "encode_error", "decode_error"))
+        _check_instance("clock", clock, ("now", "sleep"))
+        if worker_id is not None and (not isinstance(worker_id, str) or not worker_id.strip()):
+            raise ValueError(f"worker_id must be a non-empty string (or None), got {worker_id!r}")
         self._worker_id = worker_id or default_worker_id()
         self._step_policy = _retry_policy("step_retry_policy", step_retry_policy, exponential)
         self._lease = lease_seconds
@@ -386,12 +390,11 @@ class Resonate:
                 is not a number of seconds or ``name`` is not a string.
         """
         _check_name(name)
+        _check_count("version", version)
         policy = _retry_policy("retry_policy", retry_policy, never)
         _check_timeout(timeout)
 
         def decorate(f: F) -> F:
-            if version < 1:
-                raise ValueError(f"version must be 1 or more, got {version}")
             entry = FunctionEntry(
                 fn=f,
                 name=function_name(f) if name is None else name,
@@ -585,6 +588,27 @@ class Resonate:
 def _check_timeout(timeout: float | None) -> None:
     if timeout is not None:
         check_seconds("timeout", timeout, none_ok=True)
+
+
+def _check_instance(name: str, value: object, methods: tuple[str, ...]) -> None:
+    """Raise unless ``value`` is None or an instance with ``methods`` (not a class)."""
+    if value is None:
+        return
+    missing = [m for m in methods if not callable(getattr(value, m, None))]
+    if isinstance(value, type) or missing:
+        hint = f"; did you mean {value.__name__}()?" if isinstance(value, type) else ""
+        raise TypeError(
+            f"{name} must be an instance with the methods {', '.join(methods)}, got {value!r}{hint}"
+        )
+
+
+def _check_store_spec(store: object) -> None:
+    """Raise at construction for a store argument no start could use."""
+    if store is None or isinstance(store, (str, os.PathLike, Store)):
+        return
+    raise TypeError(
+        f"store must be a Store, a path or a URL string (or None for RESONATE_STORE), got {store!r}"
+    )
 
 
 def _check_count(name: str, value: object, *, optional: bool = False) -> None:

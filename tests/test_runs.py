@@ -118,6 +118,36 @@ async def test_same_id_other_arguments_is_a_conflict_whatever_the_state() -> Non
             await resonate.run("c", g, 1)  # completed, other function
 
 
+async def test_an_id_completed_by_an_older_version_answers_after_an_upgrade() -> None:
+    # Deploying version 2 of a function must not turn a client's retried
+    # run(id, ...) of an id that version 1 completed into a ConflictError.
+    store = MemoryStore()
+    ran: list[int] = []
+
+    def deploy(versions: tuple[int, ...]) -> Resonate:
+        resonate = Resonate(store)
+        for version in versions:
+
+            async def f(ctx: Context, x: int, version: int = version) -> str:
+                ran.append(version)
+                return f"v{version}:{x}"
+
+            resonate.register(f, name="f", version=version)
+        return resonate
+
+    async with deploy((1,)) as old:
+        assert await old.run("up", "f", 7) == "v1:7"
+        await old.promises.create("ext", timeout=60)
+    async with deploy((1, 2)) as both, deploy((2,)) as new:
+        assert await both.run("up", "f", 7) == "v1:7"
+        assert await new.run("up", "f", 7) == "v1:7"
+        with pytest.raises(ConflictError, match="with other arg"):
+            await new.run("up", "f", 8)
+        with pytest.raises(ConflictError, match="a promise of kind 'external'"):
+            await new.run("ext", "f", 7)
+    assert ran == [1]
+
+
 async def test_errors_round_trip_as_their_own_type() -> None:
     resonate = make()
 

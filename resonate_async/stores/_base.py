@@ -68,8 +68,8 @@ class PromiseRecord:
         id: unique id; children are ``f"{parent}.{n}"``.
         state: see :class:`State`.
         kind: see :class:`Kind`.
-        func: registered function name or command type name (``None`` for
-            sleeps and external promises).
+        func: registered function name or command type name
+            (``"resonate.sleep"`` for sleeps, ``None`` for external promises).
         version: registered version of ``func``.
         param: encoded arguments (or ``None``).
         value: encoded outcome once settled: a value when resolved, an error

@@ -3,7 +3,7 @@
 Every worker of a deployment points at the same database and coordinates only
 through it (DESIGN §7): leases on pending runs are taken with
 ``FOR UPDATE SKIP LOCKED``, and each transaction that settles promises sends
-``NOTIFY resonate_settled, '<id>'`` so waiters elsewhere wake up without
+``NOTIFY "resonate_settled:<schema>", '<id>'`` so waiters elsewhere wake up without
 polling (:meth:`PostgresStore.listen`, which hands the receiving side to a
 :class:`~resonate_async.stores._pg_listener.ChannelListener`).
 
@@ -170,7 +170,8 @@ class PostgresStore(StoreLifecycle):
             server's default ``search_path``.
         min_connections: connections the pool keeps open.
         max_connections: connections the pool may open.
-        notify: send ``NOTIFY resonate_settled`` for settled promises.
+        notify: send a ``NOTIFY`` on the channel ``resonate_settled:<schema>``
+            for settled promises.
 
     Raises:
         ImportError: asyncpg is not installed.
