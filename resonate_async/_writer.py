@@ -250,9 +250,33 @@ class GroupCommitWriter:
         except asyncio.CancelledError:
             for _, writing in in_flight:
                 writing.cancel()
+            cut = sum(len(txn.ops) for txn, _ in in_flight)
             for txn, _ in in_flight:
                 txn.report(None, ShutdownError("shut down while writing; nothing is lost"))
+            if not self._closing:
+                self._dropped_by_cancel(cut)
             raise
+
+    def _dropped_by_cancel(self, cut: int) -> None:
+        """Say what a cancel without ``close()`` left unwritten (the event loop
+        ended before ``aclose()``), and answer its writers. ``cut``: the writes
+        of the transactions that were being written (committed or not)."""
+        admitted = len(self._admit_makes)
+        writes = cut + sum(len(txn.ops) for txn in self._queue)
+        if not admitted and not writes:
+            return
+        log.warning(
+            "the store writer was stopped without aclose() (the event loop ended while "
+            "runs were in flight): %d runs waiting to be stored were dropped and never "
+            "ran, and %d writes queued or being written may not have been made (runs "
+            "already stored stay PENDING and resume at the next start)",
+            admitted,
+            writes,
+        )
+        self._closed = True
+        error = ShutdownError("the store writer was stopped before this was written")
+        while self._queue or self._admit_makes:
+            self._next().report(None, error)
 
     def _hand_over(
         self, in_flight: deque[tuple[_Transaction, asyncio.Task[Outcome]]], depth: int

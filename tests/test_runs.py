@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -828,6 +829,47 @@ def test_a_process_whose_loop_ended_without_aclose_still_exits(tmp_path: Path) -
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "2\nreturned\n"
+
+
+def test_a_loop_that_ends_with_runs_waiting_to_be_stored_says_it_dropped_them(
+    tmp_path: Path,
+) -> None:
+    # A script that returns from asyncio.run without closing drops the runs
+    # that were not stored yet: they never run, so it must not be silent.
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, logging, sqlite3\n"
+        "from resonate_async import Resonate\n"
+        f"path = {str(tmp_path / 'r.db')!r}\n"
+        "resonate = Resonate(path)\n"
+        "async def quick(ctx, x):\n"
+        "    return x\n"
+        "resonate.register(quick)\n"
+        "async def main():\n"
+        "    await resonate.start()\n"
+        "    for i in range(5000):\n"
+        "        resonate.run(f'q-{i}', quick, i)\n"
+        "    await asyncio.sleep(0)\n"
+        "asyncio.run(main())\n"
+        "stored = sqlite3.connect(path).execute('SELECT count(*) FROM promises').fetchone()[0]\n"
+        "print(stored, flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    stored = int(done.stdout)
+    assert stored < 5000
+    said = re.search(
+        r"stopped without aclose\(\).*: (\d+) runs waiting to be stored were dropped "
+        r"and never ran, and (\d+) writes queued or being written may not",
+        done.stderr,
+    )
+    assert said is not None, done.stderr
+    dropped, cut = int(said[1]), int(said[2])
+    assert dropped > 0 and dropped + cut >= 5000 - stored
 
 
 async def test_a_second_start_while_the_first_is_in_progress_is_refused(tmp_path: Path) -> None:
