@@ -29,6 +29,7 @@ from .errors import (
     PromiseTimeoutError,
     ShutdownError,
     StoreError,
+    _UsageError,
 )
 from .stores._base import Kind, Settle, State
 
@@ -106,11 +107,16 @@ class Attempts:
                     if deadline is None:
                         # An async function is awaited directly: no wrapper
                         # coroutine on the hot path.
-                        value = await (
-                            fn(ctx, *args, **kwargs)
-                            if style is _ASYNC
-                            else invoke(style, fn, ctx, args, kwargs)
-                        )
+                        try:
+                            value = await (
+                                fn(ctx, *args, **kwargs)
+                                if style is _ASYNC
+                                else invoke(style, fn, ctx, args, kwargs)
+                            )
+                        except Exception:
+                            ctx._ended = True  # see Context._ended
+                            raise
+                        ctx._ended = True
                         if ctx._children:
                             await ctx._join_children()
                     else:  # the deadline covers the call's children too
@@ -121,8 +127,6 @@ class Attempts:
                     if inner is None:
                         raise
                     raise inner from None
-                finally:
-                    ctx._ended = True
             except ReplayNow:
                 # Replay-every-step mode: a fresh call settled; re-run from the store.
                 # The restart replays its children all at once, once they end.
@@ -176,7 +180,9 @@ class Attempts:
             await self.settle_cut_sleeps(id, ctx.root_id)
             timeout = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
             return State.REJECTED_TIMEDOUT, self.encoder.encode_error(timeout)
-        delay = policy.next_delay(attempt + 1) if policy.should_retry(exc) else None
+        # Misuse of the SDK fails at once, whatever a custom policy says.
+        retry = not isinstance(exc, _UsageError) and policy.should_retry(exc)
+        delay = policy.next_delay(attempt + 1) if retry else None
         if delay is None or (deadline is not None and clock.now() + delay >= deadline):
             return State.REJECTED, self.encoder.encode_error(exc)
         log.info("%s failed on attempt %d (%r); retrying in %.3fs", id, attempt, exc, delay)
@@ -264,7 +270,12 @@ async def _then_join(
     kwargs: dict[str, Any],
 ) -> Any:
     """Call ``fn``, then wait for the ``lfi`` children it left running."""
-    value = await invoke(style, fn, ctx, args, kwargs)
+    try:
+        value = await invoke(style, fn, ctx, args, kwargs)
+    except Exception:
+        ctx._ended = True  # see Context._ended
+        raise
+    ctx._ended = True
     if ctx._children:
         await ctx._join_children()
     return value

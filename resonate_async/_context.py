@@ -101,7 +101,9 @@ class Context:
         self._children: list[Promise[Any]] | None = None
         self._leaf = leaf
         # Set once the function this context was passed to has returned or
-        # raised: a call made through it then would belong to no attempt.
+        # raised an Exception: a call made through it then would belong to no
+        # attempt. Not when it is cancelled (a cancel, a shutdown, a deadline):
+        # its body may still be unwinding, and its cleanup may make calls.
         self._ended = False
 
     def __repr__(self) -> str:

@@ -271,10 +271,11 @@ class LeaseKeeper:
             now = clock.now()
             try:
                 await self.store.renew(self.worker_id, lease_until=now + self.lease_seconds)
-                if now - renewed_at >= self.lease_seconds:
-                    # The leases could expire before this renewal (the process
-                    # was paused, the store unreachable): another worker may
-                    # have claimed runs that still execute here.
+                if clock.now() - renewed_at >= self.lease_seconds:
+                    # The leases could expire before this renewal took effect
+                    # (the process was paused, the store unreachable or slow to
+                    # answer): another worker may have claimed runs that still
+                    # execute here.
                     await self._stop_lost_runs()
             except asyncio.CancelledError:
                 raise
@@ -319,6 +320,8 @@ class LeaseKeeper:
                 continue
             if record is None:
                 where = "is no longer in the store"
+            elif record.state is State.PENDING and record.owner is None:
+                where = "was freed (its lease released)"
             elif record.state is State.PENDING:
                 where = f"is held by worker {record.owner!r} now"
             else:

@@ -16,6 +16,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._clock import check_seconds
+from ._leases import LeaseLost
 from ._registry import call_style, function_name
 from .errors import (
     ConflictError,
@@ -380,9 +381,9 @@ class Promise(Generic[T]):
                 future.set_result(self._replayed_outcome(stored))
             except Exception as exc:
                 future.set_exception(exc)
-        elif engine.closing:
+        elif engine.closing or self._lost() is not None:
             future = loop.create_future()
-            future.set_exception(self._shutting_down())
+            future.set_exception(self._lost() or self._shutting_down())
             future.exception()  # retrieved: the body may be gone
         elif self._type == _COMMAND:
             future = loop.create_future()
@@ -510,6 +511,9 @@ class Promise(Generic[T]):
             return cast("T", self._replayed_outcome(stored))
         if self._ctx._engine.closing:
             raise self._shutting_down()
+        lost = self._lost()
+        if lost is not None:
+            raise lost
         if self._type == _STEP:
             return await self._execute_step()
         if self._type == _SLEEP:
@@ -518,6 +522,14 @@ class Promise(Generic[T]):
         if self._type == _REMOTE:
             return await self._execute_remote()
         return await self._execute_external()
+
+    def _lost(self) -> LeaseLost | None:
+        """The run's lost lease, if it was lost: a body that caught the
+        cancellation that stopped it starts no new call (another worker runs
+        the run now)."""
+        run = self._ctx._run
+        fatal = None if run is None else run.fatal
+        return fatal if isinstance(fatal, LeaseLost) else None
 
     def _shutting_down(self) -> ShutdownError:
         """A body that outlived its shutdown's cancellation starts no new call."""

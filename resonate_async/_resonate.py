@@ -77,10 +77,13 @@ class Resonate:
             the global one (implies ``tracing=True``).
 
     Raises:
-        ValueError: a duration above is out of range, or the heartbeat is
-            not shorter than the lease.
-        TypeError: ``step_retry_policy`` is not a ``RetryPolicy``, or a
-            duration is not a number.
+        ValueError: a duration above is out of range, the heartbeat is not
+            shorter than the lease, or ``worker_id`` is empty.
+        TypeError: ``step_retry_policy`` is not a ``RetryPolicy``, a
+            duration is not a number, ``store`` is none of the accepted
+            types, ``encoder`` or ``clock`` is not an instance with their
+            methods (a class passed instead of an instance, say), or
+            ``worker_id`` is not a string.
 
     Example:
         ```python
@@ -128,8 +131,11 @@ class Resonate:
         self._clock: Clock = clock if clock is not None else SystemClock()
         _check_instance("encoder", encoder, ("encode", "decode", "encode_error", "decode_error"))
         _check_instance("clock", clock, ("now", "sleep"))
-        if worker_id is not None and (not isinstance(worker_id, str) or not worker_id.strip()):
-            raise ValueError(f"worker_id must be a non-empty string (or None), got {worker_id!r}")
+        if worker_id is not None:
+            if not isinstance(worker_id, str):
+                raise TypeError(f"worker_id must be a string (or None), got {worker_id!r}")
+            if not worker_id.strip():
+                raise ValueError(f"worker_id must not be empty, got {worker_id!r}")
         self._worker_id = worker_id or default_worker_id()
         self._step_policy = _retry_policy("step_retry_policy", step_retry_policy, exponential)
         self._lease = lease_seconds
@@ -387,7 +393,8 @@ class Resonate:
             ValueError: ``name`` is empty, ``version`` is below 1 or
                 ``timeout`` is not positive.
             TypeError: ``retry_policy`` is not a ``RetryPolicy``, ``timeout``
-                is not a number of seconds or ``name`` is not a string.
+                is not a number of seconds, ``name`` is not a string or
+                ``version`` is not an int.
         """
         _check_name(name)
         _check_count("version", version)
@@ -543,10 +550,12 @@ class Resonate:
             raise EncodingError(f"{where}: {argument_path(str(exc))}") from None
         existing = engine.runs.get(id)
         if existing is not None:
-            if existing.entry is entry and existing.param == param:
-                return existing
+            # Another version of the same function is the same run (as for
+            # one stored already; see RunDriver._attach_to).
             running = existing.entry
-            other = " with other arguments" if running is entry else ""
+            if running.name == entry.name and existing.param == param:
+                return existing
+            other = " with other arguments" if running.name == entry.name else ""
             handle: Handle[Any] = Handle(id, asyncio.get_running_loop())
             handle._set_exception(
                 ConflictError(

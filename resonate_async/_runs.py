@@ -341,8 +341,10 @@ class RunDriver(Attempts):
                 try:
                     try:
                         value = await entry.fn(ctx, *run.args, **run.kwargs)
-                    finally:
-                        ctx._ended = True
+                    except Exception:
+                        ctx._ended = True  # see Context._ended
+                        raise
+                    ctx._ended = True
                     if ctx._children:
                         await ctx._join_children()
                 except LEAVE_PENDING:
@@ -391,6 +393,8 @@ class RunDriver(Attempts):
                 # the writer may be gone already.
                 run._set_exception(self._interrupted(run, "its event loop ended"))
             else:
+                # Settling its cancel: a lease check must not cancel this too.
+                run.cancel_requested = True
                 await self._settle_canceled(run)
             raise
         except NondeterminismError as exc:
@@ -403,7 +407,10 @@ class RunDriver(Attempts):
         except ShutdownError:  # a body that caught the shutdown's cancellation, then called
             run._set_exception(self._interrupted(run))
         except LeaseLost as exc:  # a body that caught the cancellation
-            self._follow(run, exc.record)
+            if self.closing:
+                run._set_exception(self._interrupted(run))
+            else:
+                self._follow(run, exc.record)
         except StoreError as exc:  # the root stays PENDING; resumed once the store answers
             run._set_exception(exc)
             self._abandon(run, exc)

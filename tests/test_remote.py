@@ -142,34 +142,48 @@ async def test_a_stalled_worker_whose_run_was_taken_over_ends_with_the_stored_ou
 
 
 class Unreachable(MemoryStore):
-    """A memory store that one worker cannot renew or claim leases in, while ``cut``."""
+    """A memory store that one worker cannot renew or claim leases in while
+    ``cut``: its calls fail at once, or (``hang``) answer once ``mended``."""
 
-    def __init__(self, worker_id: str) -> None:
+    def __init__(self, worker_id: str, *, hang: bool) -> None:
         super().__init__()
         self.cut_off = worker_id
         self.cut = False
+        self.hang = hang
+        self.mended = asyncio.Event()
+
+    async def _reach(self, owner: str) -> None:
+        if self.cut and owner == self.cut_off:
+            if not self.hang:
+                raise OSError("connection refused")
+            await self.mended.wait()
+
+    def mend(self) -> None:
+        self.cut = False
+        self.mended.set()
 
     async def renew(self, owner: str, *, lease_until: float) -> int:
-        if self.cut and owner == self.cut_off:
-            raise OSError("connection refused")
+        await self._reach(owner)
         return await super().renew(owner, lease_until=lease_until)
 
     async def claim(self, owner: str, **kwargs: Any) -> list[PromiseRecord]:
-        if self.cut and owner == self.cut_off:
-            raise OSError("connection refused")
+        await self._reach(owner)
         return await super().claim(owner, **kwargs)
 
 
+@pytest.mark.parametrize("store_answers", ["refusing", "late"])
 @pytest.mark.parametrize("taken_over", ["settled", "running"])
 async def test_a_worker_that_lost_its_lease_stops_the_run_and_follows_it(
-    taken_over: str, caplog: pytest.LogCaptureFixture
+    taken_over: str, store_answers: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Worker a cannot renew for longer than a lease (a pause, a partition):
-    # b claims the run and executes it. Once a renews again it must stop its
-    # execution there, before its body starts steps b has recorded already,
-    # and its handle answers with the run's outcome from the store.
+    # Worker a cannot renew for longer than a lease (a pause, a partition;
+    # its renewals fail, or one hangs until the store answers again): b
+    # claims the run and executes it. Once a renews again it must stop its
+    # execution there, before its body starts steps b has recorded already
+    # (its cleanup included), and its handle answers with the run's outcome
+    # from the store.
     clock = VirtualClock()
-    store = Unreachable("a")
+    store = Unreachable("a", hang=store_answers == "late")
     gates = {"a": asyncio.Event(), "b": asyncio.Event()}
     steps: list[tuple[str, str]] = []
 
@@ -187,8 +201,12 @@ async def test_a_worker_that_lost_its_lease_stops_the_run_and_follows_it(
         @resonate.register(name="job")
         async def job(ctx: Context) -> int:
             total = 0
-            for n in (1, 2, 3):
-                total += await ctx.lfc(step, n)
+            try:
+                for n in (1, 2, 3):
+                    total += await ctx.lfc(step, n)
+            except asyncio.CancelledError:
+                await ctx.lfc(step, 0)  # a cleanup step: not where b runs the run
+                raise
             return total
 
         return resonate
@@ -204,7 +222,7 @@ async def test_a_worker_that_lost_its_lease_stops_the_run_and_follows_it(
         if taken_over == "settled":
             gates["b"].set()
             assert await second.get("job-1") == 6
-        store.cut = False
+        store.mend()
         with caplog.at_level(logging.WARNING, logger="resonate_async"):
             await clock.advance(3)  # a renews: its lapse makes it look at its runs
         gates["a"].set()  # a's step would return now, and its body go on to step 3

@@ -139,6 +139,23 @@ async def test_an_id_completed_by_an_older_version_answers_after_an_upgrade() ->
     async with deploy((1,)) as old:
         assert await old.run("up", "f", 7) == "v1:7"
         await old.promises.create("ext", timeout=60)
+        gate = asyncio.Event()
+
+        async def slow(ctx: Context, x: int) -> str:
+            await gate.wait()
+            return "v1 slow"
+
+        old.register(slow, name="s", version=1)
+        running = old.run("run-here", "s", 1)
+        await asyncio.sleep(0)
+
+        async def newer(ctx: Context, x: int) -> str:
+            return "v2 slow"
+
+        old.register(newer, name="s", version=2)
+        assert old.run("run-here", "s", 1) is running  # the same run, not a conflict
+        gate.set()
+        assert await running == "v1 slow"
     async with deploy((1, 2)) as both, deploy((2,)) as new:
         assert await both.run("up", "f", 7) == "v1:7"
         assert await new.run("up", "f", 7) == "v1:7"

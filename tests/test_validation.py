@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from resonate_async import (
+    CanceledError,
     Command,
     Context,
     JSONEncoder,
@@ -397,10 +398,23 @@ async def test_a_context_kept_past_its_function_makes_no_more_durable_calls(
     assert len(kept) == (2 if retried else 1)
 
 
-async def test_a_durable_call_from_a_leaf_fails_the_step_without_retries() -> None:
+class AlwaysRetry:
+    """A user's policy that retries everything."""
+
+    def should_retry(self, error: BaseException) -> bool:
+        return True
+
+    def next_delay(self, attempt: int) -> float | None:
+        return 60.0
+
+
+@pytest.mark.parametrize("policy", [constant(delay=60, max_retries=5), AlwaysRetry()])
+async def test_a_durable_call_from_a_leaf_fails_the_step_without_retries(
+    policy: RetryPolicy,
+) -> None:
     # The SDK's own misuse errors cannot go away on a retry: the step fails
     # at its first attempt, not after every back-off of its retry policy.
-    resonate = Resonate(MemoryStore(), step_retry_policy=constant(delay=60, max_retries=5))
+    resonate = Resonate(MemoryStore(), step_retry_policy=policy)
     attempts: list[int] = []
 
     def leaf(ctx: Context) -> int:
@@ -424,8 +438,8 @@ async def test_a_durable_call_from_a_leaf_fails_the_step_without_retries() -> No
         ({"encoder": 1}, TypeError, "encoder must be an instance"),
         ({"clock": SystemClock}, TypeError, r"clock must be an instance .*SystemClock\(\)"),
         ({"clock": object()}, TypeError, "clock must be an instance with the methods now, sleep"),
-        ({"worker_id": ""}, ValueError, "worker_id must be a non-empty string"),
-        ({"worker_id": 5}, ValueError, "worker_id must be a non-empty string"),
+        ({"worker_id": " "}, ValueError, "worker_id must not be empty"),
+        ({"worker_id": 5}, TypeError, "worker_id must be a string"),
     ],
 )
 def test_resonate_refuses_what_no_start_could_use(
@@ -449,3 +463,35 @@ def test_register_refuses_a_version_that_is_not_a_positive_int(
     resonate = Resonate(MemoryStore())
     with pytest.raises(error, match="version must be"):
         resonate.register(echo, version=version)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("deadline", [None, 100.0])
+async def test_a_cancelled_body_can_still_make_its_cleanup_calls(deadline: float | None) -> None:
+    # Cancelled is not "returned": with or without a deadline (under which the
+    # body runs in a task of its own), its cleanup's durable calls still run.
+    resonate = Resonate(MemoryStore())
+    gate = asyncio.Event()
+    done: list[str] = []
+
+    async def block(ctx: Context) -> None:
+        await gate.wait()
+
+    async def refund(ctx: Context) -> None:
+        done.append(ctx.id)
+
+    @resonate.register(timeout=deadline)
+    async def order(ctx: Context) -> None:
+        try:
+            await ctx.lfc(block)
+        except asyncio.CancelledError:
+            await ctx.lfc(refund)
+            raise
+
+    async with resonate:
+        handle = resonate.run("o", order)
+        for _ in range(100):  # the body is in its first step
+            await asyncio.sleep(0)
+        assert handle.cancel()
+        with pytest.raises(CanceledError):
+            await handle
+    assert done == ["o.2"]
