@@ -13,6 +13,7 @@ cancellation: ``LEAVE_PENDING``) propagate instead.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
@@ -259,6 +260,12 @@ class Attempts:
             return _RESOLVED, self.encoder.encode(value)
         except EncodingError as exc:
             error = EncodingError(f"{id}: the return value is not encodable: {exc}")
+            if inspect.iscoroutine(value):  # a lambda or def returning a coroutine
+                value.close()  # not awaited on purpose: no warning on top
+                error = EncodingError(
+                    f"{id} returned a coroutine, not its value: make it an `async def` "
+                    "(a lambda or a plain def that returns a coroutine is not awaited)"
+                )
             return State.REJECTED, self.encoder.encode_error(error)
 
 

@@ -337,6 +337,12 @@ class Resonate:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
+        if running is None:
+            raise RuntimeError(
+                "resonate.run and resonate.get need the event loop this Resonate runs "
+                "in, and none runs in this thread; from another thread, submit the call "
+                "to that loop, e.g. asyncio.run_coroutine_threadsafe(...)"
+            )
         if running is not engine.loop:
             raise RuntimeError(
                 "this Resonate was started in another event loop; use it in the loop "

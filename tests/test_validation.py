@@ -13,6 +13,7 @@ from resonate_async import (
     CanceledError,
     Command,
     Context,
+    EncodingError,
     JSONEncoder,
     Kind,
     MemoryStore,
@@ -256,6 +257,8 @@ def test_a_resonate_used_from_another_event_loop_says_so() -> None:
                 resonate.run("x", "nothing")
 
         asyncio.run(elsewhere())
+        with pytest.raises(RuntimeError, match="none runs in this thread"):
+            resonate.get("x")  # no event loop runs here at all
         loop.run_until_complete(resonate.aclose())
     finally:
         loop.close()
@@ -495,3 +498,18 @@ async def test_a_cancelled_body_can_still_make_its_cleanup_calls(deadline: float
         with pytest.raises(CanceledError):
             await handle
     assert done == ["o.2"]
+
+
+async def test_a_function_that_returns_a_coroutine_is_told_to_be_an_async_def() -> None:
+    resonate = Resonate(MemoryStore())
+
+    async def later(ctx: Context) -> int:
+        return 1
+
+    def wrapper(ctx: Context) -> Any:
+        return later(ctx)  # a coroutine, which nobody awaits
+
+    resonate.register(wrapper, name="wrapper")
+    async with resonate:
+        with pytest.raises(EncodingError, match="returned a coroutine, not its value"):
+            await resonate.run("co", "wrapper")
