@@ -88,6 +88,8 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         tracing: bool = False,
         tracer_provider: Any = None,
     ) -> None:
+        # What becomes of a run left PENDING, as errors say it.
+        self.resumes = "resumes at the next start"
         self.replay_every_step = replay_every_step
         # Replay-every-step mode: the bodies unwinding for a restart.
         self.restarting: set[Context] = set()

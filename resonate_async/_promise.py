@@ -535,7 +535,7 @@ class Promise(Generic[T]):
         """A body that outlived its shutdown's cancellation starts no new call."""
         return ShutdownError(
             f"{self.id}: not started, this Resonate is shutting down; the run stays "
-            "PENDING and resumes at the next start"
+            f"PENDING and {self._ctx._engine.resumes}"
         )
 
     # -- executions ------------------------------------------------------------

@@ -21,7 +21,7 @@ from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry, call_st
 from ._stats import RunStats, Stats, StoreStats
 from .errors import ConflictError, EncodingError
 from .retry import RetryPolicy, checked_policy, exponential, never
-from .stores import Store, store_from_spec
+from .stores import MemoryStore, Store, store_from_spec
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator
@@ -227,6 +227,12 @@ class Resonate:
                 tracing=self._tracing,
                 tracer_provider=self._tracer_provider,
             )
+            if not isinstance(self._store_spec, Store) and isinstance(store, MemoryStore):
+                # ":memory:" (given or from RESONATE_STORE) is a new store at each start.
+                engine.resumes = (
+                    'is lost with this in-memory store (":memory:" makes a new one at '
+                    "each start; pass one MemoryStore instance to keep runs across starts)"
+                )
             self._engine = engine
             await engine.start()
         except BaseException:

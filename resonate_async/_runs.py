@@ -182,6 +182,7 @@ class RunDriver(Attempts):
     claiming: asyncio.Lock
     poll_seconds: float
     closing: bool
+    resumes: str
     replay_every_step: bool
     worker_id: str
     lease_seconds: float
@@ -308,11 +309,9 @@ class RunDriver(Attempts):
             run.attached = True
             run._task = self.spawn_other(self._attach(run, stored))
 
-    @staticmethod
-    def _interrupted(run: RunState, why: str = "shutdown") -> ShutdownError:
+    def _interrupted(self, run: RunState, why: str = "shutdown") -> ShutdownError:
         return ShutdownError(
-            f"run {run.id!r} was interrupted by {why}; it stays PENDING and "
-            "resumes at the next start"
+            f"run {run.id!r} was interrupted by {why}; it stays PENDING and {self.resumes}"
         )
 
     async def _execute(self, run: RunState, *, resumed: bool) -> None:

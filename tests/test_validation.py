@@ -19,10 +19,12 @@ from resonate_async import (
     MemoryStore,
     NotRegisteredError,
     Resonate,
+    ShutdownError,
     State,
     SystemClock,
 )
 from resonate_async.retry import Never, RetryPolicy, constant, never
+from resonate_async.stores import store_from_spec
 
 
 @dataclass
@@ -513,3 +515,32 @@ async def test_a_function_that_returns_a_coroutine_is_told_to_be_an_async_def() 
     async with resonate:
         with pytest.raises(EncodingError, match="returned a coroutine, not its value"):
             await resonate.run("co", "wrapper")
+
+
+@pytest.mark.parametrize("spec", [":memory: ", " :memory:", ":MEMORY:"])
+def test_a_near_miss_of_memory_is_no_sqlite_file(spec: str) -> None:
+    with pytest.raises(ValueError, match="did you mean ':memory:'"):
+        store_from_spec(spec)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_a_shutdown_says_whether_the_run_survives_the_next_start(shared: bool) -> None:
+    store = MemoryStore()
+    resonate = Resonate(store if shared else ":memory:")
+    gate = asyncio.Event()
+
+    @resonate.register
+    async def waits(ctx: Context) -> None:
+        await gate.wait()
+
+    await resonate.start()
+    handle = resonate.run("w", waits)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    await resonate.aclose()
+    with pytest.raises(ShutdownError) as raised:
+        await handle
+    if shared:
+        assert "resumes at the next start" in str(raised.value)
+    else:
+        assert "is lost with this in-memory store" in str(raised.value)

@@ -87,6 +87,8 @@ def store_from_spec(spec: str | os.PathLike[str] | Store | None) -> Store:
         raise ValueError(f"cannot make a store of {spec!r}; pass {_ACCEPTED}")
     if spec == ":memory:":
         return MemoryStore()
+    if spec.strip().lower() == ":memory:":  # not a file name anyone means
+        raise ValueError(f"cannot make a store of {spec!r}; did you mean ':memory:'?")
     scheme, sep, rest = spec.partition("://")
     if not sep:
         return SQLiteStore(spec)
