@@ -20,6 +20,7 @@ collect_ignore = [
     "crash_worker.py",
     "crash_loop_workload.py",
     "multiworker_workload.py",
+    "paused_workload.py",
     "scripts.py",
 ]
 

@@ -7,8 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -23,6 +25,9 @@ from resonate_async import (
 )
 from resonate_async.retry import never
 from resonate_async.testing import crash
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 HERE = Path(__file__).parent
 
@@ -212,6 +217,60 @@ def test_sigkill_after_some_steps_resumes_without_redoing_them(tmp_path: Path) -
     effects = log.read_text().split()
     # Steps 1-3 ran once, before the kill; step 4 ran again (it never settled).
     assert effects == ["s1", "s2", "s3", "s4", "s4"]
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_paused_past_its_lease_stops_the_run_another_took_over(
+    tmp_path: Path,
+) -> None:
+    # Real processes: the starter is SIGSTOPped in its second or third step
+    # for longer than its lease; the server claims the run and finishes it.
+    # Continued, the starter may end the step it was in (nothing can stop a
+    # step midway), then must stop: no step after it runs there again.
+    store = tmp_path / "store.db"
+    log = tmp_path / "effects.log"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    worker = [sys.executable, str(HERE / "paused_workload.py"), str(store), str(log)]
+
+    def effects() -> list[tuple[str, str]]:
+        if not log.exists():
+            return []
+        return [tuple(line.split()) for line in log.read_text().splitlines()]  # type: ignore[misc]
+
+    def wait_for(done: Callable[[], bool], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not done():
+            assert time.monotonic() < deadline, effects()
+            time.sleep(0.02)
+
+    server = subprocess.Popen([*worker, "server"], env=env, stdout=subprocess.PIPE, text=True)
+    starter = None
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        starter = subprocess.Popen(
+            [*worker, "starter"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        wait_for(lambda: ("p-1.1", "starter") in effects(), 20)
+        starter.send_signal(signal.SIGSTOP)
+        before = [id for id, role in effects() if role == "starter"]
+        wait_for(lambda: ("p-1.5", "server") in effects(), 30)  # taken over and finished
+        starter.send_signal(signal.SIGCONT)
+        out, err = starter.communicate(timeout=30)
+        assert starter.returncode == 0, err
+        assert out.strip() == "result=15"
+        assert "stops executing here" in err
+    finally:
+        for process in (starter, server):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.terminate()
+                process.wait(timeout=10)
+        if server.stdout is not None:
+            server.stdout.close()
+    late = [id for id, role in effects() if role == "starter"][len(before) :]
+    in_flight = f"p-1.{len(before) + 1}"
+    assert late in ([], [in_flight]), effects()
 
 
 @dataclass
