@@ -328,6 +328,7 @@ class Context:
             promise._timeout = entry.timeout
         else:
             promise._version = 1
+            self._engine.note_remote_elsewhere(name)
         try:
             promise._param = self._engine.encode_args(args, kwargs, promise.id)
         except BaseException:

@@ -88,6 +88,8 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         tracing: bool = False,
         tracer_provider: Any = None,
     ) -> None:
+        # Remote call targets not registered here, told once each (see note_remote_elsewhere).
+        self._told_elsewhere: set[str] = set()
         # What becomes of a run left PENDING, as errors say it.
         self.resumes = "resumes at the next start"
         self.replay_every_step = replay_every_step
@@ -146,6 +148,17 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         self._on_root_op = self._root_op
         self._on_root_created = self._root_created
         self._on_root_settled = self._root_settled
+
+    def note_remote_elsewhere(self, name: str) -> None:
+        """Say once per name that a remote call's function is not registered
+        here: the call waits until a worker that registers it claims it."""
+        if name not in self._told_elsewhere:
+            self._told_elsewhere.add(name)
+            log.info(
+                "remote calls of %r wait for a worker that registers it: this one does "
+                "not, and nothing runs them until one does",
+                name,
+            )
 
     # -- lifecycle -------------------------------------------------------------
 

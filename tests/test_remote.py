@@ -507,3 +507,22 @@ async def test_a_poll_that_cannot_read_one_promise_fails_only_its_waiters() -> N
         assert await asyncio.wait_for(good.result(), 5) == 42
         with pytest.raises(ValueError, match="does not decode"):
             await bad
+
+
+async def test_a_remote_call_nobody_here_registers_is_said_to_wait_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    resonate = Resonate(MemoryStore())
+
+    @resonate.register
+    async def caller(ctx: Context, n: int) -> Any:
+        return await ctx.rfc("elsewhere.job", n)
+
+    with caplog.at_level(logging.INFO, logger="resonate_async"):
+        async with resonate:
+            first, second = resonate.run("c1", caller, 1), resonate.run("c2", caller, 2)
+            for _ in range(100):
+                await asyncio.sleep(0)
+            assert not first.done() and not second.done()  # waiting, as they should
+    told = [r for r in caplog.records if "wait for a worker that registers it" in r.message]
+    assert len(told) == 1 and "'elsewhere.job'" in told[0].message

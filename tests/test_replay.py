@@ -252,7 +252,17 @@ def test_a_worker_paused_past_its_lease_stops_the_run_another_took_over(
             [*worker, "starter"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         wait_for(lambda: ("p-1.1", "starter") in effects(), 20)
-        starter.send_signal(signal.SIGSTOP)
+        time.sleep(0.1)  # into the next step's sleep: its writes are committed
+        # A process stopped inside a transaction would hold SQLite's write lock
+        # and no other could take over: stop it again until it holds none.
+        for _ in range(50):
+            starter.send_signal(signal.SIGSTOP)
+            if not _write_locked(store):
+                break
+            starter.send_signal(signal.SIGCONT)
+            time.sleep(0.03)
+        else:
+            pytest.fail("the starter held SQLite's write lock at every stop")
         before = [id for id, role in effects() if role == "starter"]
         wait_for(lambda: ("p-1.5", "server") in effects(), 30)  # taken over and finished
         starter.send_signal(signal.SIGCONT)
@@ -262,15 +272,33 @@ def test_a_worker_paused_past_its_lease_stops_the_run_another_took_over(
         assert "stops executing here" in err
     finally:
         for process in (starter, server):
-            if process is not None and process.poll() is None:
+            if process is None:
+                continue
+            if process.poll() is None:
                 process.send_signal(signal.SIGCONT)
                 process.terminate()
                 process.wait(timeout=10)
-        if server.stdout is not None:
-            server.stdout.close()
+            for pipe in (process.stdout, process.stderr):
+                if pipe is not None:
+                    pipe.close()
     late = [id for id, role in effects() if role == "starter"][len(before) :]
     in_flight = f"p-1.{len(before) + 1}"
     assert late in ([], [in_flight]), effects()
+
+
+def _write_locked(path: Path) -> bool:
+    """Whether another connection holds ``path``'s SQLite write lock now."""
+    import sqlite3
+
+    conn = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        conn.close()
 
 
 @dataclass
