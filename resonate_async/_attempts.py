@@ -70,10 +70,13 @@ class Attempts:
     closing: bool
     restarting: set[Context]
     writer: GroupCommitWriter
+    leases_until: float
 
     if TYPE_CHECKING:
 
         def effectively_settled(self, record: PromiseRecord) -> bool: ...
+
+        async def confirm_leases(self) -> None: ...
 
         def overdue_settle(self, record: PromiseRecord, now: float) -> Settle: ...
 
@@ -101,6 +104,12 @@ class Attempts:
         clock = self.clock
         attempt = first
         while True:
+            if run is not None and clock.now() >= self.leases_until:
+                # This worker's leases may have run out (a pause, a store out
+                # of reach): renew them first, which stops this run if it is
+                # another worker's now, before the attempt makes its effects.
+                await self.confirm_leases()
+                self._check_unsettled(run)  # lost: not even in a task of its own (lfi)
             # cast: Engine is the one class that mixes this in.
             ctx = Context(cast("Engine", self), run, id, root_id, attempt, leaf=style is _SYNC)
             try:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ._clock import with_deadline
 from ._context import Context
 from ._invoke import being_cancelled, invoke
+from ._leases import LeaseLost
 from ._promise import _IN_BATCH, _QUEUED, _RECORDED, _STARTED
 from ._stats import BatcherStats
 from .errors import BatchResultError, EncodingError, ShutdownError, StoreError
@@ -134,7 +135,8 @@ class Batcher:
         entry = self.entry
         maxlen = entry.maxlen
         queue = self._queue
-        clock = self._engine.clock
+        engine = self._engine
+        clock = engine.clock
         while not self._closing:
             if not queue:
                 self._nonempty.clear()
@@ -143,6 +145,13 @@ class Batcher:
             await asyncio.sleep(0)
             if entry.max_wait > 0 and self._more_may_come():
                 await self._linger(clock.now() + entry.max_wait)
+            if clock.now() >= engine.leases_until:
+                # As before a step (see Attempts.attempts): the commands of a
+                # run another worker took over meanwhile leave the queue.
+                try:
+                    await engine.confirm_leases()
+                except Exception as exc:  # the batch goes on, as without the check
+                    log.debug("confirming leases before a batch failed: %s", exc)
             batch = self._take(maxlen)
             if batch:
                 await self._flush(batch)
@@ -416,6 +425,10 @@ class Batcher:
 
 
 def _waited_for(promise: Promise[Any]) -> bool:
-    """Whether a command's workflow still waits for its outcome."""
+    """Whether a command's workflow still waits for its outcome (and still
+    executes here: not a run whose lease this worker lost)."""
     future = promise._future
-    return future is not None and not future.done()
+    if future is None or future.done():
+        return False
+    run = promise._ctx._run
+    return run is None or not isinstance(run.fatal, LeaseLost)

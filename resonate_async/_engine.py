@@ -104,6 +104,8 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         self.worker_id = worker_id
         self.step_retry_policy = step_retry_policy
         self.lease_seconds = lease_seconds
+        self.leases_until = clock.now() + lease_seconds
+        self._confirming: asyncio.Task[None] | None = None
         self.heartbeat_seconds = heartbeat_seconds
         self.poll_seconds = poll_seconds
         self.grace_seconds = grace_seconds

@@ -21,7 +21,7 @@ from .errors import StoreError
 from .stores._base import Kind, State
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Sequence
+    from collections.abc import Awaitable, Coroutine, Sequence
 
     from ._clock import Clock
     from ._encoding import Encoder
@@ -121,6 +121,11 @@ class LeaseKeeper:
     store_failed: dict[str, float]
     store_failures: dict[str, tuple[int, float]]
     claiming: asyncio.Lock
+    loop: asyncio.AbstractEventLoop
+    # Until when every lease this worker holds is known to last: the start of
+    # its last renewal (or of the engine) plus a lease.
+    leases_until: float
+    _confirming: asyncio.Task[None] | None
     _single_host: bool
     _claim_wakeup: asyncio.Event
     _claim_lost: bool
@@ -136,6 +141,8 @@ class LeaseKeeper:
             kwargs: dict[str, Any],
             stored: PromiseRecord | None = None,
         ) -> RunState: ...
+
+        def spawn_other(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
 
     async def recover(self, keys: Sequence[tuple[str, int]] | None = None) -> int:
         """Claim and resume PENDING runs and remote calls of registered functions.
@@ -255,9 +262,6 @@ class LeaseKeeper:
     async def _heartbeat(self) -> None:
         clock = self.clock
         poll = getattr(clock, "poll", None)
-        # When this worker last renewed its leases (or started): every lease
-        # it holds runs at least a lease's length from then.
-        renewed_at = clock.now()
         while True:
             if poll is None:
                 await clock.sleep(self.heartbeat_seconds)
@@ -268,21 +272,36 @@ class LeaseKeeper:
                     poll(self.heartbeat_seconds),
                     clock.sleep(self.lease_seconds - self.heartbeat_seconds),
                 )
-            now = clock.now()
             try:
-                await self.store.renew(self.worker_id, lease_until=now + self.lease_seconds)
-                if clock.now() - renewed_at >= self.lease_seconds:
-                    # The leases could expire before this renewal took effect
-                    # (the process was paused, the store unreachable or slow to
-                    # answer): another worker may have claimed runs that still
-                    # execute here.
-                    await self._stop_lost_runs()
+                await self.confirm_leases()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # tried again at the next heartbeat
                 log.warning("lease heartbeat failed: %s", exc)
-            else:
-                renewed_at = now
+
+    async def confirm_leases(self) -> None:
+        """Renew this worker's leases now; after a lapse, stop the runs lost meanwhile.
+
+        What the heartbeat does, and what a step about to start awaits once
+        ``leases_until`` has passed (the process was paused, the store
+        unreachable): so that no step starts in a run another worker may
+        have taken over. Concurrent callers share one renewal.
+        """
+        confirming = self._confirming
+        if confirming is None or confirming.done():
+            confirming = self._confirming = self.spawn_other(self._renew_leases())
+        await asyncio.shield(confirming)
+
+    async def _renew_leases(self) -> None:
+        clock = self.clock
+        now = clock.now()
+        await self.store.renew(self.worker_id, lease_until=now + self.lease_seconds)
+        if clock.now() >= self.leases_until:
+            # The leases could expire before this renewal took effect (the
+            # process was paused, the store unreachable or slow to answer):
+            # another worker may have claimed runs that still execute here.
+            await self._stop_lost_runs()
+        self.leases_until = now + self.lease_seconds
 
     async def _stop_lost_runs(self) -> None:
         """Stop the runs executing here whose lease this worker no longer holds.

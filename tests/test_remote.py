@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from resonate_async import Context, Kind, MemoryStore, Resonate, State
+from resonate_async import Command, Context, Kind, MemoryStore, Resonate, State
 from resonate_async.stores import Settle
 from resonate_async.testing import VirtualClock, crash, quiesce
 
@@ -171,17 +172,29 @@ class Unreachable(MemoryStore):
         return await super().claim(owner, **kwargs)
 
 
+@dataclass
+class Note(Command[int]):
+    n: int
+
+
+@pytest.mark.parametrize("third", ["step", "command"])
+@pytest.mark.parametrize("noticed_by", ["heartbeat", "next call"])
 @pytest.mark.parametrize("store_answers", ["refusing", "late"])
 @pytest.mark.parametrize("taken_over", ["settled", "running"])
 async def test_a_worker_that_lost_its_lease_stops_the_run_and_follows_it(
-    taken_over: str, store_answers: str, caplog: pytest.LogCaptureFixture
+    taken_over: str,
+    store_answers: str,
+    noticed_by: str,
+    third: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Worker a cannot renew for longer than a lease (a pause, a partition;
     # its renewals fail, or one hangs until the store answers again): b
     # claims the run and executes it. Once a renews again it must stop its
     # execution there, before its body starts steps b has recorded already
     # (its cleanup included), and its handle answers with the run's outcome
-    # from the store.
+    # from the store. Its next call may come before its next heartbeat: a
+    # step, or the batch of a command, renews first.
     clock = VirtualClock()
     store = Unreachable("a", hang=store_answers == "late")
     gates = {"a": asyncio.Event(), "b": asyncio.Event()}
@@ -198,12 +211,19 @@ async def test_a_worker_that_lost_its_lease_stops_the_run_and_follows_it(
                 await gates[name].wait()
             return n
 
+        async def note(ctx: Context, notes: list[Note]) -> list[int]:
+            steps.extend((name, f"note-{c.n}") for c in notes)
+            return [c.n for c in notes]
+
+        resonate.register_command_handler(Note, note)
+
         @resonate.register(name="job")
         async def job(ctx: Context) -> int:
             total = 0
             try:
-                for n in (1, 2, 3):
+                for n in (1, 2):
                     total += await ctx.lfc(step, n)
+                total += await (ctx.lfc(step, 3) if third == "step" else ctx.lfc(Note(3)))
             except asyncio.CancelledError:
                 await ctx.lfc(step, 0)  # a cleanup step: not where b runs the run
                 raise
@@ -224,14 +244,18 @@ async def test_a_worker_that_lost_its_lease_stops_the_run_and_follows_it(
             assert await second.get("job-1") == 6
         store.mend()
         with caplog.at_level(logging.WARNING, logger="resonate_async"):
-            await clock.advance(3)  # a renews: its lapse makes it look at its runs
-        gates["a"].set()  # a's step would return now, and its body go on to step 3
-        await quiesce()
+            if noticed_by == "heartbeat":
+                await clock.advance(3)  # a renews: its lapse makes it look at its runs
+                gates["a"].set()  # a's step would return now, its body go on to call 3
+            else:
+                gates["a"].set()  # at once: call 3 is about to start
+            await quiesce()
         assert not stalled.done() or await stalled == 6
         gates["b"].set()
         await clock.advance(5)  # a's handle looks for the outcome at its polls
         assert await asyncio.wait_for(stalled.result(), 10) == 6
-    assert steps == [("a", "job-1.1"), ("a", "job-1.2"), ("b", "job-1.2"), ("b", "job-1.3")]
+    last = ("b", "job-1.3") if third == "step" else ("b", "note-3")
+    assert steps == [("a", "job-1.1"), ("a", "job-1.2"), ("b", "job-1.2"), last]
     held = "was settled RESOLVED" if taken_over == "settled" else "is held by worker 'b'"
     assert f"run 'job-1' {held}" in caplog.text
 
