@@ -150,6 +150,10 @@ class Batcher:
                 # run another worker took over meanwhile leave the queue.
                 try:
                     await engine.confirm_leases()
+                except asyncio.CancelledError:
+                    if being_cancelled():
+                        raise
+                    # The shared renewal was cancelled (a shutdown), not this worker.
                 except Exception as exc:  # the batch goes on, as without the check
                     log.debug("confirming leases before a batch failed: %s", exc)
             batch = self._take(maxlen)

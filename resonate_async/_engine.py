@@ -221,6 +221,8 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         self.writer.close()
         await self._finish(self._services[:1], self.grace_seconds)
         await self._finish(self._services, 0)
+        # A renewal the heartbeat or a batch started during the grace period.
+        await self._finish([*self._others], 0)
         for waiters in self._waiters.values():
             for waiter in waiters:
                 waiter.cancel()

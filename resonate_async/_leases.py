@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import uuid
+from contextvars import Context
 from typing import TYPE_CHECKING, Any, cast
 
 from .errors import StoreError
@@ -126,6 +127,7 @@ class LeaseKeeper:
     # its last renewal (or of the engine) plus a lease.
     leases_until: float
     _confirming: asyncio.Task[None] | None
+    _others: set[asyncio.Task[Any]]
     _single_host: bool
     _claim_wakeup: asyncio.Event
     _claim_lost: bool
@@ -287,20 +289,32 @@ class LeaseKeeper:
         unreachable): so that no step starts in a run another worker may
         have taken over. Concurrent callers share one renewal.
         """
+        if self.closing:
+            return  # shutting down: nothing starts any more, nor is renewed
         confirming = self._confirming
         if confirming is None or confirming.done():
-            confirming = self._confirming = self.spawn_other(self._renew_leases())
+            # In an empty context (a step's variables, its span, are not the
+            # renewal's) and among the tasks a shutdown cancels.
+            confirming = self.loop.create_task(self._renew_leases(), context=Context())
+            self._confirming = confirming
+            self._others.add(confirming)
+            confirming.add_done_callback(self._others.discard)
         await asyncio.shield(confirming)
 
     async def _renew_leases(self) -> None:
         clock = self.clock
         now = clock.now()
-        await self.store.renew(self.worker_id, lease_until=now + self.lease_seconds)
-        if clock.now() >= self.leases_until:
-            # The leases could expire before this renewal took effect (the
-            # process was paused, the store unreachable or slow to answer):
-            # another worker may have claimed runs that still execute here.
-            await self._stop_lost_runs()
+        try:
+            await self.store.renew(self.worker_id, lease_until=now + self.lease_seconds)
+            if clock.now() >= self.leases_until:
+                # The leases could expire before this renewal took effect (the
+                # process was paused, the store unreachable or slow to answer):
+                # another worker may have claimed runs that still execute here.
+                await self._stop_lost_runs()
+        except (StoreError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a store's own error: what a store failure is to a run
+            raise StoreError(f"renewing this worker's leases failed: {exc}") from exc
         self.leases_until = now + self.lease_seconds
 
     async def _stop_lost_runs(self) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from resonate_async import Command, Context, Kind, MemoryStore, Resonate, State
+from resonate_async.errors import StoreError
 from resonate_async.stores import Settle
 from resonate_async.testing import VirtualClock, crash, quiesce
 
@@ -550,3 +551,86 @@ async def test_a_remote_call_nobody_here_registers_is_said_to_wait_once(
             assert not first.done() and not second.done()  # waiting, as they should
     told = [r for r in caplog.records if "wait for a worker that registers it" in r.message]
     assert len(told) == 1 and "'elsewhere.job'" in told[0].message
+
+
+@pytest.mark.parametrize("catches", [False, True])
+async def test_a_step_that_cannot_renew_a_lapsed_lease_leaves_the_run_pending(
+    catches: bool,
+) -> None:
+    # The store refuses renewals (with its own error, not a StoreError) for
+    # longer than a lease, then a step is about to start: that is a store
+    # failure, which leaves the run PENDING even if the body catches it, and
+    # the run resumes once the store answers. Not the step's own failure.
+    clock = VirtualClock()
+    store = Unreachable("a", hang=False)
+    gate = asyncio.Event()
+    calls: list[int] = []
+    resonate = Resonate(store, clock=clock, worker_id="a", lease_seconds=10, heartbeat_seconds=3)
+
+    async def step(ctx: Context, n: int) -> int:
+        calls.append(n)
+        if n == 1:
+            await gate.wait()
+        return n
+
+    @resonate.register(name="job")
+    async def job(ctx: Context) -> Any:
+        first = await ctx.lfc(step, 1)
+        try:
+            second = await ctx.lfc(step, 2)
+        except Exception as exc:
+            if not catches:
+                raise
+            return f"fallback after {exc!r}"
+        return first + second
+
+    async with resonate:
+        handle = resonate.run("job-1", job)
+        await quiesce()
+        store.cut = True
+        await clock.advance(12)  # renewals fail for more than a lease
+        gate.set()  # step 2 is about to start: it cannot renew
+        await quiesce()
+        assert calls == [1]
+        assert (await store.get_many(["job-1"]))["job-1"].state is State.PENDING
+        with pytest.raises(StoreError, match="renewing this worker's leases failed"):
+            await asyncio.wait_for(handle.result(), 5)
+        store.mend()
+        await clock.advance(60)  # its back-off passes; the claim loop resumes it
+        assert await asyncio.wait_for(resonate.get("job-1").result(), 5) == 3
+    assert calls == [1, 2]
+
+
+async def test_no_lease_is_renewed_once_shutdown_has_begun() -> None:
+    # During aclose()'s grace (a batch still in its handler) the heartbeat
+    # ticks on: no renewal starts then, and none outlives the store's close.
+    renewed_while_closing: list[bool] = []
+    resonate: Resonate
+
+    class Watched(MemoryStore):
+        async def renew(self, owner: str, *, lease_until: float) -> int:
+            engine = resonate._engine
+            renewed_while_closing.append(engine is None or engine.closing)
+            return await super().renew(owner, lease_until=lease_until)
+
+    resonate = Resonate(
+        Watched(), worker_id="a", lease_seconds=3, heartbeat_seconds=0.1, grace_seconds=2
+    )
+
+    async def note(ctx: Context, notes: list[Note]) -> list[int]:
+        await asyncio.sleep(0.6)  # in flight through the first part of the grace
+        return [c.n for c in notes]
+
+    resonate.register_command_handler(Note, note)
+
+    @resonate.register(name="job")
+    async def job(ctx: Context) -> int:
+        return await ctx.lfc(Note(1))
+
+    await resonate.start()
+    resonate.run("job-1", job)
+    await asyncio.sleep(0.25)  # renewals while running
+    await resonate.aclose()
+    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert left == []
+    assert renewed_while_closing and not any(renewed_while_closing)
