@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from ._clock import with_deadline
 from ._context import Context
 from ._invoke import being_cancelled, invoke
-from ._leases import LeaseLost
 from ._promise import _IN_BATCH, _QUEUED, _RECORDED, _STARTED
 from ._stats import BatcherStats
 from .errors import BatchResultError, EncodingError, ShutdownError, StoreError
@@ -432,7 +431,4 @@ def _waited_for(promise: Promise[Any]) -> bool:
     """Whether a command's workflow still waits for its outcome (and still
     executes here: not a run whose lease this worker lost)."""
     future = promise._future
-    if future is None or future.done():
-        return False
-    run = promise._ctx._run
-    return run is None or not isinstance(run.fatal, LeaseLost)
+    return future is not None and not future.done() and promise._lost() is None

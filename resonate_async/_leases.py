@@ -56,8 +56,6 @@ def default_worker_id() -> str:
 
 # Worker ids abandoned in this process by ``testing.crash``: as dead as a killed pid.
 abandoned_workers: set[str] = set()
-# How many runs' records one lease check reads at once.
-_CHECK_CHUNK = 500
 
 
 class LeaseLost(StoreError):
@@ -127,7 +125,6 @@ class LeaseKeeper:
     # its last renewal (or of the engine) plus a lease.
     leases_until: float
     _confirming: asyncio.Task[None] | None
-    _others: set[asyncio.Task[Any]]
     _single_host: bool
     _claim_wakeup: asyncio.Event
     _claim_lost: bool
@@ -144,7 +141,9 @@ class LeaseKeeper:
             stored: PromiseRecord | None = None,
         ) -> RunState: ...
 
-        def spawn_other(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
+        def spawn_other(
+            self, coro: Coroutine[Any, Any, Any], context: Context | None = None
+        ) -> asyncio.Task[Any]: ...
 
     async def recover(self, keys: Sequence[tuple[str, int]] | None = None) -> int:
         """Claim and resume PENDING runs and remote calls of registered functions.
@@ -293,12 +292,9 @@ class LeaseKeeper:
             return  # shutting down: nothing starts any more, nor is renewed
         confirming = self._confirming
         if confirming is None or confirming.done():
-            # In an empty context (a step's variables, its span, are not the
-            # renewal's) and among the tasks a shutdown cancels.
-            confirming = self.loop.create_task(self._renew_leases(), context=Context())
+            # In an empty context: a step's variables, its span, are not the renewal's.
+            confirming = self.spawn_other(self._renew_leases(), Context())
             self._confirming = confirming
-            self._others.add(confirming)
-            confirming.add_done_callback(self._others.discard)
         await asyncio.shield(confirming)
 
     async def _renew_leases(self) -> None:
@@ -325,19 +321,10 @@ class LeaseKeeper:
         waits for its outcome there. Only after a lapse in renewing, so the
         read costs nothing while leases are renewed in time.
         """
-        running = [
-            run
-            for run in self.runs.values()
-            if run._created
-            and run.fatal is None
-            and not run.cancel_requested
-            and run._task is not None
-            and not run._task.done()
-        ]
-        records: dict[str, PromiseRecord] = {}
-        for start in range(0, len(running), _CHECK_CHUNK):
-            chunk = running[start : start + _CHECK_CHUNK]
-            records.update(await self.store.get_many([run.id for run in chunk]))
+        running = [run for run in self.runs.values() if self._executing(run)]
+        if not running:
+            return
+        records = await self.store.get_many([run.id for run in running])
         for run in running:
             record = records.get(run.id)
             if (
@@ -346,11 +333,8 @@ class LeaseKeeper:
                 and record.state is State.PENDING
             ):
                 continue  # renewed just now
-            task = run._task
-            if self.runs.get(run.id) is not run or task is None or task.done():
+            if not self._executing(run):
                 continue  # it ended (or is settling) while the records were read
-            if run.fatal is not None or run.cancel_requested:
-                continue
             if record is None:
                 where = "is no longer in the store"
             elif record.state is State.PENDING and record.owner is None:
@@ -365,7 +349,20 @@ class LeaseKeeper:
             )
             log.warning("%s; its handle waits for the run's outcome", message)
             run.fatal = LeaseLost(message, record)
-            task.cancel()
+            cast("asyncio.Task[None]", run._task).cancel()
+
+    def _executing(self, run: RunState) -> bool:
+        """Whether ``run`` executes here now, its body's task not done, and
+        nothing else (a cancel, a fatal error) already ends it."""
+        task = run._task
+        return (
+            self.runs.get(run.id) is run
+            and run._created
+            and run.fatal is None
+            and not run.cancel_requested
+            and task is not None
+            and not task.done()
+        )
 
     async def _claim_loop(self) -> None:
         """Every ``poll_seconds`` (or at once when woken), claim free runs and remote calls."""

@@ -381,9 +381,9 @@ class Promise(Generic[T]):
                 future.set_result(self._replayed_outcome(stored))
             except Exception as exc:
                 future.set_exception(exc)
-        elif engine.closing or self._lost() is not None:
+        elif (lost := self._lost()) is not None or engine.closing:
             future = loop.create_future()
-            future.set_exception(self._lost() or self._shutting_down())
+            future.set_exception(lost or self._shutting_down())
             future.exception()  # retrieved: the body may be gone
         elif self._type == _COMMAND:
             future = loop.create_future()

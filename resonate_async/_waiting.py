@@ -23,6 +23,8 @@ from .errors import NotFoundError, PromiseTimeoutError, ShutdownError, StoreErro
 from .stores._base import Kind, Settle, State
 
 if TYPE_CHECKING:
+    from contextvars import Context
+
     from ._clock import Clock
     from ._coalesce import Coalescer
     from ._encoding import Encoder
@@ -173,9 +175,10 @@ class SettleWatcher:
             elif outcome.state is not State.PENDING:
                 self.wake(outcome)
 
-    def spawn_other(self, coro: Any) -> asyncio.Task[Any]:
-        """Start an owned task that shutdown cancels (watchers, late recoveries)."""
-        task = self.loop.create_task(coro)
+    def spawn_other(self, coro: Any, context: Context | None = None) -> asyncio.Task[Any]:
+        """Start an owned task that shutdown cancels (watchers, late recoveries);
+        in ``context``, else in a copy of the caller's."""
+        task = self.loop.create_task(coro, context=context)
         self._others.add(task)
         task.add_done_callback(self._others.discard)
         return task

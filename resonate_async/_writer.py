@@ -183,9 +183,13 @@ class GroupCommitWriter:
 
     def drop(self) -> None:
         """Discard everything queued (a simulated crash); its writers get ShutdownError."""
+        self._fail_queued("dropped by a simulated crash")
+
+    def _fail_queued(self, why: str) -> None:
+        """Close, and answer every queued write and admission with ``ShutdownError(why)``."""
         self._closed = True
         while self._queue or self._admit_makes:
-            self._next().report(None, ShutdownError("dropped by a simulated crash"))
+            self._next().report(None, ShutdownError(why))
 
     @property
     def idle(self) -> bool:
@@ -273,10 +277,7 @@ class GroupCommitWriter:
             admitted,
             writes,
         )
-        self._closed = True
-        error = ShutdownError("the store writer was stopped before this was written")
-        while self._queue or self._admit_makes:
-            self._next().report(None, error)
+        self._fail_queued("the store writer was stopped before this was written")
 
     def _hand_over(
         self, in_flight: deque[tuple[_Transaction, asyncio.Task[Outcome]]], depth: int
