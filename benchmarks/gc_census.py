@@ -14,7 +14,12 @@ Starts N blog workflows at once on a fresh SQLite promise store (as
   allocations; a free only uncounts one while the count is above zero, so
   objects freed in a burst right after a collection are not uncounted;
 * what the first full collection after the burst was submitted walked: the
-  number of tracked objects and the most common types.
+  number of tracked objects and the most common types;
+* with ``--skip-rule``, how far each full collection was from being skipped.
+  CPython skips one while the objects promoted into the oldest generation
+  since the last (``long_lived_pending``) are fewer than a quarter of those
+  it kept then (``long_lived_total``). The hook counts both with
+  ``gc.get_objects(2)`` around every middle collection, which is slow.
 
 It reads two internals (the writer's transaction report and the engine), so
 it is a diagnostic, not an example.
@@ -54,6 +59,11 @@ class Census:
         self.snapshot_at = 0  # which full collection that was (1-based)
         self.types: collections.Counter[str] = collections.Counter()
         self._started = 0.0
+        self.skip_rule = False  # measure the promotions (see --skip-rule)
+        self.kept = 0  # objects in the oldest generation after the last full collection
+        self.promoted = 0  # moved into it by middle collections since then
+        self.before = 0
+        self.pending: list[tuple[int, int]] = []  # (promoted, kept) as each full one starts
 
     def counted(self) -> int:
         """Counted allocations so far (monotonic while the hook is installed)."""
@@ -63,18 +73,32 @@ class Census:
         generation = info["generation"]
         if phase == "start":
             self.flushed += gc.get_count()[0]
+            if self.skip_rule and generation == 1:
+                self.before = len(gc.get_objects(2))
+            elif self.skip_rule and generation == 2 and self.kept:
+                self.pending.append((self.promoted, self.kept))
             self._started = time.perf_counter()
             return
         elapsed = time.perf_counter() - self._started
+        if self.skip_rule and generation == 1:
+            self.promoted += len(gc.get_objects(2)) - self.before
+        elif self.skip_rule and generation == 2:
+            self.kept, self.promoted = len(gc.get_objects(2)), 0
         self.seconds[generation] += elapsed
         self.collections[generation] += 1
         if generation == 2:
             objects = gc.get_objects()
             self.full_walks.append((elapsed, len(objects)))
             if self.armed and not self.types:
-                self.types.update(type(o).__qualname__ for o in objects)
+                self.types.update(_name(type(o)) for o in objects)
                 self.snapshot_at = len(self.full_walks)
             del objects
+
+
+def _name(cls: type) -> str:
+    """A type's name, with its package unless builtin (asyncio has a Handle too)."""
+    package = cls.__module__.partition(".")[0]
+    return cls.__qualname__ if package == "builtins" else f"{package}.{cls.__qualname__}"
 
 
 def instrument(census: Census, phases: collections.Counter[str]) -> None:
@@ -135,9 +159,15 @@ async def burst(runs: int, tmp: str, census: Census | None) -> tuple[float, dict
 @click.command()
 @click.option("--runs", default=100_000, show_default=True, help="Workflows in the burst.")
 @click.option("--top", default=12, show_default=True, help="Types to list from the census.")
-def main(runs: int, top: int) -> None:
+@click.option(
+    "--skip-rule",
+    is_flag=True,
+    help="Also compare each full collection's promotions with CPython's skip rule (slow).",
+)
+def main(runs: int, top: int, skip_rule: bool) -> None:
     """Count the cyclic GC's collections and what they walk in a burst of N runs."""
     census = Census()
+    census.skip_rule = skip_rule
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(burst(200, tmp, None))  # warm-up
         seconds, phases = asyncio.run(burst(runs, tmp, census))
@@ -167,6 +197,14 @@ def main(runs: int, top: int) -> None:
             print(f"  {count:8,} {name}")
     else:
         print("no full collection after the burst was submitted")
+    if census.pending:
+        ratios = sorted(promoted / (kept / 4) for promoted, kept in census.pending)
+        print(
+            f"skip rule: promoted since the last full collection / a quarter of what it "
+            f"kept, as each of {len(ratios)} full collections started: median "
+            f"{statistics.median(ratios):.2f}, {ratios[0]:.2f} to {ratios[-1]:.2f} "
+            "(below 1.00 CPython skips it)"
+        )
 
 
 if __name__ == "__main__":
