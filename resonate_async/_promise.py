@@ -110,6 +110,7 @@ class Promise(Generic[T]):
         "_awaited",
         "_ctx",
         "_custom_id",
+        "_deadline",
         "_error",
         "_fresh",
         "_future",
@@ -147,6 +148,9 @@ class Promise(Generic[T]):
         self._span: Any = None
         self._retry_policy: RetryPolicy | None = None
         self._timeout: float | None = target if type == _EXTERNAL else None
+        # A command's timeout, once it started: awaiting it again (after a
+        # timeout around the await) does not move it.
+        self._deadline: float | None = None
         self._future: asyncio.Future[T] | None = None
         self._state = _NOT_STARTED
         self._inline = False
@@ -242,9 +246,11 @@ class Promise(Generic[T]):
         if (
             self._type == _COMMAND
             and self._state == _NOT_STARTED
+            and self._inline
             and not self._ctx._engine.replay_every_step
         ):
-            # The hot path of `await ctx.lfc(Command(...))`: await the future itself.
+            # The hot path of `await ctx.lfc(Command(...))`: await the future
+            # itself. (Not an lfi awaited before its start: a child, shielded below.)
             future = self._start()
             if self._state == _QUEUED or future.done():
                 self._awaited = True
@@ -264,7 +270,14 @@ class Promise(Generic[T]):
             yield from self._inline_waiter().__await__()
         future = self._start()
         if self._type == _COMMAND and not future.done() and self._state == _STARTED:
-            yield from self._ctx._engine.batchers[type(self._target)].put(self).__await__()
+            try:
+                yield from self._ctx._engine.batchers[type(self._target)].put(self).__await__()
+            except asyncio.CancelledError:
+                # An lfc's awaiter stopped waiting for room in the queue: the
+                # command stops, as one queued would (and so does its timeout).
+                if self._inline:
+                    self._cancel()
+                raise
         # A child started with lfi (or rfi) is not stopped by its awaiter's
         # cancellation (an asyncio.timeout around the await, a TaskGroup
         # cancelling the awaiting task): the call goes on, and the run waits
@@ -404,8 +417,12 @@ class Promise(Generic[T]):
         return future
 
     def _arm_timeout(self, future: asyncio.Future[T]) -> None:
+        """Time the command out at its deadline, set as it first started."""
         assert self._timeout is not None
-        timer = self._ctx._engine.spawn_other(self._time_out_command(self._timeout))
+        engine = self._ctx._engine
+        if self._deadline is None:
+            self._deadline = engine.clock.now() + self._timeout
+        timer = engine.spawn_other(self._time_out_command(self._timeout, self._deadline))
         future.add_done_callback(lambda _: timer.cancel())
 
     def _restart_command(self) -> asyncio.Future[T]:
@@ -647,7 +664,7 @@ class Promise(Generic[T]):
             engine.remote_created()
         return await self._when_settled(stored)
 
-    async def _time_out_command(self, seconds: float) -> None:
+    async def _time_out_command(self, seconds: float, deadline: float) -> None:
         """Reject this command ``REJECTED_TIMEDOUT`` if it has no outcome in time.
 
         The command may be in a batch by then: its handler's outcome is not
@@ -657,8 +674,7 @@ class Promise(Generic[T]):
         ctx = self._ctx
         engine = ctx._engine
         clock = engine.clock
-        deadline = clock.now() + seconds
-        await clock.sleep(seconds)
+        await clock.sleep(max(0.0, deadline - clock.now()))
         future = self._future
         if future is None or future.done():
             return

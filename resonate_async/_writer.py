@@ -202,10 +202,15 @@ class GroupCommitWriter:
         ops, indexes, dones, args = txn.ops, txn.indexes, txn.dones, txn.args
         makes, admit_dones, admit_args = self._admit_makes, self._admit_dones, self._admit_args
         for _ in range(min(self._max_rows - len(ops), len(makes))):
-            arg = admit_args.popleft()
+            arg, make, done = admit_args.popleft(), makes.popleft(), admit_dones.popleft()
+            try:
+                op = make(arg)
+            except Exception as exc:  # (an injected clock's error) fails this admission only
+                done(arg, None, exc)
+                continue
             indexes.append(len(ops))
-            ops.append(makes.popleft()(arg))
-            dones.append(admit_dones.popleft())
+            ops.append(op)
+            dones.append(done)
             args.append(arg)
         return txn
 
@@ -252,13 +257,17 @@ class GroupCommitWriter:
                     # without suspending would otherwise keep the loop.)
                     await asyncio.sleep(0)
         except asyncio.CancelledError:
-            for _, writing in in_flight:
+            writes = [writing for _, writing in in_flight]
+            for writing in writes:
                 writing.cancel()
             cut = sum(len(txn.ops) for txn, _ in in_flight)
             for txn, _ in in_flight:
                 txn.report(None, ShutdownError("shut down while writing; nothing is lost"))
             if not self._closing:
                 self._dropped_by_cancel(cut)
+            # Not left running past the writer (a store's commit under way
+            # still finishes on its side: committed or not, nothing is lost).
+            await asyncio.gather(*writes, return_exceptions=True)
             raise
 
     def _dropped_by_cancel(self, cut: int) -> None:

@@ -286,7 +286,7 @@ class Exponential:
         try:
             delay = self.delay * float(self.factor) ** (attempt - 2)
         except OverflowError:  # a huge attempt with factor > 1: the cap applies
-            return float(self.max_delay)
+            return 0.0 if self.delay == 0 else float(self.max_delay)
         return float(min(delay, self.max_delay))
 
     def should_retry(self, error: BaseException) -> bool:

@@ -105,6 +105,69 @@ async def test_admissions_are_reported_after_commit_and_dropped_ones_fail() -> N
         assert writer.idle
 
 
+async def test_an_admission_whose_op_cannot_be_built_fails_alone() -> None:
+    # make() reads the engine's clock, which an application may inject.
+    store = RecordingStore()
+    writer = GroupCommitWriter(store, StoreStats())
+    reports: list[tuple[str, PromiseRecord | None, BaseException | None]] = []
+
+    def done(tag: str, stored: PromiseRecord | None, error: BaseException | None) -> None:
+        reports.append((tag, stored, error))
+
+    def building(id: str) -> Create:
+        if id == "broken":
+            raise OSError("the clock failed")
+        return creating(id)
+
+    async with store:
+        for id in ("a0", "broken", "a1"):
+            writer.admit_then(building, done, id)
+        await drain(writer)
+    assert store.transactions == [["a0", "a1"]]
+    assert [(tag, stored) for tag, stored, _ in reports] == [
+        ("broken", None),
+        ("a0", record("a0")),
+        ("a1", record("a1")),
+    ]
+    assert isinstance(reports[0][2], OSError) and writer.idle
+
+
+async def test_a_writer_cancelled_while_writing_leaves_no_write_running() -> None:
+    # Two transactions in the store at once (pipeline_depth = 2, as SQLite's).
+    class SlowStore(RecordingStore):
+        pipeline_depth = 2
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered = 0
+            self.ended = 0
+
+        async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+            self.entered += 1
+            try:
+                await asyncio.Event().wait()
+            finally:
+                for _ in range(5):  # a store winding down (aiosqlite's thread answering)
+                    await asyncio.sleep(0)
+                self.ended += 1
+            return []  # pragma: no cover - never reached
+
+    store = SlowStore()
+    writer = GroupCommitWriter(store, StoreStats(), max_rows_per_transaction=1)
+    reports: list[BaseException | None] = []
+    async with store:
+        for id in ("u0", "u1"):
+            writer.write_then(Create(record(id)), lambda _a, _s, e: reports.append(e), None)
+        task = asyncio.create_task(writer.run())
+        while store.entered < 2:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert store.ended == 2  # both writes ended with the writer, not after it
+    assert len(reports) == 2 and all(isinstance(e, ShutdownError) for e in reports)
+
+
 @dataclass
 class Note(Command[int]):
     n: int

@@ -91,6 +91,113 @@ async def test_a_timeout_around_an_lfi_command_leaves_it_to_its_batch() -> None:
         assert await state_of(store, "w.1") is State.RESOLVED
 
 
+async def test_an_lfi_command_whose_awaiter_gave_up_still_runs_before_the_run_settles() -> None:
+    # Awaited right after lfi, before the command started: still a child.
+    store = MemoryStore()
+    resonate = Resonate(store)
+    handled: list[int] = []
+
+    async def handle(ctx: Context, pings: list[Ping]) -> list[str]:
+        handled.extend(p.n for p in pings)
+        return [f"pong {p.n}" for p in pings]
+
+    resonate.register_command_handler(Ping, handle, retry_policy=never())
+
+    @resonate.register
+    async def impatient(ctx: Context) -> str:
+        child = ctx.lfi(Ping(1))
+        try:
+            async with asyncio.timeout(0):
+                await child
+        except TimeoutError:
+            pass
+        return "gave up"  # not awaited again: the run waits for it all the same
+
+    async with resonate:
+        assert await asyncio.wait_for(resonate.run("w", impatient).result(), 10) == "gave up"
+        assert await state_of(store, "w.1") is State.RESOLVED
+    assert handled == [1]
+
+
+async def test_a_command_timeout_counts_from_its_start_when_awaited_again() -> None:
+    clock = VirtualClock()
+    store = MemoryStore()
+    resonate = Resonate(store, clock=clock)
+    gate = asyncio.Event()
+    started = clock.now()
+
+    async def handle(ctx: Context, pings: list[Ping]) -> list[str]:
+        await gate.wait()
+        return [f"pong {p.n}" for p in pings]
+
+    resonate.register_command_handler(Ping, handle, retry_policy=never())
+
+    async def wait_for(call: Awaitable[str]) -> str:
+        return await call
+
+    @resonate.register
+    async def patient(ctx: Context) -> str:
+        call = ctx.lfc(Ping(1)).with_options(timeout=10)
+        first = asyncio.ensure_future(wait_for(call))
+        await clock.sleep(6)
+        first.cancel()  # the caller gives up after 6 s ...
+        await asyncio.gather(first, return_exceptions=True)
+        try:
+            return await call  # ... and waits again: 4 s are left, not 10
+        except PromiseTimeoutError:
+            return f"timed out at {clock.now() - started:g}"
+
+    async with resonate:
+        handle_ = resonate.run("t", patient)
+        await clock.advance(12)
+        assert handle_.done()
+        assert await handle_ == "timed out at 10"
+        row = (await store.get_many(["t.1"]))["t.1"]
+        assert row.state is State.REJECTED_TIMEDOUT and row.timeout_at == started + 10
+        gate.set()
+
+
+async def test_an_lfc_command_given_up_while_the_queue_is_full_leaves_no_timeout() -> None:
+    clock = VirtualClock()
+    store = MemoryStore()
+    resonate = Resonate(store, clock=clock)
+    gate = asyncio.Event()
+    busy = asyncio.Event()
+
+    async def handle(ctx: Context, pings: list[Ping]) -> list[str]:
+        busy.set()
+        await gate.wait()
+        return [f"pong {p.n}" for p in pings]
+
+    resonate.register_command_handler(Ping, handle, retry_policy=never(), queue_size=1)
+
+    @resonate.register
+    async def plain(ctx: Context, n: int) -> str:
+        return await ctx.lfc(Ping(n))
+
+    @resonate.register
+    async def impatient(ctx: Context) -> str:
+        try:
+            async with asyncio.timeout(0):  # gives up while waiting for room
+                await ctx.lfc(Ping(99)).with_options(timeout=3600)
+        except TimeoutError:
+            return "gave up"
+        return "answered"
+
+    async with resonate:
+        in_batch = resonate.run("a", plain, 0)
+        await busy.wait()
+        queued = resonate.run("b", plain, 1)
+        while resonate.stats().batchers["Ping"].queue_depth < 1:  # the queue is full
+            await asyncio.sleep(0)
+        assert await asyncio.wait_for(resonate.run("w", impatient).result(), 10) == "gave up"
+        gate.set()
+        assert [await in_batch, await queued] == ["pong 0", "pong 1"]
+        await clock.advance(3601)
+        # The command never ran: no timeout row for it, under a settled run.
+        assert "w.1" not in await store.get_many(["w.1"])
+
+
 @pytest.mark.parametrize("where", ["run", "step"])
 async def test_a_call_that_times_out_stops_its_lfi_children_and_times_out(where: str) -> None:
     clock = VirtualClock(autojump=True)

@@ -69,6 +69,11 @@ def test_exponential_caps_huge_attempts() -> None:
     assert exponential(max_retries=100_000).next_delay(50_000) == 30.0
 
 
+def test_exponential_from_zero_stays_zero_for_huge_attempts() -> None:
+    policy = exponential(delay=0.0, factor=10.0, max_delay=30.0, max_retries=10_000)
+    assert policy.next_delay(300) == policy.next_delay(400) == 0.0  # 10.0**398 overflows
+
+
 def test_delays_are_floats() -> None:
     assert type(constant(2).next_delay(2)) is float
     assert type(linear(2).next_delay(3)) is float
