@@ -29,8 +29,9 @@ from .errors import (
     NondeterminismError,
     PromiseTimeoutError,
     ShutdownError,
+    SignatureError,
     StoreError,
-    _UsageError,
+    UsageError,
 )
 from .stores._base import Kind, Settle, State
 
@@ -191,7 +192,7 @@ class Attempts:
             timeout = PromiseTimeoutError(f"{id} timed out on attempt {attempt}")
             return State.REJECTED_TIMEDOUT, self.encoder.encode_error(timeout)
         # Misuse of the SDK fails at once, whatever a custom policy says.
-        retry = not isinstance(exc, _UsageError) and policy.should_retry(exc)
+        retry = not isinstance(exc, UsageError | SignatureError) and policy.should_retry(exc)
         delay = policy.next_delay(attempt + 1) if retry else None
         if delay is None or (deadline is not None and clock.now() + delay >= deadline):
             return State.REJECTED, self.encoder.encode_error(exc)

@@ -33,8 +33,8 @@ from ._promise import (
     ReplayNow,
     check_id,
 )
-from ._registry import call_style, function_name
-from .errors import _UsageError
+from ._registry import arity, call_style, function_name
+from .errors import UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator
@@ -127,13 +127,13 @@ class Context:
 
     def _next_id(self) -> str:
         if self._run is None or self._leaf:
-            raise _UsageError(
+            raise UsageError(
                 f"{self.id}: durable calls (lfi, lfc, sleep, promise, now, random) are only "
                 "available to async or generator workflows and steps; a plain `def` function "
                 "or a batch handler is a leaf"
             )
         if self._ended:
-            raise _UsageError(
+            raise UsageError(
                 f"{self.id}: this context's function has already returned (or raised), so "
                 "a durable call through it would belong to no run; make every call before "
                 "the function returns (await the tasks that make them)"
@@ -238,6 +238,9 @@ class Context:
                 promise._span = self._engine.tracing.current()
             return promise
         call_style(target)  # fail now if not callable
+        checked = arity(target, cache=True)
+        if checked is not None:  # fail now if these arguments cannot bind
+            checked.check(function_name(target), args, kwargs)
         return Promise(self, self._next_id(), _STEP, target, args, kwargs)
 
     @overload
@@ -321,6 +324,8 @@ class Context:
         else:
             entry = registry.lookup_fn(target)
             name = entry.name if entry is not None else function_name(target)
+        if entry is not None and entry.arity is not None:
+            entry.arity.check(name, args, kwargs)
         promise: Promise[Any] = Promise(self, self._next_id(), _REMOTE, name, args, kwargs)
         if entry is not None:
             promise._version = entry.version

@@ -26,7 +26,7 @@ from .errors import (
     PromiseTimeoutError,
     ShutdownError,
     StoreError,
-    _UsageError,
+    UsageError,
 )
 from .retry import checked_policy
 from .stores._base import Create, Kind, PromiseRecord, State
@@ -210,7 +210,7 @@ class Promise(Generic[T]):
                 for a sleep.
         """
         if self._state != _NOT_STARTED:
-            raise _UsageError(
+            raise UsageError(
                 f"{self.id}: with_options must be called before the call starts "
                 "(right after lfi/lfc, before the next await)"
             )
@@ -218,11 +218,11 @@ class Promise(Generic[T]):
             if retry_policy is not None:
                 retry_policy = checked_policy("retry_policy", retry_policy)
                 if self._type != _STEP:
-                    raise _UsageError(f"{self.id}: {_NO_RETRY_POLICY[self._type]}")
+                    raise UsageError(f"{self.id}: {_NO_RETRY_POLICY[self._type]}")
             if timeout is not None:
                 check_seconds("timeout", timeout, none_ok=True)
                 if self._type == _SLEEP:
-                    raise _UsageError(f"{self.id}: a sleep takes no timeout; sleep less")
+                    raise UsageError(f"{self.id}: a sleep takes no timeout; sleep less")
         except (TypeError, ValueError, RuntimeError):
             self._awaited = True  # the call is an error: no never-awaited warning on top
             raise

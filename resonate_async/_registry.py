@@ -9,7 +9,7 @@ from enum import Enum
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
-from .errors import NotRegisteredError
+from .errors import NotRegisteredError, SignatureError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -73,6 +73,85 @@ def function_name(fn: Callable[..., Any]) -> str:
     return str(name or type(fn).__qualname__)
 
 
+class Arity:
+    """What a durable function accepts after its ``Context``, to check a call's
+    arguments when it is made: a run whose arguments cannot bind would be
+    stored and fail, and its id would then be taken by those arguments."""
+
+    __slots__ = ("least", "most", "signature")
+
+    def __init__(self, signature: inspect.Signature) -> None:
+        self.signature = signature
+        params = list(signature.parameters.values())
+        positional = [p for p in params if p.kind in _POSITIONAL]
+        required_keywords = any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in params)
+        # Without keyword arguments, a count in [least, most] always binds
+        # (the fast path); anything else is bound to find out (and say why).
+        self.least = sum(1 for p in positional if p.default is p.empty) - 1
+        self.most: int | None = len(positional) - 1
+        if any(p.kind is p.VAR_POSITIONAL for p in params):
+            self.most = None
+        if required_keywords:
+            self.least = self.most = -1  # never the fast path
+
+    def check(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise :class:`SignatureError` unless ``fn(ctx, *args, **kwargs)`` binds."""
+        count = len(args)
+        most = self.most
+        if not kwargs and self.least <= count and (most is None or count <= most):
+            return
+        try:
+            self.signature.bind(None, *args, **kwargs)
+        except TypeError as exc:
+            raise SignatureError(
+                f"{name} cannot be called with these arguments: {exc} "
+                "(it is called as fn(ctx, *args, **kwargs))"
+            ) from None
+
+
+_POSITIONAL = (
+    inspect.Parameter.POSITIONAL_ONLY,
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+)
+_arities: dict[CodeType, Arity | None] = {}
+
+
+def arity(fn: Callable[..., Any], *, cache: bool = False) -> Arity | None:
+    """``fn``'s :class:`Arity`, or None if it is not checked.
+
+    Raises :class:`SignatureError` if ``fn`` cannot take a ``Context`` first.
+    With ``cache`` (steps ask on every call), only a plain function is
+    checked, kept by its code object: not a partial or a callable object
+    (whose signature would be read on every call), nor a function wrapped by
+    a decorator (whose signature is not its code's).
+    """
+    code = None
+    if cache:
+        code = getattr(fn, "__code__", None)
+        if type(code) is not CodeType or hasattr(fn, "__wrapped__"):
+            return None
+        if code in _arities:
+            return _arities[code]
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: not checked
+        found = None
+    else:
+        try:
+            signature.bind_partial(None)
+        except TypeError:
+            raise SignatureError(
+                f"{function_name(fn)} takes no Context: a durable function is called "
+                "as fn(ctx, *args, **kwargs); give it a first parameter `ctx: Context`"
+            ) from None
+        found = Arity(signature)
+    if code is not None:
+        if len(_arities) >= _MAX_STYLES:
+            _arities.clear()
+        _arities[code] = found
+    return found
+
+
 @dataclass(slots=True, frozen=True)
 class FunctionEntry:
     """A registered function."""
@@ -83,6 +162,7 @@ class FunctionEntry:
     style: CallStyle
     retry_policy: RetryPolicy
     timeout: float | None
+    arity: Arity | None = None
 
 
 @dataclass(slots=True, frozen=True)

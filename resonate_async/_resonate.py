@@ -17,7 +17,15 @@ from ._handle import Handle
 from ._leases import abandoned_workers, default_worker_id
 from ._promise import check_id
 from ._promises import Promises
-from ._registry import CallStyle, FunctionEntry, HandlerEntry, Registry, call_style, function_name
+from ._registry import (
+    CallStyle,
+    FunctionEntry,
+    HandlerEntry,
+    Registry,
+    arity,
+    call_style,
+    function_name,
+)
 from ._stats import RunStats, Stats, StoreStats
 from .errors import ConflictError, EncodingError
 from .retry import RetryPolicy, checked_policy, exponential, never
@@ -406,7 +414,8 @@ class Resonate:
                 ``timeout`` is not positive.
             TypeError: ``retry_policy`` is not a ``RetryPolicy``, ``timeout``
                 is not a number of seconds, ``name`` is not a string or
-                ``version`` is not an int.
+                ``version`` is not an int; ``SignatureError`` (a
+                ``TypeError``) when the function takes no ``Context`` first.
         """
         _check_name(name)
         _check_count("version", version)
@@ -421,6 +430,7 @@ class Resonate:
                 style=call_style(f),
                 retry_policy=policy,
                 timeout=timeout,
+                arity=arity(f),
             )
             self._registry.add_function(entry)
             engine = self._engine
@@ -547,6 +557,8 @@ class Resonate:
 
         Raises:
             NotRegisteredError: ``fn`` is not registered.
+            SignatureError: the arguments do not fit ``fn``'s signature (a
+                ``TypeError``).
             EncodingError: an argument cannot be encoded.
             ValueError: ``id`` is empty, longer than 1,000 bytes of UTF-8, or
                 holds a NUL or a lone surrogate (no store could keep it).
@@ -555,6 +567,8 @@ class Resonate:
         engine = self._started()
         check_id(id, "a run id")
         entry = self._registry.function(fn)
+        if entry.arity is not None:  # before anything is stored under this id
+            entry.arity.check(entry.name, args, kwargs)
         try:
             param = self._encoder.encode([list(args), kwargs])
         except EncodingError as exc:

@@ -21,8 +21,10 @@ __all__ = (
     "PromiseTimeoutError",
     "ResonateError",
     "ShutdownError",
+    "SignatureError",
     "StoreError",
     "StoredError",
+    "UsageError",
 )
 
 
@@ -108,8 +110,22 @@ class ShutdownError(ResonateError):
     """
 
 
-class _UsageError(RuntimeError):
-    """A ``RuntimeError`` for using the SDK in a way that no retry can fix (a
-    durable call from a leaf or through a context whose function returned,
-    ``with_options`` after the call started): retry policies never retry it,
-    so it fails the call at once instead of after every back-off."""
+class UsageError(ResonateError, RuntimeError):
+    """The SDK used in a way that no retry can fix: a durable call from a leaf
+    step or through a context whose function returned, ``with_options`` after
+    the call started (or with an option the call does not take).
+
+    Also a ``RuntimeError``. Retry policies never retry it (custom ones
+    included), so the call fails at once instead of after every back-off.
+    """
+
+
+class SignatureError(ResonateError, TypeError):
+    """A call's arguments do not fit its function's signature, found at the
+    call (``resonate.run``, ``ctx.lfi``/``lfc``/``rfi``/``rfc`` of a function
+    this process knows) rather than when the function is called.
+
+    Also a ``TypeError``, like the error Python raises for such a call.
+    ``resonate.run`` raises it before anything is stored, so the id stays
+    free for the corrected call; retry policies never retry it.
+    """

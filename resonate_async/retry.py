@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Final, Protocol, runtime_checkable
 
-from .errors import NondeterminismError, ShutdownError, _UsageError
+from .errors import NondeterminismError, ShutdownError, SignatureError, UsageError
 
 __all__ = (
     "Constant",
@@ -51,7 +51,8 @@ _NEVER_RETRIED: Final = (
     asyncio.CancelledError,
     NondeterminismError,
     ShutdownError,
-    _UsageError,
+    UsageError,
+    SignatureError,
     KeyboardInterrupt,
     SystemExit,
     GeneratorExit,

@@ -25,6 +25,7 @@ from resonate_async import (
     ShutdownError,
     State,
 )
+from resonate_async.errors import SignatureError
 from resonate_async.retry import RetryPolicy, constant, never
 
 if TYPE_CHECKING:
@@ -684,18 +685,66 @@ def test_runs_of_a_stopped_loop_stay_pending_and_the_next_start_resumes_them(
     assert calls == [7, 7]
 
 
-async def test_arguments_the_function_does_not_take_reject_the_run() -> None:
+async def test_arguments_the_function_does_not_take_raise_from_run_and_store_nothing() -> None:
     resonate = Resonate(MemoryStore())
 
     @resonate.register(retry_policy=never())
-    async def one(ctx: Context, n: int) -> int:
-        return n
+    async def one(ctx: Context, n: int, *, scale: int = 1) -> int:
+        return n * scale
+
+    @resonate.register
+    async def keyed(ctx: Context, *, key: str) -> str:
+        return key
 
     async with resonate:
-        with pytest.raises(TypeError, match="argument"):
-            await resonate.run("two-args", one, 1, 2)  # type: ignore[call-overload]
-        stored = await resonate.promises.get("two-args")
-        assert stored is not None and stored.state is State.REJECTED
+        for args, kwargs in [((1, 2), {}), ((), {}), ((1,), {"size": 2})]:
+            with pytest.raises(SignatureError, match="one cannot be called") as raised:
+                resonate.run("call", one, *args, **kwargs)
+            assert isinstance(raised.value, TypeError)
+        with pytest.raises(SignatureError, match="missing a required argument: 'key'"):
+            resonate.run("call", keyed)  # type: ignore[call-overload]
+        assert await resonate.promises.get("call") is None  # the id is still free
+        assert await resonate.run("call", one, 3, scale=2) == 6
+        assert await resonate.run("keyed", keyed, key="k") == "k"
+
+
+def test_a_function_that_takes_no_context_is_refused_at_registration() -> None:
+    resonate = Resonate(MemoryStore())
+
+    async def no_context() -> None:
+        pass
+
+    async def keyword_context(*, ctx: Context) -> None:
+        pass
+
+    for fn in (no_context, keyword_context):
+        with pytest.raises(SignatureError, match="takes no Context"):
+            resonate.register(fn)  # type: ignore[type-var]
+
+
+async def test_a_step_or_remote_call_with_arguments_it_does_not_take_fails_at_the_call() -> None:
+    resonate = Resonate(MemoryStore())
+    attempts: list[str] = []
+
+    async def step(ctx: Context, n: int) -> int:
+        attempts.append(ctx.id)
+        return n
+
+    @resonate.register
+    async def remote(ctx: Context, n: int) -> int:
+        return n
+
+    @resonate.register  # the default policy retries: these are not retried
+    async def flow(ctx: Context, how: str) -> int:
+        if how == "step":
+            return int(await ctx.lfc(step, 1, 2))  # type: ignore[call-overload]
+        return int(await ctx.rfc(remote))  # type: ignore[call-overload]
+
+    async with resonate:
+        for how in ("step", "remote"):
+            with pytest.raises(SignatureError, match="cannot be called with these arguments"):
+                await asyncio.wait_for(resonate.run(f"f-{how}", flow, how).result(), 10)
+    assert attempts == []
 
 
 async def test_a_run_settles_after_the_children_its_body_left_running() -> None:
