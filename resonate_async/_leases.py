@@ -99,7 +99,21 @@ def _dead_local_owner(owner: str | None, *, check_pids: bool = True) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    return _exited(pid)
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` is a zombie: it exited (killed, say) but its parent has
+    not reaped it yet, so it is still signalled (Linux; elsewhere False). A
+    supervisor that reaps late must not make the next start wait a lease."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return False
+    # "pid (command name) state ...": the name may hold spaces and parentheses.
+    end = stat.rfind(b")")
+    return stat[end + 2 : end + 3] == b"Z"
 
 
 class LeaseKeeper:

@@ -738,3 +738,43 @@ async def test_a_live_worker_in_another_pid_namespace_keeps_its_leases(
             gate.set()
             assert await handle == "ok"
     assert entered == [other]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/stat")
+@pytest.mark.timeout(30)
+async def test_a_killed_worker_its_parent_has_not_reaped_yet_is_dead(tmp_path: Path) -> None:
+    """A zombie (exited, not yet reaped by a supervisor that reaps late) still
+    answers signal 0: its runs must not wait out their lease all the same."""
+    import socket
+    import subprocess
+
+    from resonate_async import Context, Resonate
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        stat = Path(f"/proc/{exited.pid}/stat")
+        while stat.read_bytes().rsplit(b")", 1)[1][1:2] != b"Z":
+            await asyncio.sleep(0.01)  # it exits at once; nobody reaps it
+        gate = asyncio.Event()
+
+        def worker(worker_id: str | None) -> Resonate:
+            resonate = Resonate(
+                tmp_path / "store.db", worker_id=worker_id, lease_seconds=3600, poll_seconds=0.05
+            )
+
+            @resonate.register(name="job")
+            async def job(ctx: Context) -> str:
+                await gate.wait()
+                return "done"
+
+            return resonate
+
+        dead = worker(f"{socket.gethostname()}:{exited.pid}:0a1b2c3d")
+        async with dead:
+            await dead.run("z", "job").created()
+        # Its lease holds for an hour; the worker that held it is gone.
+        gate.set()
+        async with worker(None) as alive:
+            assert await asyncio.wait_for(alive.get("z").result(), 10) == "done"
+    finally:
+        exited.wait()
