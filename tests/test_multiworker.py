@@ -746,15 +746,11 @@ async def test_a_killed_worker_its_parent_has_not_reaped_yet_is_dead(tmp_path: P
     """A zombie (exited, not yet reaped by a supervisor that reaps late) still
     answers signal 0: its runs must not wait out their lease all the same."""
     import socket
-    import subprocess
 
     from resonate_async import Context, Resonate
 
-    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited = _a_zombie()
     try:
-        stat = Path(f"/proc/{exited.pid}/stat")
-        while stat.read_bytes().rsplit(b")", 1)[1][1:2] != b"Z":
-            await asyncio.sleep(0.01)  # it exits at once; nobody reaps it
         gate = asyncio.Event()
 
         def worker(worker_id: str | None) -> Resonate:
@@ -778,3 +774,14 @@ async def test_a_killed_worker_its_parent_has_not_reaped_yet_is_dead(tmp_path: P
             assert await asyncio.wait_for(alive.get("z").result(), 10) == "done"
     finally:
         exited.wait()
+
+
+def _a_zombie() -> subprocess.Popen[bytes]:
+    """A child process that has exited and that nobody has reaped yet."""
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat = Path(f"/proc/{exited.pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.read_bytes().rsplit(b")", 1)[1][1:2] != b"Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)
+    return exited
