@@ -127,6 +127,8 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         self._batcher_tasks: list[asyncio.Task[None]] = []
         self._others: set[asyncio.Task[Any]] = set()  # watchers of get() handles
         self._waiters: dict[str, list[asyncio.Future[PromiseRecord]]] = {}
+        # Ids of the last settle notices nobody waited for (see SettleWatcher.wait_settled).
+        self._notified: dict[str, None] = {}
         self._someone_waits = asyncio.Event()
         # Runs stopped by nondeterminism: PENDING in the store, not retried here.
         self.stuck: dict[str, NondeterminismError] = {}

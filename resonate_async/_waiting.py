@@ -38,6 +38,9 @@ log = logging.getLogger("resonate_async")
 
 # How many awaited promises one poll reads per query.
 _POLL_CHUNK = 500
+# Settle notices kept for waiters still to register: each promise store
+# notifies every settle of every worker, so only the latest few.
+_NOTICES_KEPT = 1024
 
 
 class SettleWatcher:
@@ -54,6 +57,7 @@ class SettleWatcher:
     stuck: dict[str, NondeterminismError]
     _others: set[asyncio.Task[Any]]
     _waiters: dict[str, list[asyncio.Future[PromiseRecord]]]
+    _notified: dict[str, None]
     _someone_waits: asyncio.Event
     _records: Coalescer[PromiseRecord]
 
@@ -87,9 +91,21 @@ class SettleWatcher:
                     waiter.set_result(record)
 
     def _on_settled_notice(self, id: str) -> None:
-        """NOTIFY from the store: a promise settled somewhere; wake its local waiters."""
-        if id in self._waiters and not self.closing:
+        """NOTIFY from the store: a promise settled somewhere; wake its local waiters.
+
+        A notice for an id nobody waits for yet is remembered for a while: a
+        waiter reads the promise before it registers, and a settle notified
+        in between would otherwise wait for the next poll.
+        """
+        if self.closing:
+            return
+        if id in self._waiters:
             self.spawn_other(self._refresh(id))
+            return
+        notified = self._notified
+        notified[id] = None
+        if len(notified) > _NOTICES_KEPT:
+            del notified[next(iter(notified))]
 
     async def _refresh(self, id: str) -> None:
         try:
@@ -119,6 +135,9 @@ class SettleWatcher:
             waiter: asyncio.Future[PromiseRecord] = self.loop.create_future()
             self._waiters.setdefault(record.id, []).append(waiter)
             self._someone_waits.set()
+            if self._notified and record.id in self._notified:
+                del self._notified[record.id]
+                self.spawn_other(self._refresh(record.id))  # settled since it was read
             try:
                 if record.timeout_at is None:
                     record = await waiter

@@ -11,13 +11,14 @@ import pytest
 
 from resonate_async import Command, Context, Kind, MemoryStore, Resonate, State
 from resonate_async.errors import StoreError
-from resonate_async.stores import Settle
+from resonate_async.stores import Create, Settle
 from resonate_async.testing import VirtualClock, crash, quiesce
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from resonate_async.stores import PromiseRecord
+    from resonate_async.stores._base import Op
 
 
 async def test_rfc_runs_on_a_worker_that_registered_the_function() -> None:
@@ -634,3 +635,36 @@ async def test_no_lease_is_renewed_once_shutdown_has_begun() -> None:
     left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert left == []
     assert renewed_while_closing and not any(renewed_while_closing)
+
+
+async def test_a_settle_notified_before_its_waiter_registers_still_wakes_it() -> None:
+    # A store with NOTIFY (PostgreSQL): the waiter reads the promise PENDING,
+    # and its settle's notice comes before the waiter is registered.
+    class NotifyingStore(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.listeners: list[Callable[[str], None]] = []
+
+        async def listen(self, callback: Callable[[str], None]) -> None:
+            self.listeners.append(callback)
+
+        async def unlisten(self, callback: Callable[[str], None]) -> None:
+            self.listeners.remove(callback)
+
+        async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+            results = await super().write(ops)
+            if any(isinstance(op, Create) and op.record.kind is Kind.EXTERNAL for op in ops):
+                # Settled elsewhere right after this create, notified at once.
+                await super().write([Settle("approval", State.RESOLVED, b'"yes"', 0.0)])
+                for listener in self.listeners:
+                    listener("approval")
+            return results
+
+    resonate = Resonate(NotifyingStore(), poll_seconds=3600)  # no poll comes to the rescue
+
+    @resonate.register
+    async def approval(ctx: Context) -> str:
+        return str(await ctx.promise(id="approval"))
+
+    async with resonate:
+        assert await asyncio.wait_for(resonate.run("a", approval).result(), 10) == "yes"
