@@ -105,12 +105,19 @@ class Attempts:
         clock = self.clock
         attempt = first
         while True:
-            if run is not None and clock.now() >= self.leases_until:
-                # This worker's leases may have run out (a pause, a store out
-                # of reach): renew them first, which stops this run if it is
-                # another worker's now, before the attempt makes its effects.
-                await self.confirm_leases()
-                self._check_unsettled(run)  # lost: not even in a task of its own (lfi)
+            if run is not None:
+                if clock.now() >= self.leases_until:
+                    # This worker's leases may have run out (a pause, a store
+                    # out of reach): renew them first, which stops this run if
+                    # it is another worker's now, before the attempt makes its
+                    # effects.
+                    await self.confirm_leases()
+                    self._check_unsettled(run)
+                if run.fatal is not None:
+                    # Lost (or stuck) already, found by a renewal made
+                    # meanwhile: not even an attempt in a task of its own
+                    # (an lfi), or one that was ready to start as it was found.
+                    raise run.fatal
             # cast: Engine is the one class that mixes this in.
             ctx = Context(cast("Engine", self), run, id, root_id, attempt, leaf=style is _SYNC)
             try:

@@ -262,6 +262,69 @@ async def test_a_worker_that_lost_its_lease_stops_the_run_and_follows_it(
     assert f"run 'job-1' {held}" in caplog.text
 
 
+async def test_a_step_ready_to_start_as_its_run_is_found_lost_does_not_start() -> None:
+    # The renewal that finds the run lost has moved the lease on already: an
+    # lfi step whose task was made just before the run was marked lost must
+    # not start here all the same (a probe saw one on PostgreSQL after SIGCONT).
+    clock = VirtualClock()
+
+    class HeldRead(Unreachable):
+        def __init__(self) -> None:
+            super().__init__("a", hang=False)
+            self.hold: asyncio.Event | None = None
+
+        async def get_many(self, ids: Sequence[str]) -> dict[str, PromiseRecord]:
+            hold, self.hold = self.hold, None
+            if hold is not None:  # a's look at its runs, after its lapse
+                await hold.wait()
+            return await super().get_many(ids)
+
+    store = HeldRead()
+    gates = {"a": asyncio.Event(), "b": asyncio.Event()}
+    started_child = asyncio.Event()
+    steps: list[tuple[str, str]] = []
+
+    def build(name: str) -> Resonate:
+        resonate = Resonate(
+            store, clock=clock, worker_id=name, lease_seconds=10, heartbeat_seconds=3
+        )
+
+        async def step(ctx: Context, n: int) -> int:
+            steps.append((name, ctx.id))
+            if n == 1:
+                await gates[name].wait()
+            return n
+
+        @resonate.register(name="job")
+        async def job(ctx: Context) -> int:
+            total = await ctx.lfc(step, 1)
+            child = ctx.lfi(step, 2)
+            if name == "a":
+                started_child.set()
+            return total + await child
+
+        return resonate
+
+    first, second = build("a"), build("b")
+    async with first, second:
+        stalled = first.run("job-1", "job")
+        while ("a", "job-1.1") not in steps:
+            await asyncio.sleep(0)
+        store.cut = True
+        await clock.advance(11)  # a's lease ran out; b claims the run
+        assert ("b", "job-1.1") in steps
+        store.mend()
+        store.hold = started_child
+        await clock.advance(3)  # a renews, then reads its runs: held until ...
+        gates["a"].set()  # ... its body made the lfi child, whose task is about to run
+        await quiesce()
+        gates["b"].set()
+        await clock.advance(5)
+        assert await asyncio.wait_for(stalled.result(), 10) == 3
+    assert ("a", "job-1.2") not in steps
+    assert steps.count(("b", "job-1.2")) == 1
+
+
 async def test_a_worker_id_restarted_after_a_crash_keeps_its_runs() -> None:
     clock = VirtualClock()
     store = MemoryStore()
