@@ -34,7 +34,7 @@ from ._promise import (
     check_id,
 )
 from ._registry import arity, call_style, function_name
-from .errors import UsageError
+from .errors import NotRegisteredError, UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator
@@ -227,7 +227,16 @@ class Context:
         if isinstance(target, Command):
             if args or kwargs:
                 raise TypeError("a Command carries its own arguments; pass only the instance")
-            self._engine.registry.handler(type(target))  # fail now if no handler
+            try:
+                self._engine.registry.handler(type(target))  # fail now if no handler
+            except NotRegisteredError as exc:
+                # Not the run's failure but this deployment's: it stays
+                # PENDING, resumed by a worker that registered the handler
+                # (this one, once restarted with it), as for an rfc.
+                run = self._run
+                if run is not None and run.fatal is None:
+                    run.fatal = exc
+                raise
             promise: Promise[Any] = Promise(self, self._next_id(), _COMMAND, target, (), _NO_KWARGS)
             try:
                 promise._param = self._engine.encode_for(target, promise.id)  # fail now

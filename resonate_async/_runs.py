@@ -30,6 +30,7 @@ from .errors import (
     ConflictError,
     NondeterminismError,
     NotFoundError,
+    NotRegisteredError,
     ShutdownError,
     StoreError,
 )
@@ -114,9 +115,11 @@ class RunState(Handle[Any]):
         # this run settled itself when its body may be retried.
         self.replay: dict[str, PromiseRecord] | None = None
         # What ends the body's run without settling it, even if the body
-        # caught it: nondeterminism (the run is stuck), or a store failure
-        # one of its calls met (the run is resumed once the store answers).
-        self.fatal: NondeterminismError | StoreError | None = None
+        # caught it: nondeterminism (the run is stuck), a store failure one
+        # of its calls met (the run is resumed once the store answers), or a
+        # command without a handler in this process (resumed later, here
+        # or by a worker that registered one).
+        self.fatal: NondeterminismError | StoreError | NotRegisteredError | None = None
         self.cancel_requested = False
         # The id was stored already: this handle answers from that run (and
         # does not execute it here, unless this worker claims it).
@@ -413,6 +416,9 @@ class RunDriver(Attempts):
             else:
                 self._follow(run, exc.record)
         except StoreError as exc:  # the root stays PENDING; resumed once the store answers
+            run._set_exception(exc)
+            self._abandon(run, exc)
+        except NotRegisteredError as exc:  # a command without a handler here (Context._make)
             run._set_exception(exc)
             self._abandon(run, exc)
         except Exception as exc:  # a bug of ours: the run stays PENDING until the next start

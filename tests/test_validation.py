@@ -25,6 +25,7 @@ from resonate_async import (
 )
 from resonate_async.retry import Never, RetryPolicy, constant, never
 from resonate_async.stores import store_from_spec
+from resonate_async.testing import VirtualClock
 
 
 @dataclass
@@ -362,6 +363,41 @@ async def test_a_refused_handler_registration_leaves_nothing_registered() -> Non
                 await resonate.run(f"call-{which}", call, which)
     # Fixed, the same type registers: it was not half-registered before.
     resonate.register_command_handler(Pong, any_pong, name="Pong")
+
+
+@pytest.mark.parametrize("caught", [False, True])
+async def test_a_command_without_a_handler_here_leaves_its_run_to_a_worker_with_one(
+    caught: bool,
+) -> None:
+    # A deployment to finish, not the run's failure: its id is not used up.
+    store = MemoryStore()
+    clock = VirtualClock()
+
+    def worker(with_handler: bool) -> Resonate:
+        resonate = Resonate(store, clock=clock, worker_id="w")
+        if with_handler:
+            resonate.register_command_handler(Ping, pong)
+
+        @resonate.register(name="send")
+        async def send(ctx: Context) -> str:
+            try:
+                return await ctx.lfc(Ping(1))
+            except NotRegisteredError:
+                if not caught:
+                    raise
+                return "caught"  # not what the run settles with
+
+        return resonate
+
+    first = worker(with_handler=False)
+    async with first:
+        with pytest.raises(NotRegisteredError, match="register_command_handler"):
+            await first.run("s", "send")
+        assert (await store.get_many(["s"]))["s"].state is State.PENDING
+    second = worker(with_handler=True)
+    async with second:  # restarted with the handler: the run resumes
+        assert await asyncio.wait_for(second.get("s").result(), 10) == "pong"
+    assert (await store.get_many(["s"]))["s"].state is State.RESOLVED
 
 
 @pytest.mark.parametrize("retried", [False, True])
