@@ -644,6 +644,9 @@ class RunDriver(Attempts):
         except Exception as exc:
             if executed:
                 self.run_stats.failed += 1
+                # Said once, here: a caller that answered 202 and dropped
+                # the handle would otherwise learn of it only by asking.
+                log.info("run %s settled %s: %r", run.id, settled.state.name, exc)
             run._set_exception(exc)
         else:
             if executed:

@@ -1093,3 +1093,27 @@ async def test_a_stopped_childs_failure_is_not_reported_as_lost(
             assert await asyncio.wait_for(resonate.get("b").result(), 10) == "done"
         gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+async def test_a_failed_run_is_logged_once_where_it_settled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A web handler that answered 202 dropped the handle: the log says it.
+    resonate = Resonate(MemoryStore())
+
+    @resonate.register(retry_policy=never())
+    async def charge(ctx: Context, cents: int) -> int:
+        if cents > 100:
+            raise ValueError("card declined")
+        return cents
+
+    with caplog.at_level(logging.INFO, "resonate_async"):
+        async with resonate:
+            await resonate.run("ok", charge, 5).created()
+            await resonate.run("declined", charge, 500).created()
+            while resonate.stats().runs.failed + resonate.stats().runs.completed < 2:
+                await asyncio.sleep(0)
+            with pytest.raises(ValueError, match="declined"):
+                await resonate.get("declined")  # another handle: not logged again
+    failed = [r.getMessage() for r in caplog.records if "settled" in r.getMessage()]
+    assert failed == ["run declined settled REJECTED: ValueError('card declined')"]
