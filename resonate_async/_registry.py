@@ -120,20 +120,24 @@ def arity(fn: Callable[..., Any], *, cache: bool = False) -> Arity | None:
     """``fn``'s :class:`Arity`, or None if it is not checked.
 
     Raises :class:`SignatureError` if ``fn`` cannot take a ``Context`` first.
-    With ``cache`` (steps ask on every call), only a plain function is
-    checked, kept by its code object: not a partial or a callable object
-    (whose signature would be read on every call), nor a function wrapped by
-    a decorator (whose signature is not its code's).
+    A function a decorator wrapped is checked against the wrapper's own
+    signature (usually ``*args, **kwargs``): the wrapped one need not be what
+    the wrapper accepts. With ``cache`` (steps ask on every call), only a
+    plain function is checked, kept by its code object: not a partial or a
+    callable object (whose signature would be read on every call), nor a
+    wrapper (whose code many wrapped functions share).
     """
     code = None
     if cache:
         code = getattr(fn, "__code__", None)
         if type(code) is not CodeType or hasattr(fn, "__wrapped__"):
             return None
+        if "__signature__" in getattr(fn, "__dict__", ()):
+            return None
         if code in _arities:
             return _arities[code]
     try:
-        signature = inspect.signature(fn)
+        signature = inspect.signature(fn, follow_wrapped=False)
     except (TypeError, ValueError):  # a builtin without a signature: not checked
         found = None
     else:

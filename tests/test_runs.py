@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import re
@@ -29,7 +30,7 @@ from resonate_async.errors import SignatureError
 from resonate_async.retry import RetryPolicy, constant, never
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
     from pathlib import Path
 
     from resonate_async.stores._base import Op
@@ -706,6 +707,30 @@ async def test_arguments_the_function_does_not_take_raise_from_run_and_store_not
         assert await resonate.promises.get("call") is None  # the id is still free
         assert await resonate.run("call", one, 3, scale=2) == 6
         assert await resonate.run("keyed", keyed, key="k") == "k"
+
+
+async def test_a_decorated_function_is_checked_against_what_its_wrapper_accepts() -> None:
+    resonate = Resonate(MemoryStore())
+
+    def with_scale(fn: Callable[..., Awaitable[int]]) -> Callable[..., Awaitable[int]]:
+        @functools.wraps(fn)
+        async def wrapper(ctx: Context, *args: Any, scale: int = 1, **kwargs: Any) -> int:
+            return scale * await fn(ctx, *args, **kwargs)
+
+        return wrapper
+
+    @resonate.register
+    @with_scale
+    async def base(ctx: Context, n: int) -> int:
+        return n
+
+    async def flow(ctx: Context) -> int:
+        return await ctx.lfc(base, 2, scale=5)
+
+    resonate.register(flow)
+    async with resonate:
+        assert await resonate.run("d", base, 3, scale=10) == 30  # not base's own signature
+        assert await resonate.run("f", flow) == 10
 
 
 def test_a_function_that_takes_no_context_is_refused_at_registration() -> None:
