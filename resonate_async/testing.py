@@ -96,6 +96,7 @@ class VirtualClock:
         self._now = start
         self._timers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        self._pushed = 0  # sleeps since the timers were last purged
         self._autojump = autojump
         self._jumper: asyncio.Task[None] | None = None
         self._polls: list[tuple[float, asyncio.Future[None]]] = []
@@ -106,11 +107,21 @@ class VirtualClock:
 
     async def sleep(self, seconds: float) -> None:
         """Return once virtual time has moved ``seconds`` forward."""
+        _check_duration(seconds)
         if seconds <= 0:
             await asyncio.sleep(0)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._timers, (self._now + seconds, next(self._seq), future))
+        timers = self._timers
+        self._pushed += 1
+        # Amortized: once the sleeps since the last purge are half the heap.
+        if len(timers) > 64 and 2 * self._pushed > len(timers):
+            # Drop the timers nobody waits for any more (cut short when a
+            # deadline's work ended first): a long test would pile them up.
+            self._pushed = 0
+            self._timers = timers = [t for t in timers if not t[2].done()]
+            heapq.heapify(timers)
+        heapq.heappush(timers, (self._now + seconds, next(self._seq), future))
         self._start_jumping()
         try:
             await future
@@ -127,6 +138,7 @@ class VirtualClock:
         due poll returns when a timer fires, when an ``advance`` ends, or
         when an autojump clock has no timer left to jump to.
         """
+        _check_duration(seconds)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (self._now + seconds, future)
         self._polls.append(entry)
@@ -161,6 +173,7 @@ class VirtualClock:
 
     async def advance(self, seconds: float) -> None:
         """Move time forward by ``seconds``, firing every timer due on the way."""
+        _check_duration(seconds)
         if seconds < 0:
             raise ValueError("time only moves forward")
         target = self._now + seconds
@@ -173,7 +186,8 @@ class VirtualClock:
             future.set_result(None)
             self._release_polls()
             await quiesce()
-        self._now = target
+        # Never back: another advance (or an autojump) may have gone further meanwhile.
+        self._now = max(self._now, target)
         self._release_polls()
         await quiesce()
 
@@ -194,6 +208,11 @@ class VirtualClock:
             self._now = max(self._now, when)
             future.set_result(None)
             self._release_polls()
+
+
+def _check_duration(seconds: float) -> None:
+    if seconds != seconds:  # NaN: it would stop time, or break the timer heap
+        raise ValueError("a virtual duration must be a number of seconds, not NaN")
 
 
 async def crash(resonate: Resonate) -> None:

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from resonate_async import Context, MemoryStore, Resonate
 from resonate_async.testing import VirtualClock, crash, quiesce
 
@@ -134,3 +136,33 @@ async def test_quiesce_next_to_an_autojump_clock_does_not_make_it_jump_while_bus
         await asyncio.sleep(0)
     assert clock.now() == start
     sleeper.cancel()
+
+
+async def test_time_never_moves_back_and_is_never_nan() -> None:
+    clock = VirtualClock(start=0.0)
+    woke: list[float] = []
+
+    async def sleeper() -> None:
+        await clock.sleep(50)
+        woke.append(clock.now())
+
+    sleeping = asyncio.create_task(sleeper())
+    await asyncio.sleep(0)
+    # Two advances at once: the shorter one ends while the longer one goes on.
+    await asyncio.gather(clock.advance(100), clock.advance(10), sleeping)
+    assert woke == [50.0] and clock.now() == 100.0
+    for call in (clock.advance, clock.sleep, clock.poll):
+        with pytest.raises(ValueError, match="NaN"):
+            await call(float("nan"))
+    assert clock.now() == 100.0 and clock.pending_timers == 0
+
+
+async def test_timers_given_up_do_not_pile_up() -> None:
+    # What a step under a long deadline leaves each time it returns in time.
+    clock = VirtualClock()
+    for _ in range(1000):
+        sleeping = asyncio.ensure_future(clock.sleep(3600))
+        await asyncio.sleep(0)
+        sleeping.cancel()
+        await asyncio.gather(sleeping, return_exceptions=True)
+    assert len(clock._timers) <= 130
