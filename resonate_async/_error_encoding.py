@@ -274,7 +274,25 @@ def _reduce(error: BaseException) -> tuple[tuple[object, ...] | None, dict[str, 
             if kept
             else {k: v for k, v in state.items() if k != "__notes__"}
         )
-    return reduced[1], {k: v for k, v in state.items() if type(k) is str}
+    state = {k: v for k, v in state.items() if type(k) is str}
+    for name in _slot_names(type(error)):  # BaseException.__reduce__ keeps __dict__ only
+        with contextlib.suppress(AttributeError):
+            state.setdefault(name, getattr(error, name))
+    return reduced[1], state
+
+
+def _slot_names(cls: type) -> list[str]:
+    """The attributes ``__slots__`` give ``cls`` and its bases (as set, mangled)."""
+    names = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name in ("__dict__", "__weakref__"):
+                continue
+            if name.startswith("__") and not name.endswith("__"):
+                name = f"_{klass.__name__.lstrip('_')}{name}"
+            names.append(name)
+    return names
 
 
 def _format_traceback(error: BaseException) -> str:
