@@ -85,7 +85,10 @@ async def with_deadline(awaitable: Awaitable[T], deadline: float, clock: Clock) 
     try:
         await asyncio.wait((work, timer), return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
+        # Cancelled (a cancel of the run, a shutdown): the work stops with
+        # this, not after it (a body's `finally` still running past aclose()).
         work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
         raise
     finally:
         timer.cancel()

@@ -140,6 +140,8 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         self.claiming = asyncio.Lock()
         self._claim_wakeup = asyncio.Event()
         self._claim_lost = False  # a claim failed: rows may be leased here, not running
+        self._undecodable: list[str] = []
+        self._said_undecodable: set[str] = set()
         self._listening = False
         # Stores that only processes of this host can open (SQLite) let a dead
         # pid free its leases at once; networked stores wait for the lease.

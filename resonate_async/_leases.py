@@ -142,6 +142,8 @@ class LeaseKeeper:
     _single_host: bool
     _claim_wakeup: asyncio.Event
     _claim_lost: bool
+    _undecodable: list[str]  # claimed runs whose arguments do not decode: to free
+    _said_undecodable: set[str]  # those logged at ERROR once already
 
     if TYPE_CHECKING:
 
@@ -189,12 +191,23 @@ class LeaseKeeper:
             except Exception:
                 self._claim_lost = True
                 raise
+            if self.closing:  # shut down while claiming: start nothing (it would outlive aclose)
+                if claimed:
+                    await self.store.release(self.worker_id, [r.id for r in claimed])
+                break
             fresh = [r for r in claimed if r.id not in self.runs and r.id not in self.stuck]
             for record in fresh:
                 started = self._resume(record)
                 resumed += started
                 if record.kind is Kind.REMOTE:
                     remote += started
+            if self._undecodable:
+                undecodable, self._undecodable = self._undecodable, []
+                try:
+                    await self.store.release(self.worker_id, undecodable)
+                except Exception:
+                    self._undecodable += undecodable  # freed after the next claim
+                    raise
             if len(claimed) < _CLAIM_CHUNK or not fresh or self.closing:
                 break
         if resumed > remote:  # a remote call taken here is work, not a recovery
@@ -209,10 +222,37 @@ class LeaseKeeper:
             decoded = self.encoder.decode(record.param)
             args, kwargs = cast("tuple[list[Any], dict[str, Any]]", decoded)
         except Exception as exc:
-            log.error("cannot resume %s: its arguments do not decode: %s", record.id, exc)
+            # Not held here for ever (the heartbeat would renew the lease):
+            # freed at once for a worker that can decode them.
+            self._undecodable.append(record.id)
+            first = record.id not in self._said_undecodable
+            if first:
+                if len(self._said_undecodable) >= 1024:
+                    self._said_undecodable.clear()
+                self._said_undecodable.add(record.id)
+            log.log(
+                logging.ERROR if first else logging.DEBUG,
+                "cannot resume %s: its arguments do not decode here: %s; it is left "
+                "to a worker that can decode them",
+                record.id,
+                exc,
+            )
             return 0
         self.start_run(record.id, entry, record.param, args, kwargs, stored=record)
         return 1
+
+    def free_later(self, id: str) -> float:
+        """Free this worker's lease on ``id`` after a back-off (the claim loop
+        does it): a run stopped here unsettled, to be resumed here or
+        elsewhere. Each stop in a row doubles the wait (a store that keeps
+        failing must not turn every poll into another replay); its seconds."""
+        now = self.clock.now()
+        failures = self.store_failures.get(id, (0, now))[0] + 1
+        self.store_failures[id] = (failures, now)
+        # (The exponent capped: a store down for days must not overflow it.)
+        delay = min(self.poll_seconds * 2.0 ** min(failures - 1, 40), MAX_RESUME_DELAY)
+        self.store_failed[id] = now + delay
+        return delay
 
     def remote_created(self) -> None:
         """A remote call was created here: look for work now, not at the next poll."""

@@ -12,6 +12,7 @@ the caller's :class:`Handle`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -22,7 +23,7 @@ from ._attempts import LEAVE_PENDING, Attempts, unwrap_group
 from ._context import Context
 from ._handle import Handle
 from ._invoke import being_cancelled
-from ._leases import MAX_RESUME_DELAY, LeaseLost
+from ._leases import LeaseLost
 from ._promise import _NO_KWARGS
 from ._registry import CallStyle
 from .errors import (
@@ -212,6 +213,8 @@ class RunDriver(Attempts):
 
         async def recover(self, keys: Sequence[tuple[str, int]] | None = None) -> int: ...
 
+        def free_later(self, id: str) -> float: ...
+
     def start_run(
         self,
         id: str,
@@ -399,7 +402,7 @@ class RunDriver(Attempts):
             else:
                 # Settling its cancel: a lease check must not cancel this too.
                 run.cancel_requested = True
-                await self._settle_canceled(run)
+                await self._settle_canceled_through(run)
             raise
         except NondeterminismError as exc:
             log.error("run %s stopped: %s", run.id, exc)
@@ -448,12 +451,7 @@ class RunDriver(Attempts):
         its root is known to be stored; a create whose answer was lost may be.)"""
         if self.closing or isinstance(error, ShutdownError):
             return  # the next start resumes it (its leases are freed then)
-        # A store that keeps failing (a full disk) must not turn every poll into
-        # another replay of the run's in-flight step: wait longer each time.
-        now = self.clock.now()
-        failures = self.store_failures.get(run.id, (0, now))[0] + 1
-        self.store_failures[run.id] = (failures, now)
-        delay = min(self.poll_seconds * 2 ** (failures - 1), MAX_RESUME_DELAY)
+        delay = self.free_later(run.id)
         log.warning(
             "run %s stopped without settling: %s; %s resumed in %.0fs",
             run.id,
@@ -461,7 +459,6 @@ class RunDriver(Attempts):
             "it will be" if created else "if its root was stored after all, it will be",
             delay,
         )
-        self.store_failed[run.id] = now + delay
 
     async def _after_group(
         self,
@@ -652,6 +649,21 @@ class RunDriver(Attempts):
             if executed:
                 self.run_stats.completed += 1
             run._set_result(value)
+
+    async def _settle_canceled_through(self, run: RunState) -> None:
+        """Settle the run's cancel, whatever cancels this task meanwhile (a
+        second ``cancel()``, a shutdown, the loop ending): otherwise its
+        handle would never be answered, and its root could stay PENDING under
+        this worker's renewed lease. Its own task, which a shutdown does not
+        cancel (it waits for this one); the writer answers it either way."""
+        settling = self.loop.create_task(self._settle_canceled(run))
+        while not settling.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(settling)
+        error = None if settling.cancelled() else settling.exception()
+        if error is not None:  # reading the cut sleeps failed: the root stays PENDING
+            run._set_exception(error)
+            self._abandon(run, error)
 
     async def _settle_canceled(self, run: RunState) -> None:
         await self.settle_cut_sleeps(run.id, run.id)

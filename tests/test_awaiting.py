@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from resonate_async import (
+    CanceledError,
     Command,
     Context,
     MemoryStore,
@@ -25,7 +26,7 @@ from resonate_async import (
     State,
 )
 from resonate_async.retry import never
-from resonate_async.testing import VirtualClock
+from resonate_async.testing import VirtualClock, quiesce
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -479,3 +480,58 @@ async def test_replay_every_step_waits_for_lfc_calls_running_in_other_tasks() ->
     async with resonate:
         assert await asyncio.wait_for(resonate.run("p", both).result(), 10) == ["p.1", "p.2"]
     assert sorted(ran) == ["p.1", "p.2"]
+
+
+@pytest.mark.parametrize("then", ["cancel again", "close"])
+@pytest.mark.parametrize("turns", [0, 1, 2, 3, 4, 6])
+async def test_a_run_cancelled_again_while_its_cancel_is_settled_still_answers(
+    then: str, turns: int
+) -> None:
+    store = MemoryStore()
+    resonate = Resonate(store)
+
+    @resonate.register
+    async def waits(ctx: Context) -> str:
+        await ctx.promise()  # for ever
+        return "done"
+
+    async with resonate:
+        handle = resonate.run("c", waits)
+        await handle.created()
+        await quiesce()
+        assert handle.cancel()
+        for _ in range(turns):  # the second cancel lands somewhere in the settle
+            await asyncio.sleep(0)
+        if then == "cancel again":
+            handle.cancel()
+            with pytest.raises(CanceledError):
+                await asyncio.wait_for(handle.result(), 10)
+    assert handle.done()
+    with pytest.raises((CanceledError, ShutdownError)):
+        await handle
+    assert await state_of(store, "c") in (State.REJECTED_CANCELED, State.PENDING)
+
+
+@pytest.mark.parametrize("deadline", [None, 3600.0])
+async def test_a_body_cut_short_by_a_shutdown_has_unwound_when_aclose_returns(
+    deadline: float | None,
+) -> None:
+    # With a timeout the body runs under a deadline in a task of its own.
+    resonate = Resonate(MemoryStore())
+    events: list[str] = []
+
+    async def body(ctx: Context) -> str:
+        try:
+            await ctx.promise()
+        finally:
+            events.append("cleanup started")
+            for _ in range(200):  # closing a connection, say
+                await asyncio.sleep(0)
+            events.append("cleanup finished")
+        return "unreached"
+
+    resonate.register(body, timeout=deadline)
+    async with resonate:
+        await resonate.run("b", body).created()
+        await quiesce()
+    assert events == ["cleanup started", "cleanup finished"]

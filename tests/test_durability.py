@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import logging
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from resonate_async import (
     CanceledError,
     Command,
     Context,
+    JSONEncoder,
     Kind,
     MemoryStore,
     PromiseTimeoutError,
@@ -931,3 +933,83 @@ async def test_a_timed_out_run_leaves_the_sleeps_of_other_runs_alone() -> None:
         assert (await store.get_many(["t.1"]))["t.1"].state is State.REJECTED_CANCELED
         assert (await store.get_many(["t.x.1"]))["t.x.1"].state is not State.REJECTED_CANCELED
         assert await other == "rested"
+
+
+async def test_a_claim_answered_after_shutdown_began_starts_no_run() -> None:
+    # The claim loop was inside claim() as aclose() began: what it claimed is
+    # released for the next start, not started (its body would outlive aclose).
+    class HeldClaims(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hold = False
+            self.entered = asyncio.Event()
+            self.gate = asyncio.Event()
+
+        async def claim(self, owner: str, **kwargs: Any) -> list[PromiseRecord]:
+            if self.hold:
+                self.entered.set()
+                await self.gate.wait()
+            return await super().claim(owner, **kwargs)
+
+    store = HeldClaims()
+    resonate = Resonate(store, poll_seconds=0.01)
+    started: list[str] = []
+
+    @resonate.register(name="orphan")
+    async def orphan(ctx: Context) -> str:
+        started.append(ctx.id)
+        return "x"
+
+    await resonate.start()
+    store.hold = True
+    # A run another process left PENDING and free.
+    await store.write(
+        [Create(PromiseRecord("o", State.PENDING, Kind.RUN, "o", 0.0, "orphan", 1, b"[[],{}]"))]
+    )
+    await store.entered.wait()
+    closing = asyncio.create_task(resonate.aclose())
+    await asyncio.sleep(0)  # shutdown has begun
+    store.gate.set()
+    await closing
+    assert started == []
+    stored = (await store.get_many(["o"]))["o"]
+    assert stored.state is State.PENDING and stored.owner is None  # free for the next start
+
+
+@dataclass
+class Widget:
+    n: int
+
+
+async def test_a_run_whose_arguments_do_not_decode_here_is_left_to_a_worker_that_can(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Worker a cannot decode a Widget (it never registered the name); b can.
+    store = MemoryStore()
+    clock = VirtualClock()
+    made: list[str] = []
+
+    def worker(name: str, *, knows_widgets: bool) -> Resonate:
+        encoder = JSONEncoder()
+        if knows_widgets:
+            encoder.register_type("Widget", Widget)
+        resonate = Resonate(store, clock=clock, worker_id=name, encoder=encoder)
+
+        @resonate.register(name="build")
+        async def build(ctx: Context, widget: Widget) -> int:
+            made.append(name)
+            return widget.n
+
+        return resonate
+
+    left = PromiseRecord("w", State.PENDING, Kind.RUN, "w", 0.0, "build", 1)
+    await store.write([Create(replace(left, param=b'[[{"$":"Widget","n":7}],{}]'))])
+    with caplog.at_level(logging.DEBUG, "resonate_async"):
+        async with worker("a", knows_widgets=False):
+            await clock.advance(5)  # it claims it at start and at each poll
+            assert (await store.get_many(["w"]))["w"].owner is None  # never kept
+            async with worker("b", knows_widgets=True) as b:
+                assert await asyncio.wait_for(b.get("w").result(), 10) == 7
+    assert made == ["b"]
+    said = [r for r in caplog.records if "do not decode here" in r.getMessage()]
+    assert [r.levelno for r in said][:2] == [logging.ERROR, logging.DEBUG]  # said once
