@@ -347,6 +347,12 @@ class JSONEncoder:
             raise _Unencodable(
                 f"command {_qualified(t)}", "a Command must be a dataclass: add @dataclass"
             )
+        elif hasattr(t, "__await__"):  # a Promise (a generator function yields it twice)
+            raise _Unencodable(
+                f"an awaitable {type_name(t)}",
+                "it is a call still to be awaited, not its value: await it (in a "
+                "generator function, `yield` it once more) and store what that gives",
+            )
         else:
             raise _Unencodable(
                 f"a value of type {type_name(t)}",

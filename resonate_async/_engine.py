@@ -319,12 +319,20 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
     def outcome(self, record: PromiseRecord) -> Any:
         """The decoded value of a settled record, or raise its decoded error."""
         state = record.state
-        if state is _RESOLVED:  # the hot path: no clock, no timeout rule
+        if state is not _RESOLVED:
+            state = self.effective_state(record)
+        if state is State.RESOLVED:  # _RESOLVED: the hot path, no clock, no timeout rule
             value = record.value
-            return None if value is None else self.encoder.decode(value)
-        state = self.effective_state(record)
-        if state is State.RESOLVED:
-            return None if record.value is None else self.encoder.decode(record.value)
+            if value is None:
+                return None
+            try:
+                return self.encoder.decode(value)
+            except EncodingError as exc:
+                raise EncodingError(
+                    f"the value of {record.id!r} does not decode here: {exc}; make its "
+                    "type importable where it is read (a class of the script run as "
+                    "__main__ is not)"
+                ) from None
         if record.value is not None and record.state is not State.PENDING:
             raise self.encoder.decode_error(record.value)
         if state is State.REJECTED_CANCELED:

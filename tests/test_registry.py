@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from resonate_async import CanceledError, Context, MemoryStore, Resonate, State
+from resonate_async import CanceledError, Context, EncodingError, MemoryStore, Resonate, State
 from resonate_async._registry import CallStyle, call_style, function_name
 from resonate_async.retry import never
 from resonate_async.testing import crash
@@ -147,3 +147,21 @@ def test_a_dead_aiosqlite_thread_is_seen_before_and_after_aiosqlite_0_22() -> No
         thread.start()
         thread.join()
         assert _dead(conn)  # type: ignore[arg-type]
+
+
+async def test_a_generator_that_returns_an_lfi_promise_is_told_to_yield_it_again() -> None:
+    # The blog-era style: `p = yield ctx.lfi(...)` gives the promise; its
+    # value takes a second `yield p`. Storing the promise says so.
+    resonate = Resonate(MemoryStore())
+
+    async def step(ctx: Context) -> int:
+        return 1
+
+    @resonate.register(retry_policy=never())
+    def forgot(ctx: Context) -> Generator[Any, Any, int]:
+        promise = yield ctx.lfi(step)
+        return promise  # type: ignore[no-any-return]
+
+    async with resonate:
+        with pytest.raises(EncodingError, match="`yield` it once more"):
+            await resonate.run("g", forgot)

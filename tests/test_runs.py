@@ -1142,3 +1142,15 @@ async def test_a_failed_run_is_logged_once_where_it_settled(
                 await resonate.get("declined")  # another handle: not logged again
     failed = [r.getMessage() for r in caplog.records if "settled" in r.getMessage()]
     assert failed == ["run declined settled REJECTED: ValueError('card declined')"]
+
+
+async def test_a_stored_value_that_does_not_decode_here_names_its_promise() -> None:
+    from resonate_async import Kind
+    from resonate_async.stores import Create, PromiseRecord
+
+    store = MemoryStore()
+    value = b'{"$":"gone:Value"}'  # a dataclass of a module this process lacks
+    await store.write([Create(PromiseRecord("v", State.RESOLVED, Kind.RUN, "v", 0.0, value=value))])
+    async with Resonate(store) as resonate:
+        with pytest.raises(EncodingError, match="the value of 'v' does not decode here"):
+            await resonate.get("v")
