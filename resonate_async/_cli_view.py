@@ -287,7 +287,10 @@ def outcome_text(encoder: JSONEncoder, data: bytes | None, *, error: bool) -> st
         raw, bad = stored_json(data)
         if bad is not None:
             return f"{bad}  (undecodable)"
-        return f"{json.dumps(raw, indent=2)}\n(stored JSON; not rebuilt: {exc})"
+        why = str(exc)
+        if "no type is registered under that name" in why:  # the CLI registers nothing
+            why = "a type stored under its registered name (a Command's), unknown here"
+        return f"{json.dumps(raw, indent=2)}\n(stored JSON; not rebuilt: {why})"
 
 
 def is_error(record: PromiseRecord) -> bool:

@@ -56,7 +56,15 @@ RECORDS = [
     rec("order-1.10", State.RESOLVED, Kind.STEP, 1, parent_id="order-1", func="ship"),
     rec("order-1.1", State.RESOLVED, Kind.STEP, 2, parent_id="order-1", func="charge"),
     rec("order-1.1.1", State.RESOLVED, Kind.STEP, 3, parent_id="order-1.1", func="card"),
-    rec("order-1.2", State.RESOLVED, Kind.COMMAND, 4, parent_id="order-1", func="InsertUser"),
+    rec(
+        "order-1.2",
+        State.RESOLVED,
+        Kind.COMMAND,
+        4,
+        parent_id="order-1",
+        func="InsertUser",
+        param=b'{"$":"InsertUser","id":4}',  # under its registered name
+    ),
     rec(
         "order-2",
         State.REJECTED,
@@ -188,6 +196,7 @@ def test_show_decodes_param_and_value(cli: Any) -> None:
         ("order-3", "REJECTED_TIMEDOUT (stored PENDING, past timeout_at"),
         ("bad", r"b'\xff\x00'  (undecodable)"),
         ("gone", '"$": "no_such_module:Gone"'),
+        ("order-1.2", "not rebuilt: a type stored under its registered name (a Command's)"),
     ],
 )
 def test_show_errors_timeouts_and_undecodable_values(cli: Any, id: str, expected: str) -> None:
