@@ -29,8 +29,14 @@ class Promises:
         return self._resonate._started()
 
     async def get(self, id: str) -> PromiseRecord | None:
-        """The promise ``id`` as a reader sees it (timeouts applied), or ``None``."""
+        """The promise ``id`` as a reader sees it (timeouts applied), or ``None``.
+
+        Raises:
+            ValueError: ``id`` is not one a store can keep (see :meth:`Resonate.run`).
+        """
+        check_id(id, "a promise id")
         engine = self._engine()
+        await self._after_admission(engine, id)  # a run() just made is found
         record = (await engine.store.get_many([id])).get(id)
         return None if record is None else engine.effective(record)
 
@@ -84,11 +90,17 @@ class Promises:
         Raises:
             ValueError: ``timeout`` is not positive, or ``id`` is not one a
                 store can keep (see :meth:`Resonate.run`).
-            TypeError: ``timeout`` is not a number of seconds.
+            TypeError: ``timeout`` is not a number of seconds, or ``tags``
+                not a dict of ``str`` to ``str``.
         """
         check_id(id, "a promise id")
         if timeout is not None:
             check_seconds("timeout", timeout, none_ok=True)
+        if tags is not None and not (
+            isinstance(tags, dict)
+            and all(type(k) is str and type(v) is str for k, v in tags.items())
+        ):
+            raise TypeError(f"tags must be a dict of str to str, got {tags!r}")
         engine = self._engine()
         now = engine.clock.now()
         record = PromiseRecord(
@@ -148,6 +160,7 @@ class Promises:
         return record
 
     async def _settle(self, engine: Engine, id: str, state: State, data: bytes) -> PromiseRecord:
+        check_id(id, "a promise id")
         await self._after_admission(engine, id)
         now = engine.clock.now()
         stored = (await engine.store.get_many([id])).get(id)

@@ -187,11 +187,13 @@ class HandlerEntry:
 class Registry:
     """Functions by ``(name, version)`` and by identity; handlers by command type."""
 
-    __slots__ = ("_by_fn", "_by_key", "_handlers", "_newest")
+    __slots__ = ("_by_fn", "_by_id", "_by_key", "_handlers", "_newest")
 
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, int], FunctionEntry] = {}
         self._by_fn: dict[Callable[..., Any], FunctionEntry] = {}
+        # Callable objects that cannot be hashed (a dataclass with __call__), by identity.
+        self._by_id: dict[int, FunctionEntry] = {}
         self._newest: dict[str, FunctionEntry] = {}
         self._handlers: dict[type, HandlerEntry] = {}
 
@@ -199,13 +201,19 @@ class Registry:
         """Register ``entry``; re-registering the same key with another function fails."""
         key = (entry.name, entry.version)
         existing = self._by_key.get(key)
-        if existing is not None and existing.fn is not entry.fn:
+        # `!=`, not `is not`: each `obj.method` is a new bound method, equal to the last.
+        if existing is not None and existing.fn != entry.fn:
             raise ValueError(
                 f"{entry.name!r} version {entry.version} is already registered to "
                 f"{existing.fn!r}; register the new function under another name or version"
             )
+        try:
+            hash(entry.fn)
+        except TypeError:
+            self._by_id[id(entry.fn)] = entry
+        else:
+            self._by_fn[entry.fn] = entry
         self._by_key[key] = entry
-        self._by_fn[entry.fn] = entry
         newest = self._newest.get(entry.name)
         if newest is None or newest.version <= entry.version:
             self._newest[entry.name] = entry
@@ -228,7 +236,7 @@ class Registry:
         entry = (
             self._newest.get(fn_or_name)
             if isinstance(fn_or_name, str)
-            else self._by_fn.get(fn_or_name)
+            else self.lookup_fn(fn_or_name)
         )
         if entry is None:
             shown = fn_or_name if isinstance(fn_or_name, str) else function_name(fn_or_name)
@@ -244,7 +252,10 @@ class Registry:
 
     def lookup_fn(self, fn: Callable[..., Any]) -> FunctionEntry | None:
         """The entry of a registered function object, if any."""
-        return self._by_fn.get(fn)
+        try:
+            return self._by_fn.get(fn)
+        except TypeError:  # a callable object that cannot be hashed
+            return self._by_id.get(id(fn))
 
     def lookup(self, name: str, version: int) -> FunctionEntry | None:
         """The entry registered under exactly ``(name, version)``, if any."""

@@ -27,7 +27,7 @@ from ._registry import (
     function_name,
 )
 from ._stats import RunStats, Stats, StoreStats
-from .errors import ConflictError, EncodingError
+from .errors import ConflictError, EncodingError, SignatureError
 from .retry import RetryPolicy, checked_policy, exponential, never
 from .stores import MemoryStore, Store, store_from_spec
 
@@ -259,6 +259,15 @@ class Resonate:
         :meth:`start`).
         """
         self._forget_ended_loop()
+        engine = self._engine
+        if engine is not None and engine.loop is not asyncio.get_running_loop():
+            # Its tasks live in that loop: stopping them from here would fail
+            # half-way and leave them running under this worker id.
+            raise RuntimeError(
+                "this Resonate was started in another event loop, which still runs; "
+                "close it from that loop (asyncio.run_coroutine_threadsafe(resonate.aclose(), "
+                "loop) from another thread)"
+            )
         await self._close_orphaned_store()
         if self._closing is None:
             if self._engine is None and self._starting is None:
@@ -487,6 +496,15 @@ class Resonate:
         style = call_style(handler)
         if style is CallStyle.GENERATOR:
             raise TypeError("a batch handler must be an `async def` or a plain `def`")
+        try:  # a handler that cannot take (ctx, commands) would fail every batch
+            checked = arity(handler)
+            if checked is not None:
+                checked.check(function_name(handler), ([],), {})
+        except SignatureError:
+            raise SignatureError(
+                f"{function_name(handler)} cannot be a batch handler: it is called as "
+                "handler(ctx, commands), with the Context and the list of commands"
+            ) from None
         entry = HandlerEntry(
             command_type=command_type,
             name=command_type.__qualname__ if name is None else name,

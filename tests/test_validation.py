@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from resonate_async import (
     State,
     SystemClock,
 )
+from resonate_async.errors import SignatureError
 from resonate_async.retry import Never, RetryPolicy, constant, never
 from resonate_async.stores import store_from_spec
 from resonate_async.testing import VirtualClock
@@ -580,3 +582,93 @@ async def test_a_shutdown_says_whether_the_run_survives_the_next_start(shared: b
         assert "resumes at the next start" in str(raised.value)
     else:
         assert "is lost with this in-memory store" in str(raised.value)
+
+
+async def test_a_handler_that_cannot_take_ctx_and_commands_is_refused() -> None:
+    resonate = Resonate(MemoryStore())
+
+    def no_context(commands: list[Ping]) -> str:
+        return "pong"
+
+    def three(ctx: Context, commands: list[Ping], extra: int) -> str:
+        return "pong"
+
+    for handler in (no_context, three):
+        with pytest.raises(SignatureError, match="called as handler\\(ctx, commands\\)"):
+            resonate.register_command_handler(Ping, handler)  # type: ignore[arg-type]
+    resonate.register_command_handler(Ping, pong)  # nothing was half-registered
+
+
+@dataclass
+class CallableWorkflow:
+    """A callable object of a dataclass: unhashable (eq=True, not frozen)."""
+
+    greeting: str
+
+    async def __call__(self, ctx: Context, name: str) -> str:
+        return f"{self.greeting} {name}"
+
+
+class Service:
+    async def greet(self, ctx: Context, name: str) -> str:
+        return f"hi {name}"
+
+
+async def test_callable_objects_and_bound_methods_register_and_run() -> None:
+    resonate = Resonate(MemoryStore())
+    workflow = CallableWorkflow("hello")
+    service = Service()
+    resonate.register(workflow, name="hello")
+    resonate.register(service.greet)
+    resonate.register(service.greet)  # the same method again (a new bound object): fine
+    async with resonate:
+        assert await resonate.run("h", workflow, "ada") == "hello ada"
+        assert await resonate.run("g", service.greet, "bob") == "hi bob"
+
+
+async def test_promises_checks_ids_and_tags_and_sees_a_run_just_started() -> None:
+    resonate = Resonate(MemoryStore())
+    resonate.register(echo)
+    async with resonate:
+        resonate.run("r", echo, 1)
+        found = await resonate.promises.get("r")  # before the writer got to it
+        assert found is not None and found.kind is Kind.RUN
+        for bad in ("", "\udcff", 5):
+            with pytest.raises(ValueError, match="promise id"):
+                await resonate.promises.get(bad)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="promise id"):
+                await resonate.promises.resolve(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="tags must be a dict of str to str"):
+            await resonate.promises.create("p", tags={"n": 1})  # type: ignore[dict-item]
+
+
+def test_aclose_from_another_event_loop_is_refused_and_stops_nothing() -> None:
+    resonate = Resonate(MemoryStore())
+    resonate.register(echo)
+    owner = asyncio.new_event_loop()
+    try:
+        owner.run_until_complete(resonate.start())
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: owner.run_until_complete(_until(done)))
+        thread.start()
+        try:
+            with pytest.raises(RuntimeError, match="started in another event loop"):
+                asyncio.run(resonate.aclose())
+        finally:
+            owner.call_soon_threadsafe(done.set)
+            thread.join()
+
+        # Still running in its own loop: it runs, then closes there.
+        async def use_and_close() -> int:
+            value = await resonate.run("e", echo, 3)
+            await resonate.aclose()
+            return value
+
+        assert owner.run_until_complete(use_and_close()) == 3
+    finally:
+        owner.close()
+
+
+async def _until(done: threading.Event) -> None:
+    while not done.is_set():
+        await asyncio.sleep(0.01)
