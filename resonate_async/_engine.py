@@ -42,6 +42,7 @@ from .errors import (
     NotFoundError,
     PromiseTimeoutError,
     StoredError,
+    StoreError,
 )
 from .stores._base import Kind, PromiseRecord, State
 
@@ -181,8 +182,17 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         if listen is not None:  # PostgreSQL: woken by NOTIFY instead of polling
             await listen(self._on_settled_notice)
             self._listening = True
-        await self._release_dead_owners(own=True)
-        await self.recover()
+        try:
+            await self._release_dead_owners(own=True)
+            await self.recover()
+        except StoreError as exc:
+            # The store opened, so this is passing (another process's long
+            # lock on a SQLite file, a backup, a VACUUM): start all the same,
+            # and let the claim loop free this id's old leases and resume its
+            # runs at its first poll, instead of failing (and crash-looping
+            # under a supervisor) until the lock clears.
+            log.warning("resuming pending runs at start failed: %s; retried at each poll", exc)
+            self._claim_lost = True
         self._services.append(self._spawn_service(self._claim_loop(), "claims"))
         self._services.append(self._spawn_service(self.poll_waiters(), "waits"))
 

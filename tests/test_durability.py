@@ -1013,3 +1013,30 @@ async def test_a_run_whose_arguments_do_not_decode_here_is_left_to_a_worker_that
     assert made == ["b"]
     said = [r for r in caplog.records if "do not decode here" in r.getMessage()]
     assert [r.levelno for r in said][:2] == [logging.ERROR, logging.DEBUG]  # said once
+
+
+async def test_a_store_busy_at_start_does_not_fail_it_and_its_runs_resume_later() -> None:
+    # Another process holds a SQLite file's lock past busy_timeout (a backup,
+    # a VACUUM): start() must not fail (a supervisor would crash-loop it).
+    class BusyAtFirst(MemoryStore):
+        busy = True
+
+        async def claim(self, owner: str, **kwargs: Any) -> list[PromiseRecord]:
+            if self.busy:
+                self.busy = False
+                raise StoreError("database is locked")
+            return await super().claim(owner, **kwargs)
+
+    store = BusyAtFirst()
+    clock = VirtualClock()
+    left = PromiseRecord("o", State.PENDING, Kind.RUN, "o", 0.0, "orphan", 1, b"[[],{}]")
+    await store.write([Create(left)])
+    resonate = Resonate(store, clock=clock)
+
+    @resonate.register(name="orphan")
+    async def orphan(ctx: Context) -> str:
+        return "resumed"
+
+    async with resonate:  # start() does not raise
+        await clock.advance(1)  # the first poll claims it
+        assert await asyncio.wait_for(resonate.get("o").result(), 10) == "resumed"
