@@ -227,6 +227,7 @@ class Context:
         if isinstance(target, Command):
             if args or kwargs:
                 raise TypeError("a Command carries its own arguments; pass only the instance")
+            id = self._next_id()  # a leaf's call is misuse first (UsageError)
             try:
                 self._engine.registry.handler(type(target))  # fail now if no handler
             except NotRegisteredError as exc:
@@ -237,7 +238,7 @@ class Context:
                 if run is not None and run.fatal is None:
                     run.fatal = exc
                 raise
-            promise: Promise[Any] = Promise(self, self._next_id(), _COMMAND, target, (), _NO_KWARGS)
+            promise: Promise[Any] = Promise(self, id, _COMMAND, target, (), _NO_KWARGS)
             try:
                 promise._param = self._engine.encode_for(target, promise.id)  # fail now
             except BaseException:

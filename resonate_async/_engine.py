@@ -143,6 +143,7 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         self._claim_lost = False  # a claim failed: rows may be leased here, not running
         self._undecodable: list[str] = []
         self._said_undecodable: set[str] = set()
+        self._just_freed: set[str] = set()
         self._listening = False
         # Stores that only processes of this host can open (SQLite) let a dead
         # pid free its leases at once; networked stores wait for the lease.
@@ -331,7 +332,7 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         state = record.state
         if state is not _RESOLVED:
             state = self.effective_state(record)
-        if state is State.RESOLVED:  # _RESOLVED: the hot path, no clock, no timeout rule
+        if state is _RESOLVED:  # stored RESOLVED: the hot path, no clock, no timeout rule
             value = record.value
             if value is None:
                 return None

@@ -275,9 +275,10 @@ def _reduce(error: BaseException) -> tuple[tuple[object, ...] | None, dict[str, 
             else {k: v for k, v in state.items() if k != "__notes__"}
         )
     state = {k: v for k, v in state.items() if type(k) is str}
-    for name in _slot_names(type(error)):  # BaseException.__reduce__ keeps __dict__ only
-        with contextlib.suppress(AttributeError):
-            state.setdefault(name, getattr(error, name))
+    if type(error).__reduce__ is BaseException.__reduce__:  # it keeps __dict__ only
+        for name in _slot_names(type(error)):
+            with contextlib.suppress(AttributeError):
+                state.setdefault(name, getattr(error, name))
     return reduced[1], state
 
 

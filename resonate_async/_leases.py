@@ -144,6 +144,7 @@ class LeaseKeeper:
     _claim_lost: bool
     _undecodable: list[str]  # claimed runs whose arguments do not decode: to free
     _said_undecodable: set[str]  # those logged at ERROR once already
+    _just_freed: set[str]  # leases this poll freed after their back-off
 
     if TYPE_CHECKING:
 
@@ -196,19 +197,24 @@ class LeaseKeeper:
                     await self.store.release(self.worker_id, [r.id for r in claimed])
                 break
             fresh = [r for r in claimed if r.id not in self.runs and r.id not in self.stuck]
+            started_now = 0
             for record in fresh:
                 started = self._resume(record)
-                resumed += started
+                started_now += started
                 if record.kind is Kind.REMOTE:
                     remote += started
-            if self._undecodable:
-                undecodable, self._undecodable = self._undecodable, []
+            resumed += started_now
+            released = self._undecodable
+            if released:
+                self._undecodable = []
                 try:
-                    await self.store.release(self.worker_id, undecodable)
+                    await self.store.release(self.worker_id, released)
                 except Exception:
-                    self._undecodable += undecodable  # freed after the next claim
+                    self._undecodable += released  # freed after the next claim
                     raise
-            if len(claimed) < _CLAIM_CHUNK or not fresh or self.closing:
+            # Not on once runs were released at once (see _resume): the next
+            # claim would take the same rows again. (Rows held are not taken.)
+            if len(claimed) < _CLAIM_CHUNK or not fresh or released or self.closing:
                 break
         if resumed > remote:  # a remote call taken here is work, not a recovery
             log.info("resumed %d pending runs", resumed - remote)
@@ -223,8 +229,13 @@ class LeaseKeeper:
             args, kwargs = cast("tuple[list[Any], dict[str, Any]]", decoded)
         except Exception as exc:
             # Not held here for ever (the heartbeat would renew the lease):
-            # freed at once for a worker that can decode them.
-            self._undecodable.append(record.id)
+            # held for a back-off (so claims here take newer runs), then freed
+            # and, taken again at once by this claim, left free until the next
+            # poll: a worker that can decode them gets its turn.
+            if record.id in self._just_freed:
+                self._undecodable.append(record.id)
+            else:
+                self.free_later(record.id)
             first = record.id not in self._said_undecodable
             if first:
                 if len(self._said_undecodable) >= 1024:
@@ -288,6 +299,7 @@ class LeaseKeeper:
         """Free the leases of runs a store failure stopped here, before claiming:
         the claim that follows (here or elsewhere) resumes them. In this task,
         so a release never lands after this worker claimed the run again."""
+        self._just_freed.clear()
         now = self.clock.now()
         failures = self.store_failures
         if failures:  # forget failures long past: the next one starts the back-off again
@@ -312,6 +324,7 @@ class LeaseKeeper:
                 return
             for id in ids:
                 stopped.pop(id, None)
+            self._just_freed.update(ids)  # (see _resume: left free until the next poll)
             log.info("freed the leases of %d runs stopped by a store failure", len(ids))
 
     async def _heartbeat(self) -> None:

@@ -130,8 +130,8 @@ def arity(fn: Callable[..., Any], *, cache: bool = False) -> Arity | None:
     code = None
     if cache:
         code = getattr(fn, "__code__", None)
-        if type(code) is not CodeType or hasattr(fn, "__wrapped__"):
-            return None
+        if type(code) is not CodeType or inspect.ismethod(fn) or hasattr(fn, "__wrapped__"):
+            return None  # (a bound method shares its function's code, not its signature)
         if "__signature__" in getattr(fn, "__dict__", ()):
             return None
         if code in _arities:

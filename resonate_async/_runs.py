@@ -661,7 +661,7 @@ class RunDriver(Attempts):
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(settling)
         error = None if settling.cancelled() else settling.exception()
-        if error is not None:  # reading the cut sleeps failed: the root stays PENDING
+        if error is not None:  # (a ShutdownError, say): the root stays PENDING
             run._set_exception(error)
             self._abandon(run, error)
 

@@ -265,6 +265,9 @@ class GroupCommitWriter:
                 txn.report(None, ShutdownError("shut down while writing; nothing is lost"))
             if not self._closing:
                 self._dropped_by_cancel(cut)
+            # No write waits on a writer that is gone (a run settling its
+            # cancel as the event loop ends): it is refused at once.
+            self._closed = True
             # Not left running past the writer (a store's commit under way
             # still finishes on its side: committed or not, nothing is lost).
             await asyncio.gather(*writes, return_exceptions=True)

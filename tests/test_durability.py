@@ -26,6 +26,7 @@ from resonate_async import (
     State,
     StoreError,
 )
+from resonate_async._leases import _CLAIM_CHUNK
 from resonate_async.retry import constant, exponential, never
 from resonate_async.stores import Create, PromiseRecord, Settle
 from resonate_async.testing import VirtualClock, crash, quiesce
@@ -1040,3 +1041,34 @@ async def test_a_store_busy_at_start_does_not_fail_it_and_its_runs_resume_later(
     async with resonate:  # start() does not raise
         await clock.advance(1)  # the first poll claims it
         assert await asyncio.wait_for(resonate.get("o").result(), 10) == "resumed"
+
+
+async def test_a_claim_chunk_of_runs_that_do_not_decode_here_holds_back_nothing() -> None:
+    # The oldest claimable runs (a whole chunk of them) do not decode here:
+    # start() returns, and a newer run is resumed all the same.
+    store = MemoryStore()
+    clock = VirtualClock()
+    bad = b'[[{"$":"Widget","n":1}],{}]'  # no Widget registered here
+    await store.write(
+        [
+            Create(
+                replace(
+                    PromiseRecord(f"w{i}", State.PENDING, Kind.RUN, f"w{i}", 0.0, "build", 1),
+                    param=bad,
+                )
+            )
+            for i in range(_CLAIM_CHUNK)
+        ]
+    )
+    good = PromiseRecord("good", State.PENDING, Kind.RUN, "good", 1.0, "build", 1, b"[[7],{}]")
+    await store.write([Create(good)])
+    resonate = Resonate(store, clock=clock)
+
+    @resonate.register(name="build")
+    async def build(ctx: Context, widget: Any) -> Any:
+        return widget
+
+    async with resonate:  # held for a back-off, so the next claim takes the newer run
+        assert await asyncio.wait_for(resonate.get("good").result(), 10) == 7
+        await clock.advance(5)  # then freed, taken again, and left free for a poll
+        assert (await store.get_many(["w0"]))["w0"].owner is None

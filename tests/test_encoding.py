@@ -662,6 +662,26 @@ class SlottedOpaque(Slotted):
         self.handle = object()  # not encodable: the error cannot come back whole
 
 
+class ConnectionLost(Exception):
+    """Its own __reduce__ leaves its connection (a slot) out on purpose."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, message: str, connection: object = None) -> None:
+        super().__init__(message)
+        self.connection = connection
+
+    def __reduce__(self) -> tuple[type[ConnectionLost], tuple[object, ...]]:
+        return (type(self), self.args)
+
+
+def test_an_error_whose_own_reduce_leaves_a_slot_out_is_rebuilt_without_it() -> None:
+    error = raise_and_catch(ConnectionLost("db down", connection=object()))
+    decoded = ENC.decode_error(ENC.encode_error(error))
+    assert type(decoded) is ConnectionLost and str(decoded) == "db down"
+    assert decoded.connection is None
+
+
 def test_an_error_with_slots_keeps_their_values() -> None:
     decoded = ENC.decode_error(ENC.encode_error(raise_and_catch(Slotted(5))))
     assert type(decoded) is Slotted

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
 import re
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,7 @@ from resonate_async import (
 )
 from resonate_async.errors import SignatureError
 from resonate_async.retry import RetryPolicy, constant, never
+from resonate_async.testing import quiesce
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -733,6 +736,26 @@ async def test_a_decorated_function_is_checked_against_what_its_wrapper_accepts(
         assert await resonate.run("f", flow) == 10
 
 
+class Steps:
+    async def step(self, ctx: Context, n: int) -> int:
+        return n
+
+
+async def test_a_method_and_its_function_are_checked_each_by_its_own_signature() -> None:
+    # The bound method shares its function's code: not one cached signature.
+    resonate = Resonate(MemoryStore())
+    steps = Steps()
+
+    @resonate.register
+    async def flow(ctx: Context) -> int:
+        unbound = await ctx.lfc(Steps.step, steps, 1)  # type: ignore[call-overload]
+        bound = await ctx.lfc(steps.step, 2)
+        return int(unbound) + bound
+
+    async with resonate:
+        assert await resonate.run("m", flow) == 3
+
+
 def test_a_function_that_takes_no_context_is_refused_at_registration() -> None:
     resonate = Resonate(MemoryStore())
 
@@ -1154,3 +1177,34 @@ async def test_a_stored_value_that_does_not_decode_here_names_its_promise() -> N
     async with Resonate(store) as resonate:
         with pytest.raises(EncodingError, match="the value of 'v' does not decode here"):
             await resonate.get("v")
+
+
+@pytest.mark.parametrize("turns", range(6))
+def test_a_loop_that_ends_while_a_cancel_is_being_settled_still_ends(turns: int) -> None:
+    # asyncio.run returning without aclose() cancels every task, the writer
+    # included, while the run's task waits for its cancel to be written.
+    async def main() -> None:
+        resonate = Resonate(MemoryStore())
+
+        @resonate.register
+        async def waits(ctx: Context) -> str:
+            await ctx.promise()  # for ever
+            return "unreached"
+
+        await resonate.start()
+        handle = resonate.run("c", waits)
+        await handle.created()
+        await quiesce()  # the writer is idle
+        handle.cancel()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+
+    ended = threading.Event()
+
+    def run() -> None:
+        with contextlib.suppress(BaseException):
+            asyncio.run(main())
+        ended.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert ended.wait(10), "asyncio.run never returned"
