@@ -376,7 +376,9 @@ def run_crash_loop(
     Each process is killed a random ``min_delay``..``max_delay`` seconds after
     its spawn (so kills also land in start-up and recovery). A process that
     finishes first is not counted as a kill, and later delays in its round are
-    capped at its lifetime, so the round's remaining kills still land. Then
+    capped at its lifetime, so the round's remaining kills still land; after
+    kills in start-up in a row, each next delay is 0.2 s longer, so a slow
+    start-up does not take every kill. Then
     one unkilled process must print DONE. ``progress(generation, kills)`` is
     called after each process. Failures are reported as anomalies, not raised.
     """
@@ -397,6 +399,10 @@ def run_crash_loop(
         round_kills: list[int] = []
         rounds.append((ids, round_kills))
         cap = config.max_delay
+        # Added to the next kill's delay after kills in start-up in a row: on
+        # a slow machine (or a loaded CI) start-up alone can outlast the
+        # window, and a loop whose kills all land there tests no recovery.
+        late = 0.0
         budget = 5 * quota + 10  # processes this round may take before it gives up
         while True:
             generation += 1
@@ -416,7 +422,7 @@ def run_crash_loop(
                 f"--concurrency={config.concurrency}",
                 f"--step-delay={config.step_delay}",
             ]
-            delay = config.final_timeout if final else rng.uniform(config.min_delay, cap)
+            delay = config.final_timeout if final else rng.uniform(config.min_delay, cap) + late
             starts.append(time.time())
             spawned = time.perf_counter()
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
@@ -443,7 +449,9 @@ def run_crash_loop(
             output = out_path.read_text()
             if child.returncode == -signal.SIGKILL:
                 if not final:
-                    phases[_phase(output)] += 1
+                    phase = _phase(output)
+                    phases[phase] += 1
+                    late = late + 0.2 if phase == "start-up" else 0.0
             elif child.returncode != 0 or "DONE" not in output:
                 failures += 1
                 category = "final_run" if final else "worker_failed"
