@@ -113,7 +113,7 @@ class Attempts:
                     # effects.
                     await self.confirm_leases()
                     self._check_unsettled(run)
-                if run.fatal is not None:
+                elif run.fatal is not None:
                     # Lost (or stuck) already, found by a renewal made
                     # meanwhile: not even an attempt in a task of its own
                     # (an lfi), or one that was ready to start as it was found.

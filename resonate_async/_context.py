@@ -250,7 +250,7 @@ class Context:
         call_style(target)  # fail now if not callable
         checked = arity(target, cache=True)
         if checked is not None:  # fail now if these arguments cannot bind
-            checked.check(function_name(target), args, kwargs)
+            checked.check(target, args, kwargs)  # (named only if it fails)
         return Promise(self, self._next_id(), _STEP, target, args, kwargs)
 
     @overload

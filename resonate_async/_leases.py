@@ -143,7 +143,6 @@ class LeaseKeeper:
     _claim_wakeup: asyncio.Event
     _claim_lost: bool
     _undecodable: list[str]  # claimed runs whose arguments do not decode: to free
-    _said_undecodable: set[str]  # those logged at ERROR once already
     _just_freed: set[str]  # leases this poll freed after their back-off
 
     if TYPE_CHECKING:
@@ -232,15 +231,11 @@ class LeaseKeeper:
             # held for a back-off (so claims here take newer runs), then freed
             # and, taken again at once by this claim, left free until the next
             # poll: a worker that can decode them gets its turn.
+            first = record.id not in self.store_failures  # logged at ERROR once
             if record.id in self._just_freed:
                 self._undecodable.append(record.id)
             else:
                 self.free_later(record.id)
-            first = record.id not in self._said_undecodable
-            if first:
-                if len(self._said_undecodable) >= 1024:
-                    self._said_undecodable.clear()
-                self._said_undecodable.add(record.id)
             log.log(
                 logging.ERROR if first else logging.DEBUG,
                 "cannot resume %s: its arguments do not decode here: %s; it is left "

@@ -94,8 +94,11 @@ class Arity:
         if required_keywords:
             self.least = self.most = -1  # never the fast path
 
-    def check(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Raise :class:`SignatureError` unless ``fn(ctx, *args, **kwargs)`` binds."""
+    def check(
+        self, fn: Callable[..., Any] | str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Raise :class:`SignatureError` unless ``fn(ctx, *args, **kwargs)`` binds
+        (``fn``: the function, or the name to give it in the message)."""
         count = len(args)
         most = self.most
         if not kwargs and self.least <= count and (most is None or count <= most):
@@ -103,6 +106,7 @@ class Arity:
         try:
             self.signature.bind(None, *args, **kwargs)
         except TypeError as exc:
+            name = fn if isinstance(fn, str) else function_name(fn)
             raise SignatureError(
                 f"{name} cannot be called with these arguments: {exc} "
                 "(it is called as fn(ctx, *args, **kwargs))"

@@ -499,7 +499,7 @@ class Resonate:
         try:  # a handler that cannot take (ctx, commands) would fail every batch
             checked = arity(handler)
             if checked is not None:
-                checked.check(function_name(handler), ([],), {})
+                checked.check(handler, ([],), {})
         except SignatureError:
             raise SignatureError(
                 f"{function_name(handler)} cannot be a batch handler: it is called as "

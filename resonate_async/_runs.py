@@ -418,10 +418,9 @@ class RunDriver(Attempts):
                 run._set_exception(self._interrupted(run))
             else:
                 self._follow(run, exc.record)
-        except StoreError as exc:  # the root stays PENDING; resumed once the store answers
-            run._set_exception(exc)
-            self._abandon(run, exc)
-        except NotRegisteredError as exc:  # a command without a handler here (Context._make)
+        except (StoreError, NotRegisteredError) as exc:
+            # The root stays PENDING: resumed once the store answers (or, for a
+            # command without a handler here, by a worker that has one).
             run._set_exception(exc)
             self._abandon(run, exc)
         except Exception as exc:  # a bug of ours: the run stays PENDING until the next start
