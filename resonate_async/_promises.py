@@ -135,14 +135,17 @@ class Promises:
         """Resolve ``id`` with ``value``; a settled promise keeps its first outcome.
 
         A promise past its ``timeout`` reads as timed out already: that is
-        what is recorded and returned, as for ``reject`` and ``cancel``.
+        what is recorded and returned, as for ``reject`` and ``cancel``. The
+        root promise of a run executing in this process settles its run: its
+        body is stopped as by a cancel, and its handle answers ``value``.
         """
         engine = self._engine()
         data = engine.encode_for(value, f"resolve {id!r}")
         return await self._settle(engine, id, State.RESOLVED, data)
 
     async def reject(self, id: str, error: BaseException | str) -> PromiseRecord:
-        """Reject ``id`` with ``error`` (an exception, or a message)."""
+        """Reject ``id`` with ``error`` (an exception, or a message); a run
+        executing here under that id is stopped, as for ``resolve``."""
         engine = self._engine()
         exc = error if isinstance(error, BaseException) else Exception(error)
         return await self._settle(engine, id, State.REJECTED, engine.encoder.encode_error(exc))
@@ -153,11 +156,7 @@ class Promises:
 
         engine = self._engine()
         data = engine.encoder.encode_error(CanceledError(f"promise {id!r} was canceled"))
-        record = await self._settle(engine, id, State.REJECTED_CANCELED, data)
-        run = engine.runs.get(id)
-        if run is not None:
-            run.cancel()
-        return record
+        return await self._settle(engine, id, State.REJECTED_CANCELED, data)
 
     async def _settle(self, engine: Engine, id: str, state: State, data: bytes) -> PromiseRecord:
         check_id(id, "a promise id")
@@ -181,6 +180,12 @@ class Promises:
                 f"no promise with id {id!r}; create it first (ctx.promise or promises.create)"
             )
         engine.wake(record)
+        run = engine.runs.get(id)
+        if run is not None:
+            # Its outcome is decided: what its body would still do is wasted
+            # (or worse, side effects for an outcome nobody reads). The cancel
+            # writes nothing over the first outcome, which its handle answers.
+            run.cancel()
         return engine.effective(record)
 
 

@@ -307,6 +307,45 @@ async def test_cancelling_a_run_settles_it_canceled() -> None:
             await resonate.run("a", "long")
 
 
+@pytest.mark.parametrize("settle", ["resolve", "reject"])
+async def test_a_run_settled_from_outside_stops_here(settle: str) -> None:
+    clock = VirtualClock()
+    resonate = make(clock)
+    steps: list[int] = []
+
+    async def step(ctx: Context, n: int) -> None:
+        steps.append(n)
+
+    @resonate.register(name="chain")
+    async def chain(ctx: Context) -> str:
+        for n in range(5):
+            await ctx.lfc(step, n)
+            await ctx.sleep(10)
+        return "body"
+
+    async with resonate:
+        handle = resonate.run("chain-1", "chain")
+        await handle.created()
+        await clock.advance(15)  # step 0, its sleep, step 1, in its second sleep
+        if settle == "resolve":
+            await resonate.promises.resolve("chain-1", "outside")
+            await quiesce()
+            assert handle.done()  # not at the end of the body's sleeps
+            assert await handle == "outside"
+        else:
+            await resonate.promises.reject("chain-1", "refused")
+            await quiesce()
+            assert handle.done()
+            with pytest.raises(Exception, match="refused"):
+                await handle
+        await clock.advance(100)  # the body's sleeps would all have ended
+        await quiesce()
+        assert steps == [0, 1]  # no step after its outcome was decided
+        record = await resonate.promises.get("chain-1")
+        assert record is not None
+        assert record.state is (State.RESOLVED if settle == "resolve" else State.REJECTED)
+
+
 @dataclass
 class Job(Command[int]):
     n: int
