@@ -35,6 +35,7 @@ from ._promise import (
 )
 from ._registry import arity, call_style, function_name
 from .errors import NotRegisteredError, UsageError
+from .stores._base import State
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator
@@ -228,17 +229,20 @@ class Context:
             if args or kwargs:
                 raise TypeError("a Command carries its own arguments; pass only the instance")
             id = self._next_id()  # a leaf's call is misuse first (UsageError)
+            promise: Promise[Any] = Promise(self, id, _COMMAND, target, (), _NO_KWARGS)
             try:
                 self._engine.registry.handler(type(target))  # fail now if no handler
             except NotRegisteredError as exc:
                 # Not the run's failure but this deployment's: it stays
                 # PENDING, resumed by a worker that registered the handler
-                # (this one, once restarted with it), as for an rfc.
-                run = self._run
-                if run is not None and run.fatal is None:
-                    run.fatal = exc
-                raise
-            promise: Promise[Any] = Promise(self, id, _COMMAND, target, (), _NO_KWARGS)
+                # (this one, once restarted with it), as for an rfc. A
+                # command whose outcome the history holds replays without one.
+                if not self._recorded(promise):
+                    promise._awaited = True  # the call is an error: no never-awaited warning
+                    run = self._run
+                    if run is not None and run.fatal is None:
+                        run.fatal = exc
+                    raise
             try:
                 promise._param = self._engine.encode_for(target, promise.id)  # fail now
             except BaseException:
@@ -252,6 +256,13 @@ class Context:
         if checked is not None:  # fail now if these arguments cannot bind
             checked.check(target, args, kwargs)  # (named only if it fails)
         return Promise(self, self._next_id(), _STEP, target, args, kwargs)
+
+    def _recorded(self, promise: Promise[Any]) -> bool:
+        """Whether the run's history holds ``promise``'s outcome already."""
+        stored = promise._stored()
+        return stored is not None and (
+            stored.state is not State.PENDING or self._engine.effectively_settled(stored)
+        )
 
     @overload
     def rfi(

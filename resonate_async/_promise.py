@@ -23,6 +23,7 @@ from .errors import (
     EncodingError,
     NondeterminismError,
     NotFoundError,
+    NotRegisteredError,
     PromiseTimeoutError,
     ShutdownError,
     StoreError,
@@ -512,7 +513,10 @@ class Promise(Generic[T]):
 
     def _func_name(self) -> str | None:
         if self._type == _COMMAND:
-            return self._ctx._engine.registry.handler(type(self._target)).name
+            try:
+                return self._ctx._engine.registry.handler(type(self._target)).name
+            except NotRegisteredError:  # replayed from its history: the default name
+                return type(self._target).__qualname__
         if self._type == _STEP:
             return function_name(self._target)
         if self._type == _SLEEP:

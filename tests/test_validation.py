@@ -27,7 +27,7 @@ from resonate_async import (
 from resonate_async.errors import SignatureError
 from resonate_async.retry import Never, RetryPolicy, constant, never
 from resonate_async.stores import store_from_spec
-from resonate_async.testing import VirtualClock
+from resonate_async.testing import VirtualClock, crash, quiesce
 
 
 @dataclass
@@ -400,6 +400,43 @@ async def test_a_command_without_a_handler_here_leaves_its_run_to_a_worker_with_
     async with second:  # restarted with the handler: the run resumes
         assert await asyncio.wait_for(second.get("s").result(), 10) == "pong"
     assert (await store.get_many(["s"]))["s"].state is State.RESOLVED
+
+
+async def test_a_command_its_history_holds_replays_in_a_worker_without_its_handler() -> None:
+    # Workers of one store need not all register every handler: one without
+    # Ping's resumes a run whose Ping is recorded, and needs none to replay it.
+    store = MemoryStore()
+    clock = VirtualClock()
+
+    async def pong_here(ctx: Context, commands: list[Ping]) -> str:
+        return "pong"  # not a thread's: the virtual clock's advance waits for it
+
+    def worker(with_handler: bool) -> Resonate:
+        resonate = Resonate(store, clock=clock, worker_id="w")
+        if with_handler:
+            resonate.register_command_handler(Ping, pong_here)
+
+        @resonate.register(name="send-later")
+        async def send_later(ctx: Context) -> str:
+            answer = await ctx.lfc(Ping(1))
+            await ctx.sleep(100)
+            return answer + "!"
+
+        return resonate
+
+    first = worker(with_handler=True)
+    await first.start()
+    first.run("s2", "send-later")
+    await clock.advance(1)  # Ping recorded, the sleep started
+    assert (await store.get_many(["s2.1"]))["s2.1"].state is State.RESOLVED
+    await crash(first)
+    second = worker(with_handler=False)
+    async with second:
+        handle = second.get("s2")
+        await clock.advance(100)
+        await quiesce()
+        assert handle.done()
+        assert await handle == "pong!"
 
 
 @pytest.mark.parametrize("retried", [False, True])
