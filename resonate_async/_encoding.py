@@ -1,8 +1,11 @@
 """How arguments and values become bytes in the store, and back.
 
-The default :class:`JSONEncoder` writes canonical JSON (sorted keys, no
-whitespace, ASCII only), so equal values always encode to equal bytes: the
-engine relies on that to compare a run's arguments with the stored ones.
+The default :class:`JSONEncoder` writes compact JSON (no whitespace, ASCII
+only) that keeps a dict's key order, so a dict decodes in the order it was
+written, as it does in Python. Equal values may therefore encode to other
+bytes (``{"a":1,"b":2}``, ``{"b":2,"a":1}``): the engine compares a run's
+arguments with the stored ones as bytes first, then as decoded values (see
+:func:`same_values`).
 
 Tag format. JSON has no tuples, bytes, non-finite floats or classes, so such
 values are written as a JSON object holding the reserved key ``"$"``:
@@ -120,7 +123,7 @@ def _qualified(cls: type) -> str:
 
 
 class JSONEncoder:
-    """The default :class:`Encoder`: canonical JSON, no pickle.
+    """The default :class:`Encoder`: compact JSON that keeps dict order, no pickle.
 
     Handles ``None``, ``bool``, ``int``, ``float`` (``nan`` and ``inf`` too),
     ``str``, ``bytes``, ``list``, ``tuple`` (decoded as a tuple), ``dict`` with
@@ -162,13 +165,11 @@ class JSONEncoder:
         c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
         if c_make_encoder is not None:
             make = c_make_encoder(
-                None, _no_default, encode_basestring_ascii, None, ":", ",", True, False, False
+                None, _no_default, encode_basestring_ascii, None, ":", ",", False, False, False
             )
             self._dumps: Callable[[object], str] = lambda obj: "".join(make(obj, 0))
         else:  # pragma: no cover - CPython always has the C encoder
-            self._dumps = json.JSONEncoder(
-                sort_keys=True, separators=(",", ":"), allow_nan=False
-            ).encode
+            self._dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
         self._errors = ErrorCodec(self._walk_or_none, self._dump, self.decode)
 
     # -- registration ----------------------------------------------------------
@@ -217,7 +218,7 @@ class JSONEncoder:
     # -- values ----------------------------------------------------------------
 
     def encode(self, value: object) -> bytes:
-        """Encode ``value`` as canonical JSON bytes.
+        """Encode ``value`` as compact JSON bytes (a dict in its key order).
 
         Raises:
             EncodingError: ``value`` holds something the encoder cannot
@@ -325,8 +326,7 @@ class JSONEncoder:
             )
         try:
             if "$" in v:
-                pairs = sorted(v.items())  # keys are all str, so they sort
-                return {"$": "dict", "v": [[k, self._walk(x)] for k, x in pairs]}
+                return {"$": "dict", "v": [[k, self._walk(x)] for k, x in v.items()]}
             return {k: x if type(x) in _PLAIN else self._walk(x) for k, x in v.items()}
         except _Unencodable as exc:
             exc.path.append(f"[{self._first_failure(v.items())!r}]")
@@ -657,6 +657,45 @@ def default_encoder() -> JSONEncoder:
     return JSONEncoder()
 
 
+def same_values(a: object, b: object) -> bool:
+    """Whether two decoded values are the same: equal, of the same types all
+    the way down (``1`` is not ``1.0`` or ``True``; a dataclass field by
+    field), dicts in any key order."""
+    t = type(a)
+    if t is not type(b):
+        return False
+    if t is dict:
+        return a.keys() == b.keys() and all(  # type: ignore[attr-defined]
+            same_values(x, b[k])  # type: ignore[index]
+            for k, x in a.items()  # type: ignore[attr-defined]
+        )
+    if t is list or t is tuple:
+        return len(a) == len(b) and all(  # type: ignore[arg-type]
+            map(same_values, a, b)  # type: ignore[call-overload]
+        )
+    if t is float and a != a:  # nan
+        return b != b
+    if dataclasses.is_dataclass(t) and not isinstance(a, enum.Enum):
+        names = [f.name for f in dataclasses.fields(t)]
+        return same_values(
+            [getattr(a, n, None) for n in names], [getattr(b, n, None) for n in names]
+        )
+    return a == b
+
+
+def same_params(encoder: Encoder, a: bytes | None, b: bytes | None) -> bool:
+    """Whether two encoded argument lists are the same call's: the same bytes,
+    or values that decode the same (a dict's keys in another order)."""
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    try:
+        return same_values(encoder.decode(a), encoder.decode(b))
+    except Exception:  # not decodable here: not known to be the same
+        return False
+
+
 # How the C encoder writes the scalars that the direct paths take.
 _FLAT: dict[type, Callable[[Any], str]] = {int: int.__repr__, str: encode_basestring_ascii}
 
@@ -676,12 +715,12 @@ def _flat_items(items: list[object]) -> str | None:
 def _flat_writer(tag: str, names: tuple[str, ...]) -> Callable[[Any], str | None]:
     """Write a dataclass whose fields hold ints and strs as the C encoder would.
 
-    That is ``{"$":tag,...}`` with the keys sorted (``$`` sorts before any
-    field name) and no spaces; any other field value returns ``None`` and the
-    value takes the general path.
+    That is ``{"$":tag,...}`` with the fields in their order and no spaces;
+    any other field value returns ``None`` and the value takes the general
+    path.
     """
     head = '{"$":' + encode_basestring_ascii(tag)
-    keys = [(name, "," + encode_basestring_ascii(name) + ":") for name in sorted(names)]
+    keys = [(name, "," + encode_basestring_ascii(name) + ":") for name in names]
 
     def write(v: object) -> str | None:
         parts = [head]

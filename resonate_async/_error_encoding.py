@@ -71,7 +71,7 @@ class ErrorCodec:
     It writes no JSON itself: the :class:`~resonate_async.JSONEncoder` that
     owns it gives it ``walk`` (a sequence of values as a list of plain JSON
     types, or ``None`` if one cannot be encoded), ``dump`` (plain JSON types
-    as canonical JSON text) and ``decode`` (its ``decode``). The encoder's
+    as compact JSON text) and ``decode`` (its ``decode``). The encoder's
     ``encode_error`` and ``decode_error`` document what is stored and how it
     comes back.
     """

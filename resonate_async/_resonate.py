@@ -11,7 +11,7 @@ import os
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from ._clock import check_seconds
-from ._encoding import JSONEncoder
+from ._encoding import JSONEncoder, same_params
 from ._engine import Engine, argument_path
 from ._handle import Handle
 from ._leases import abandoned_workers, default_worker_id
@@ -597,7 +597,7 @@ class Resonate:
             # Another version of the same function is the same run (as for
             # one stored already; see RunDriver._attach_to).
             running = existing.entry
-            if running.name == entry.name and existing.param == param:
+            if running.name == entry.name and same_params(self._encoder, existing.param, param):
                 return existing
             other = " with other arguments" if running.name == entry.name else ""
             handle: Handle[Any] = Handle(id, asyncio.get_running_loop())

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ._attempts import LEAVE_PENDING, Attempts, unwrap_group
 from ._context import Context
+from ._encoding import same_params
 from ._handle import Handle
 from ._invoke import being_cancelled
 from ._leases import LeaseLost
@@ -563,7 +564,7 @@ class RunDriver(Attempts):
             differs = f"a promise of kind {stored.kind.value!r} (not a run)"
         elif stored.func != entry.name:
             differs = f"{stored.func!r} version {stored.version}"
-        elif stored.param != run.param:
+        elif not same_params(self.encoder, stored.param, run.param):
             differs = f"{stored.func!r} version {stored.version} with other arguments"
         else:
             differs = None

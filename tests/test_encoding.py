@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from resonate_async import Context, Resonate, errors
 from resonate_async._command import Command
-from resonate_async._encoding import Encoder, JSONEncoder, default_encoder
+from resonate_async._encoding import Encoder, JSONEncoder, default_encoder, same_params
 from resonate_async._error_encoding import NOTE_PREFIX
 from resonate_async.errors import EncodingError, StoredError
 from resonate_async.retry import never
@@ -188,8 +188,15 @@ def test_output_is_canonical_strict_json(value: object) -> None:
 
 
 @given(st.dictionaries(keys, values, min_size=2, max_size=6))
-def test_dict_insertion_order_does_not_change_the_bytes(d: dict[str, object]) -> None:
-    assert ENC.encode(dict(reversed(d.items()))) == ENC.encode(d)
+def test_a_dict_keeps_its_key_order_and_any_order_is_the_same_arguments(
+    d: dict[str, object],
+) -> None:
+    # As a Python dict does: a step returning ranked results iterates them
+    # back in rank order (sorted keys once turned an error's message around).
+    assert list(ENC.decode(ENC.encode(d))) == list(d)  # type: ignore[call-overload]
+    flipped = dict(reversed(d.items()))
+    assert list(ENC.decode(ENC.encode(flipped))) == list(flipped)  # type: ignore[call-overload]
+    assert same_params(ENC, ENC.encode([[d], {}]), ENC.encode([[flipped], {}]))
 
 
 @pytest.mark.parametrize(
@@ -200,7 +207,7 @@ def test_dict_insertion_order_does_not_change_the_bytes(d: dict[str, object]) ->
         (True, b"true"),
         ("h\u00e9", b'"h\\u00e9"'),
         (1.5, b"1.5"),
-        ({"b": 1, "a": [None]}, b'{"a":[null],"b":1}'),
+        ({"b": 1, "a": [None]}, b'{"b":1,"a":[null]}'),
         ((1, 2), b'{"$":"tuple","v":[1,2]}'),
         (b"x", b'{"$":"bytes","v":"eA=="}'),
         (math.inf, b'{"$":"float","v":"inf"}'),
@@ -283,8 +290,8 @@ def _counted(value: Counter) -> Counter:
         (Doubled(1), '"x":2'),  # __post_init__ ran once, when it was made
         (Scaled(2, 10), '"a":20'),  # an InitVar is not a field: not needed to rebuild
         (_bumped(NonNegative(1)), '"n":-5'),  # its __post_init__ would refuse it now
-        (_counted(Counter("c")), '"hits":2,"name":"c","seen":["a"]'),
-        (FrozenSlots(1), '"half":1.0,"x":2'),
+        (_counted(Counter("c")), '"name":"c","hits":2,"seen":["a"]'),
+        (FrozenSlots(1), '"x":2,"half":1.0'),
     ],
     ids=["post-init", "init-var", "post-init-raises", "init-false", "frozen-slots"],
 )
@@ -552,6 +559,25 @@ def test_errors_whose_constructor_formats_the_message_round_trip(
     assert type(decoded) is type(error)  # so `except CardDeclined:` catches it
     assert str(decoded) == str(error)
     assert {name: getattr(decoded, name) for name in attributes} == attributes
+
+
+class ValidationFailed(Exception):
+    def __init__(self, errors: dict[str, str]) -> None:
+        super().__init__()
+        self.errors = errors
+
+    def __str__(self) -> str:
+        return f"invalid: {self.errors}"
+
+
+def test_an_error_whose_message_shows_a_dict_comes_back_as_its_type() -> None:
+    # Its constructor refuses the stored (empty) args, so the rebuilt error
+    # must print the original message: with sorted keys it did not, and came
+    # back as StoredError (an `except ValidationFailed:` missed it).
+    error = ValidationFailed({"name": "required", "age": "must be > 0"})
+    decoded = ENC.decode_error(ENC.encode_error(raise_and_catch(error)))
+    assert type(decoded) is ValidationFailed
+    assert str(decoded) == str(error)
 
 
 def test_error_attributes_are_restored() -> None:

@@ -124,6 +124,25 @@ async def test_same_id_other_arguments_is_a_conflict_whatever_the_state() -> Non
             await resonate.run("c", g, 1)  # completed, other function
 
 
+async def test_the_same_arguments_are_the_same_run_whatever_their_dict_order() -> None:
+    resonate = make()
+    gate = asyncio.Event()
+
+    @resonate.register
+    async def f(ctx: Context, d: dict[str, int]) -> dict[str, int]:
+        await gate.wait()
+        return d
+
+    async with resonate:
+        running = resonate.run("d", f, {"b": 2, "a": 1})
+        assert resonate.run("d", f, {"a": 1, "b": 2}) is running  # executing here
+        gate.set()
+        assert list(await running) == ["b", "a"]  # in the order it was given
+        assert list(await resonate.run("d", f, {"a": 1, "b": 2})) == ["b", "a"]  # stored
+        with pytest.raises(ConflictError, match="other arg"):
+            await resonate.run("d", f, {"a": 1.0, "b": 2})  # 1.0 is not 1
+
+
 async def test_an_id_completed_by_an_older_version_answers_after_an_upgrade() -> None:
     # Deploying version 2 of a function must not turn a client's retried
     # run(id, ...) of an id that version 1 completed into a ConflictError.
