@@ -11,6 +11,8 @@ from .errors import NotFoundError
 from .stores._base import Create, Kind, PromiseRecord, Settle, State
 
 if TYPE_CHECKING:
+    import asyncio
+
     from ._engine import Engine
     from ._resonate import Resonate
 
@@ -174,18 +176,33 @@ class Promises:
             op = engine.overdue_settle(stored, now)
         else:
             op = Settle(id, state, data, now)
-        record = await engine.writer.write(op)
+        # What follows the commit happens whether or not the caller still
+        # waits (a request cancelled by its client): the run stops, waiters wake.
+        answer: asyncio.Future[PromiseRecord | None] = engine.loop.create_future()
+
+        def written(_: object, record: PromiseRecord | None, error: BaseException | None) -> None:
+            if error is None and record is not None:
+                engine.wake(record)
+                run = engine.runs.get(id)
+                if run is not None:
+                    # Its outcome is decided: what its body would still do is
+                    # wasted (or worse, side effects for an outcome nobody
+                    # reads). The cancel writes nothing over the first
+                    # outcome, which its handle answers.
+                    run.cancel()
+            if answer.done():
+                return
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                answer.set_result(record)
+
+        engine.writer.write_then(op, written, None)
+        record = await answer
         if record is None:
             raise NotFoundError(
                 f"no promise with id {id!r}; create it first (ctx.promise or promises.create)"
             )
-        engine.wake(record)
-        run = engine.runs.get(id)
-        if run is not None:
-            # Its outcome is decided: what its body would still do is wasted
-            # (or worse, side effects for an outcome nobody reads). The cancel
-            # writes nothing over the first outcome, which its handle answers.
-            run.cancel()
         return engine.effective(record)
 
 

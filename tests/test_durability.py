@@ -346,6 +346,35 @@ async def test_a_run_settled_from_outside_stops_here(settle: str) -> None:
         assert record.state is (State.RESOLVED if settle == "resolve" else State.REJECTED)
 
 
+async def test_a_settle_whose_caller_stopped_waiting_still_stops_the_run() -> None:
+    # A web request cancelling a run, cut by its client once the cancel is
+    # queued: the cancel commits, so the run must stop and its handle answer.
+    clock = VirtualClock()
+    resonate = make(clock)
+
+    @resonate.register(name="waits")
+    async def waits(ctx: Context) -> None:
+        await ctx.sleep(3600)
+
+    async with resonate:
+        handle = resonate.run("w", "waits")
+        await handle.created()
+        engine = resonate._engine
+        assert engine is not None
+        request = asyncio.create_task(resonate.promises.cancel("w"))
+        while engine.writer.idle:  # until the cancel is queued
+            await asyncio.sleep(0)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request  # the caller unwinds before the commit
+        await quiesce()
+        record = await resonate.promises.get("w")
+        assert record is not None and record.state is State.REJECTED_CANCELED
+        assert handle.done()
+        with pytest.raises(CanceledError):
+            await handle
+
+
 @dataclass
 class Job(Command[int]):
     n: int

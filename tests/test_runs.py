@@ -140,7 +140,8 @@ async def test_the_same_arguments_are_the_same_run_whatever_their_dict_order() -
         assert list(await running) == ["b", "a"]  # in the order it was given
         assert list(await resonate.run("d", f, {"a": 1, "b": 2})) == ["b", "a"]  # stored
         with pytest.raises(ConflictError, match="other arg"):
-            await resonate.run("d", f, {"a": 1.0, "b": 2})  # 1.0 is not 1
+            other: dict[str, Any] = {"a": 1.0, "b": 2}  # 1.0 is not 1
+            await resonate.run("d", f, other)
 
 
 async def test_an_id_completed_by_an_older_version_answers_after_an_upgrade() -> None:
