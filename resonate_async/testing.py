@@ -22,13 +22,12 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import math
 from typing import TYPE_CHECKING
 
 from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from ._resonate import Resonate
     from ._store_suite import StoreConformance as StoreConformance
 
@@ -53,6 +52,12 @@ async def quiesce(rounds: int = 1000) -> None:
     Work waiting on threads (aiosqlite) is not visible to this; use it with
     ``MemoryStore`` for exact, instant tests.
     """
+    await _idle(rounds)
+
+
+async def _idle(rounds: int) -> bool:
+    """:func:`quiesce`; whether the loop was seen idle (``False``: it ran
+    ``rounds`` steps and was still busy, or this loop cannot tell)."""
     global _quiescing
     loop = asyncio.get_running_loop()
     ready = getattr(loop, "_ready", None)  # CPython's loops; others fall back to rounds
@@ -67,11 +72,26 @@ async def quiesce(rounds: int = 1000) -> None:
             if ready is not None and len(ready) < _quiescing:
                 idle += 1
                 if idle >= 3:
-                    return
+                    return True
             else:
                 idle = 0
+        return False
     finally:
         _quiescing -= 1
+
+
+async def _until_idle() -> None:
+    """Before virtual time moves: let the loop run until it is idle, however
+    many steps that takes (a run of a thousand steps that await nothing takes
+    more than one quiesce), up to a bound that only a task spinning on
+    ``asyncio.sleep(0)`` for ever reaches. On a loop that cannot tell (uvloop)
+    it is one :func:`quiesce`."""
+    if getattr(asyncio.get_running_loop(), "_ready", None) is None:
+        await _idle(1000)
+        return
+    for _ in range(1000):
+        if await _idle(1000):
+            return
 
 
 # How many quiesce() calls are running now (a test's, an autojump clock's).
@@ -100,6 +120,10 @@ class VirtualClock:
         self._autojump = autojump
         self._jumper: asyncio.Task[None] | None = None
         self._polls: list[tuple[float, asyncio.Future[None]]] = []
+        # advance() calls running: an autojump clock waits for them to end
+        # (time is theirs to move), on ``_resume``.
+        self._advancing = 0
+        self._resume: asyncio.Future[None] | None = None
 
     def now(self) -> float:
         """The virtual time."""
@@ -153,8 +177,13 @@ class VirtualClock:
 
     def _start_jumping(self) -> None:
         """With autojump, make sure a task jumps time whenever the loop is idle."""
-        if self._autojump and (self._jumper is None or self._jumper.done()):
-            self._jumper = asyncio.get_running_loop().create_task(self._jump())
+        if not self._autojump:
+            return
+        jumper, loop = self._jumper, asyncio.get_running_loop()
+        # A jumper of another loop (a module-scoped test's, alive but not
+        # running) would never jump for this one.
+        if jumper is None or jumper.done() or jumper.get_loop() is not loop:
+            self._jumper = loop.create_task(self._jump())
 
     def _release_polls(self) -> None:
         """Return from every poll that is due."""
@@ -173,27 +202,38 @@ class VirtualClock:
 
     async def advance(self, seconds: float) -> None:
         """Move time forward by ``seconds``, firing every timer due on the way."""
-        _check_duration(seconds)
-        if seconds < 0:
+        if isinstance(seconds, int | float) and seconds < 0:
             raise ValueError("time only moves forward")
+        _check_duration(seconds)
         target = self._now + seconds
-        await quiesce()
-        while self._timers and self._timers[0][0] <= target:
-            when, _, future = heapq.heappop(self._timers)
-            if future.done():
-                continue
-            self._now = max(self._now, when)
-            future.set_result(None)
+        self._advancing += 1
+        try:
+            await _until_idle()
+            while self._timers and self._timers[0][0] <= target:
+                when, _, future = heapq.heappop(self._timers)
+                if future.done():
+                    continue
+                self._now = max(self._now, when)
+                future.set_result(None)
+                self._release_polls()
+                await _until_idle()
+            # Never back: another advance may have gone further meanwhile.
+            self._now = max(self._now, target)
             self._release_polls()
-            await quiesce()
-        # Never back: another advance (or an autojump) may have gone further meanwhile.
-        self._now = max(self._now, target)
-        self._release_polls()
-        await quiesce()
+            await _until_idle()
+        finally:
+            self._advancing -= 1
+            resume = self._resume
+            if not self._advancing and resume is not None and not resume.done():
+                resume.set_result(None)
 
     async def _jump(self) -> None:
         while True:
-            await quiesce()
+            await _until_idle()
+            if self._advancing:  # an advance() moves time meanwhile
+                self._resume = asyncio.get_running_loop().create_future()
+                await self._resume
+                continue
             while self._timers and self._timers[0][2].done():
                 heapq.heappop(self._timers)
             polls = [when for when, future in self._polls if not future.done()]
@@ -211,8 +251,14 @@ class VirtualClock:
 
 
 def _check_duration(seconds: float) -> None:
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise TypeError(f"a virtual duration must be a number of seconds, got {seconds!r}")
     if seconds != seconds:  # NaN: it would stop time, or break the timer heap
         raise ValueError("a virtual duration must be a number of seconds, not NaN")
+    if seconds == math.inf:  # a timer no advance reaches, and autojump would try
+        raise ValueError(
+            "a virtual duration must be finite; to wait for ever, await a future that nothing sets"
+        )
 
 
 async def crash(resonate: Resonate) -> None:
@@ -223,9 +269,15 @@ async def crash(resonate: Resonate) -> None:
     (uncommitted work rolls back), so a test can start another ``Resonate`` on
     the same store and check recovery.
     """
+    resonate._forget_ended_loop()  # its loop ended: dropped already, as a crash would
     engine = resonate._engine
     if engine is None:
         return
+    if engine.loop is not asyncio.get_running_loop():
+        raise RuntimeError(
+            "this Resonate was started in another event loop, which still runs; crash it "
+            "from that loop (a fixture of a wider loop scope started it?)"
+        )
     resonate._engine = None
     await engine.abandon()
     await engine.store.close()
@@ -233,20 +285,18 @@ async def crash(resonate: Resonate) -> None:
 
 try:  # the fixtures need pytest; the clock and crash helper do not
     import pytest
-    import pytest_asyncio
 except ImportError:  # pragma: no cover
     pass
 else:
+    # Plain fixtures, not pytest-asyncio's: they work with any async plugin
+    # (pytest-asyncio in any mode or loop scope, anyio) or none.
 
     @pytest.fixture
     def virtual_clock() -> VirtualClock:
         """A fresh :class:`VirtualClock` (explicit ``advance``)."""
         return VirtualClock()
 
-    @pytest_asyncio.fixture
-    async def memory_store() -> AsyncIterator[MemoryStore]:
-        """A fresh, opened :class:`MemoryStore`; closed after the test."""
-        store = MemoryStore()
-        await store.open()
-        yield store
-        await store.close()
+    @pytest.fixture
+    def memory_store() -> MemoryStore:
+        """A fresh :class:`MemoryStore` (it needs no opening or closing)."""
+        return MemoryStore()

@@ -166,3 +166,90 @@ async def test_timers_given_up_do_not_pile_up() -> None:
         sleeping.cancel()
         await asyncio.gather(sleeping, return_exceptions=True)
     assert len(clock._timers) <= 130
+
+
+@pytest.mark.parametrize("jump", ["autojump", "advance"])
+async def test_virtual_time_waits_for_a_long_chain_of_steps_that_await_nothing(
+    jump: str,
+) -> None:
+    # 1,500 steps take more loop iterations than one quiesce() runs: time
+    # moved on while they ran, and the run timed out at a deadline it never
+    # reached in virtual time.
+    clock = VirtualClock(autojump=jump == "autojump")
+    resonate = Resonate(MemoryStore(), clock=clock)
+
+    async def step(ctx: Context, n: int) -> int:
+        return n
+
+    @resonate.register(timeout=30)
+    async def chain(ctx: Context) -> float:
+        start = clock.now()
+        await ctx.sleep(5)
+        for n in range(1500):
+            await ctx.lfc(step, n)
+        return clock.now() - start
+
+    async with resonate:
+        handle = resonate.run("chain", chain)
+        if jump == "advance":
+            await clock.advance(600)
+            assert handle.done()
+        assert await handle == 5.0
+
+
+async def test_virtual_durations_are_finite_numbers() -> None:
+    clock = VirtualClock()
+    for call in (clock.advance, clock.sleep, clock.poll):
+        with pytest.raises(ValueError, match="finite"):
+            await call(float("inf"))  # advance(inf) never ended
+        with pytest.raises(TypeError, match="number of seconds"):
+            await call("5")  # type: ignore[arg-type]
+    assert clock.pending_timers == 0
+
+
+async def test_an_autojump_clock_used_by_another_loop_before_still_jumps() -> None:
+    # A module-scoped test's loop left a sleep (and the clock's jumper) pending.
+    clock = VirtualClock(autojump=True)
+    other = asyncio.new_event_loop()
+
+    left: list[asyncio.Future[None]] = []
+
+    async def leave_a_sleep() -> None:
+        left.append(asyncio.ensure_future(clock.sleep(1000)))
+        await asyncio.sleep(0)
+
+    try:
+        await asyncio.to_thread(other.run_until_complete, leave_a_sleep())
+        start = clock.now()
+        await asyncio.wait_for(clock.sleep(5), 5)  # jumps here, not waits for ever
+        assert clock.now() == start + 5
+    finally:
+        for task in asyncio.all_tasks(other):
+            task.cancel()
+        other.close()
+
+
+def test_crash_of_a_resonate_whose_loop_ended_drops_it() -> None:
+    # A failing test's loop ended without aclose(); the next test crashes it.
+    store = MemoryStore()
+    resonate = Resonate(store, worker_id="w")
+
+    async def failing_test() -> None:
+        await resonate.start()
+
+    async def next_test() -> None:
+        await crash(resonate)  # asyncio's "Event loop is closed" before
+        assert resonate._engine is None
+        async with resonate:  # and it starts again in this loop
+            pass
+
+    asyncio.run(failing_test())
+    asyncio.run(next_test())
+
+
+def test_the_fixtures_need_no_async_plugin(
+    virtual_clock: VirtualClock, memory_store: MemoryStore
+) -> None:
+    # Plain fixtures: an anyio or sync test gets them too.
+    assert isinstance(virtual_clock, VirtualClock)
+    assert isinstance(memory_store, MemoryStore)
