@@ -60,14 +60,16 @@ async def search(
     kind: Kind | None,
     prefix: str | None,
     limit: int | None,
+    now: float | None = None,
 ) -> list[PromiseRecord]:
-    """``store.search`` filtered by *effective* state, oldest first.
+    """``store.search`` filtered by *effective* state at ``now`` (default: the
+    time now), oldest first; also ``resonate.promises.search``.
 
     A PENDING row may read as REJECTED_TIMEDOUT (or RESOLVED, for a sleep), so
     those filters also sweep the pending rows, which the store cannot filter
     by deadline; that sweep reads every pending row matching the other filters.
     """
-    now = time.time()
+    now = time.time() if now is None else now
     if state is None:
         rows = await store.search(kind=kind, prefix=prefix, limit=limit)
         return [effective(r, now) for r in rows]

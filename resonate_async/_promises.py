@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._cli_view import search
 from ._clock import check_seconds
 from ._promise import check_id
 from .errors import NotFoundError
@@ -50,7 +51,8 @@ class Promises:
         kind: Kind | str | None = None,
         limit: int | None = 100,
     ) -> list[PromiseRecord]:
-        """Promises matching every filter given, oldest first.
+        """Promises matching every filter given, oldest first; ``state`` is the
+        state a reader sees (a PENDING promise past its timeout reads as timed out).
 
         Args:
             state: a ``State``, or its name in any case (``"resolved"``).
@@ -64,13 +66,11 @@ class Promises:
         state = None if state is None else _member(State, state, "state")
         kind = None if kind is None else _member(Kind, kind, "kind")
         engine = self._engine()
-        records = await engine.store.search(
-            state=state,
-            kind=kind,
-            prefix=prefix,
-            limit=limit,
+        # By the state a reader sees: a PENDING row past its timeout is not
+        # PENDING (see DESIGN §2), whatever the store's column says.
+        return await search(
+            engine.store, state=state, kind=kind, prefix=prefix, limit=limit, now=engine.clock.now()
         )
-        return [engine.effective(r) for r in records]
 
     async def create(
         self,
@@ -203,6 +203,8 @@ class Promises:
             raise NotFoundError(
                 f"no promise with id {id!r}; create it first (ctx.promise or promises.create)"
             )
+        if stored is not None and stored.state is State.PENDING:
+            await engine.settle_sleeps_of_timed_out_run(record)
         return engine.effective(record)
 
 

@@ -69,6 +69,8 @@ class SettleWatcher:
 
         def outcome(self, record: PromiseRecord) -> Any: ...
 
+        async def settle_cut_sleeps(self, id: str, root_id: str) -> None: ...
+
     def overdue_settle(self, record: PromiseRecord, now: float) -> Settle:
         """The settle of a PENDING ``record`` past its ``timeout_at``: what every
         reader sees already (a sleep woken, any other promise timed out)."""
@@ -76,6 +78,13 @@ class SettleWatcher:
             return Settle(record.id, State.RESOLVED, self.encoded_none, now)
         error = self.encoder.encode_error(PromiseTimeoutError(f"{record.id} timed out"))
         return Settle(record.id, State.REJECTED_TIMEDOUT, error, now)
+
+    async def settle_sleeps_of_timed_out_run(self, record: PromiseRecord) -> None:
+        """A run's root that a reader settled timed out (its process was down
+        past its deadline): settle the sleeps it was in, as its own timeout
+        would have, rather than leave them PENDING under it for good."""
+        if record.kind is Kind.RUN and record.state is State.REJECTED_TIMEDOUT:
+            await self.settle_cut_sleeps(record.id, record.root_id)
 
     def record_overdue(self, record: PromiseRecord) -> None:
         """Write ``record``'s overdue settle without waiting for it: it came due
@@ -129,6 +138,7 @@ class SettleWatcher:
                 op = self.overdue_settle(record, clock.now())
                 record = await self.writer.write(op) or record
                 self.wake(record)
+                await self.settle_sleeps_of_timed_out_run(record)
                 return record
             if state is not State.PENDING:
                 return record

@@ -1140,3 +1140,41 @@ async def test_a_claim_chunk_of_runs_that_do_not_decode_here_holds_back_nothing(
         assert await asyncio.wait_for(resonate.get("good").result(), 10) == 7
         await clock.advance(5)  # then freed, taken again, and left free for a poll
         assert (await store.get_many(["w0"]))["w0"].owner is None
+
+
+async def test_promises_search_filters_by_the_state_a_reader_sees() -> None:
+    clock = VirtualClock()
+    resonate = Resonate(MemoryStore(), clock=clock)
+    async with resonate:
+        await resonate.promises.create("approval-1", timeout=60)
+        await resonate.promises.create("approval-2", timeout=600)
+        await clock.advance(120)
+        pending = await resonate.promises.search(state="pending")
+        assert [r.id for r in pending] == ["approval-2"]
+        timed_out = await resonate.promises.search(state="rejected_timedout")
+        assert [(r.id, r.state) for r in timed_out] == [("approval-1", State.REJECTED_TIMEDOUT)]
+
+
+async def test_a_run_a_reader_times_out_leaves_no_sleep_pending() -> None:
+    # Its process died mid-sleep; past its deadline a process that does not
+    # register its function reads it: the run reads timed out, and so must
+    # the sleep it was in settle, as the run's own timeout would have.
+    store, clock = MemoryStore(), VirtualClock()
+    first = Resonate(store, clock=clock, worker_id="a")
+
+    @first.register(name="naps", timeout=100)
+    async def naps(ctx: Context) -> None:
+        await ctx.sleep(1000)
+
+    await first.start()
+    first.run("y", "naps")
+    await clock.advance(30)
+    await crash(first)
+    await clock.advance(470)
+    async with Resonate(store, clock=clock, worker_id="b") as reader:
+        with pytest.raises(PromiseTimeoutError):
+            await reader.get("y")
+        await quiesce()
+    rows = await store.get_many(["y", "y.1"])
+    assert rows["y"].state is State.REJECTED_TIMEDOUT
+    assert rows["y.1"].state is State.REJECTED_CANCELED
