@@ -275,8 +275,10 @@ class Attempts:
             return _RESOLVED, self.encoded_none
         try:
             return _RESOLVED, self.encoder.encode(value)
-        except EncodingError as exc:
+        except Exception as exc:  # a custom encoder's own errors too: the step settles
             error = EncodingError(f"{id}: the return value is not encodable: {exc}")
+            if not isinstance(exc, EncodingError):
+                error = EncodingError(f"{id}: the encoder failed on the return value: {exc!r}")
             if inspect.iscoroutine(value):  # a lambda or def returning a coroutine
                 value.close()  # not awaited on purpose: no warning on top
                 error = EncodingError(

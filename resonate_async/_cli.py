@@ -460,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+    for stream in (sys.stdout, sys.stderr):
+        # Stored text may hold what the terminal's encoding cannot (a lone
+        # surrogate from a file name): escaped, not a traceback.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         return asyncio.run(run(open_store(args.store), args))
     except CLIError as exc:

@@ -64,6 +64,10 @@ _NoneType: Final = type(None)
 # on the rare ValueError, so that the common case never checks a float).
 _PLAIN: Final = frozenset((str, int, bool, float, _NoneType))
 _STR: Final = frozenset((str,))
+# Builtin types holding data of their own: a dataclass deriving from one is refused.
+_DATA_BASES: Final = frozenset(
+    (dict, list, tuple, set, frozenset, int, float, complex, str, bytes, bytearray)
+)
 # Kinds of tagged object; registered type names may not take them.
 _KINDS: Final = frozenset(("tuple", "bytes", "float", "dict"))
 _NONFINITE: Final = frozenset(("nan", "inf", "-inf"))
@@ -341,6 +345,13 @@ class JSONEncoder:
         tag = self._names.get(t)
         if dataclasses.is_dataclass(t):
             kind = "dataclass"
+            builtin = next((b for b in t.__mro__ if b in _DATA_BASES), None)
+            if builtin is not None:  # its fields are stored, its builtin part would be lost
+                raise _Unencodable(
+                    f"dataclass {_qualified(t)}, a subclass of {builtin.__name__}",
+                    f"only its fields would be stored, not its {builtin.__name__} contents; "
+                    "keep those in a field instead",
+                )
         elif issubclass(t, enum.Enum):
             kind = "Enum"
         elif issubclass(t, Command):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import reprlib
 import traceback
 from typing import TYPE_CHECKING, Any, Final
@@ -129,7 +130,19 @@ class ErrorCodec:
 
     def decode(self, data: bytes) -> BaseException:
         """The error ``data`` holds; raise ``EncodingError`` if it holds none."""
-        error = self._error_from(self._decode(data))
+        try:
+            record = self._decode(data)
+        except EncodingError:
+            # A value in it (an arg, an attribute) does not decode here: its
+            # class is gone, or registered only where a handler is. Kept as
+            # what it was (a StoredError of its type, message and traceback).
+            try:
+                record = json.loads(data)
+            except ValueError:
+                raise EncodingError(f"cannot decode an error from {_short.repr(data)}") from None
+            if type(record) is dict:
+                record = _without_fields(record)
+        error = self._error_from(record)
         if error is None:
             raise EncodingError(f"cannot decode an error from {_short.repr(data)}")
         return error

@@ -137,7 +137,11 @@ class Resonate:
         self._store_spec: str | os.PathLike[str] | Store | None = store
         self._encoder: Encoder = encoder if encoder is not None else JSONEncoder()
         self._clock: Clock = clock if clock is not None else SystemClock()
-        _check_instance("encoder", encoder, ("encode", "decode", "encode_error", "decode_error"))
+        _check_instance(
+            "encoder",
+            encoder,
+            ("encode", "decode", "encode_error", "decode_error", "register_type"),
+        )
         _check_instance("clock", clock, ("now", "sleep"))
         if worker_id is not None:
             if not isinstance(worker_id, str):

@@ -653,3 +653,21 @@ def test_a_postgresql_store_in_its_own_schema_and_no_store_created(
     assert main(["promises", "list", "--json", "--limit", "0", "--store", url]) == 0
     listed = [r["id"] for r in json.loads(capsys.readouterr().out)]
     assert sorted(listed) == sorted(r.id for r in RECORDS)
+
+
+def test_show_escapes_an_error_message_the_terminal_cannot_print(tmp_path: Path) -> None:
+    # A message built from a file name decoded with surrogateescape.
+    path = tmp_path / "odd.db"
+    error = ENC.encode_error(OSError("cannot read \udcff.csv"))
+    record = rec("odd", State.REJECTED, Kind.RUN, 0, func="load", value=error)
+    on_store(path, lambda s: s.write([Create(record)]))
+    done = subprocess.run(
+        [sys.executable, "-m", "resonate_async", "promises", "show", "odd", "--store", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr  # a UnicodeEncodeError traceback before
+    assert "cannot read \\udcff.csv" in done.stdout

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from resonate_async import Context, Resonate, errors
+from resonate_async import Context, Resonate, State, errors
 from resonate_async._command import Command
 from resonate_async._encoding import Encoder, JSONEncoder, default_encoder, same_params
 from resonate_async._error_encoding import NOTE_PREFIX
@@ -905,3 +905,57 @@ def test_the_direct_paths_write_the_same_bytes_as_the_json_encoder(
     assert repr(encoder.decode(encoder.encode(call))) == repr(
         encoder.decode(encoder._dump(call).encode())
     )
+
+
+def test_an_error_holding_a_value_that_does_not_decode_here_is_a_stored_error() -> None:
+    # A handler rejects a command with an error holding the command; a
+    # process without that handler (the API reading the run) cannot rebuild
+    # the command, but still gets the error's type, message and traceback.
+    error = ValueError("duplicate", InsertUser(1))
+    data = ENC.encode_error(raise_and_catch(error))
+    decoded = JSONEncoder().decode_error(data)  # InsertUser not registered here
+    assert isinstance(decoded, StoredError)
+    assert decoded.type == "ValueError"
+    assert "duplicate" in decoded.message
+    assert decoded.traceback
+
+
+@dataclass
+class TaggedList(list[int]):
+    tag: str = ""
+
+
+def test_a_dataclass_deriving_from_a_builtin_is_refused_not_half_stored() -> None:
+    value = TaggedList("t")
+    value.extend([5, 6])
+    with pytest.raises(EncodingError, match="subclass of list"):
+        ENC.encode(value)  # it stored the tag and came back as an empty list
+
+
+class _Picky(JSONEncoder):
+    """A custom encoder that breaks the protocol: TypeError, not EncodingError."""
+
+    def encode(self, value: object) -> bytes:
+        if isinstance(value, float):
+            raise TypeError("no floats here")
+        return super().encode(value)
+
+
+async def test_a_custom_encoders_own_error_on_a_result_settles_the_step() -> None:
+    resonate = Resonate(MemoryStore(), encoder=_Picky(), step_retry_policy=never())
+
+    async def ratio(ctx: Context) -> float:
+        return 0.5
+
+    @resonate.register(retry_policy=never())
+    async def flow(ctx: Context) -> str:
+        try:
+            await ctx.lfc(ratio)
+        except EncodingError:
+            return "settled"  # the step's row says so: a replay answers the same
+        return "returned"
+
+    async with resonate:
+        assert await resonate.run("picky", flow) == "settled"
+        step = await resonate.promises.get("picky.1")
+        assert step is not None and step.state is State.REJECTED

@@ -511,11 +511,26 @@ async def test_a_durable_call_from_a_leaf_fails_the_step_without_retries(
     assert attempts == [1]
 
 
+class _NoRegisterType:  # all the Encoder protocol but register_type
+    def encode(self, value: object) -> bytes:
+        return b""
+
+    def decode(self, data: bytes) -> object:
+        return None
+
+    def encode_error(self, error: BaseException) -> bytes:
+        return b""
+
+    def decode_error(self, data: bytes) -> BaseException:
+        return Exception()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
         ({"encoder": JSONEncoder}, TypeError, r"encoder must be an instance .*JSONEncoder\(\)"),
         ({"encoder": 1}, TypeError, "encoder must be an instance"),
+        ({"encoder": _NoRegisterType()}, TypeError, "encoder must be .* register_type"),
         ({"clock": SystemClock}, TypeError, r"clock must be an instance .*SystemClock\(\)"),
         ({"clock": object()}, TypeError, "clock must be an instance with the methods now, sleep"),
         ({"worker_id": " "}, ValueError, "worker_id must not be empty"),
