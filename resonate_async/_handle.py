@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 if TYPE_CHECKING:
-    import asyncio
     from collections.abc import Generator
 
 __all__ = ("Handle",)
@@ -101,6 +101,12 @@ class Handle(Generic[T]):
 
     def _wait(self, *, created: bool) -> asyncio.Future[None]:
         """A future of this waiter alone, woken when the run is done (or created)."""
+        if asyncio.get_running_loop() is not self._loop:  # asyncio would say less
+            raise RuntimeError(
+                f"the handle of run {self.id!r} belongs to another event loop: await it in "
+                "the loop that started the run (in pytest-asyncio, give the tests that "
+                "share it the loop scope of the fixture or module that started it)"
+            )
         waiter: asyncio.Future[None] = self._loop.create_future()
         waiters = self._created_waiters if created else self._waiters
         if waiters is None:

@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from resonate_async import CanceledError, ConflictError, Context, MemoryStore, Resonate, State
+from resonate_async import (
+    CanceledError,
+    ConflictError,
+    Context,
+    Handle,
+    MemoryStore,
+    Resonate,
+    State,
+)
 from resonate_async._stats import StoreStats
 from resonate_async._writer import GroupCommitWriter
 from resonate_async.errors import ShutdownError, StoreError
@@ -236,3 +244,27 @@ async def test_a_finished_handle_keeps_answering() -> None:
         assert repr(handle) == "<Handle 'finished' done>"
         assert resonate.run("finished", quick, 1) is not handle
         assert await resonate.run("finished", quick, 1) == 2
+
+
+def test_awaiting_a_handle_in_another_loop_says_which_loop_to_use() -> None:
+    resonate = Resonate(MemoryStore())
+    gate: list[asyncio.Event] = []
+
+    @resonate.register
+    async def waits(ctx: Context) -> int:
+        await gate[0].wait()
+        return 1
+
+    async def elsewhere(handle: Handle[int]) -> None:
+        with pytest.raises(RuntimeError, match="belongs to another event loop"):
+            await handle
+
+    async def main() -> None:
+        gate.append(asyncio.Event())
+        async with resonate:
+            handle = resonate.run("w", waits)
+            await asyncio.to_thread(asyncio.run, elsewhere(handle))
+            gate[0].set()
+            assert await handle == 1
+
+    asyncio.run(main())
