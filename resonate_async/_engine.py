@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from ._clock import Clock
     from ._context import Context
     from ._encoding import Encoder
+    from ._handle import Handle
     from ._registry import HandlerEntry, Registry
     from .retry import RetryPolicy
     from .stores._base import Store
@@ -128,6 +129,7 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         self._batcher_tasks: list[asyncio.Task[None]] = []
         self._others: set[asyncio.Task[Any]] = set()  # watchers of get() handles
         self._waiters: dict[str, list[asyncio.Future[PromiseRecord]]] = {}
+        self._watched: dict[str, Handle[Any]] = {}  # see SettleWatcher.watch
         # Ids of the last settle notices nobody waited for (see SettleWatcher.wait_settled).
         self._notified: dict[str, None] = {}
         self._someone_waits = asyncio.Event()

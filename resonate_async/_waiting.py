@@ -59,6 +59,7 @@ class SettleWatcher:
     _waiters: dict[str, list[asyncio.Future[PromiseRecord]]]
     _notified: dict[str, None]
     _someone_waits: asyncio.Event
+    _watched: dict[str, Handle[Any]]
     _records: Coalescer[PromiseRecord]
 
     encoded_none: bytes
@@ -213,15 +214,31 @@ class SettleWatcher:
         return task
 
     def watch(self, id: str) -> Handle[Any]:
-        """A handle on a run that this process is not executing."""
+        """A handle on a run that this process is not executing.
+
+        One per id while it waits: a status endpoint polling ``get(id)`` with
+        a timeout would otherwise leave a watching task per request until the
+        run settles (days, for one waiting on a person).
+        """
+        watched = self._watched.get(id)
+        if watched is not None:
+            return watched
         handle: Handle[Any] = Handle(id, self.loop)
         if id in self.stuck:
             handle._set_exception(self.stuck[id])
             return handle
+        self._watched[id] = handle
         self.spawn_other(self._watch(handle))
         return handle
 
     async def _watch(self, handle: Handle[Any]) -> None:
+        try:
+            await self._watch_until_settled(handle)
+        finally:
+            if self._watched.get(handle.id) is handle:
+                del self._watched[handle.id]
+
+    async def _watch_until_settled(self, handle: Handle[Any]) -> None:
         try:
             try:
                 record = await self._records.load(handle.id)  # read with the others now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -268,3 +269,36 @@ def test_awaiting_a_handle_in_another_loop_says_which_loop_to_use() -> None:
             assert await handle == 1
 
     asyncio.run(main())
+
+
+async def test_repeated_gets_of_a_run_held_elsewhere_share_one_watch() -> None:
+    # A status endpoint polling get(id) with a timeout, for a run another
+    # worker holds for days: a watching task per request piled up.
+    store = MemoryStore()
+    gate = asyncio.Event()
+
+    def worker(name: str) -> Resonate:
+        resonate = Resonate(store, worker_id=name)
+
+        @resonate.register(name="waits")
+        async def waits(ctx: Context) -> int:
+            await gate.wait()
+            return 7
+
+        return resonate
+
+    async with worker("holder") as holder, worker("api") as api:
+        running = holder.run("long", "waits")
+        await running.created()
+        engine = api._engine
+        assert engine is not None
+        before = len(engine._others)
+        for _ in range(50):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.ensure_future(api.get("long")), 0.001)
+        assert len(engine._others) <= before + 1
+        watched = api.get("long")
+        assert api.get("long") is watched
+        gate.set()
+        assert await running == 7
+        assert await watched == 7
