@@ -209,6 +209,10 @@ class Promise(Generic[T]):
             RuntimeError: the call has already been dispatched, a retry
                 policy was given for a call other than a step, or a timeout
                 for a sleep.
+            TypeError: ``timeout`` is not a number, ``retry_policy`` not a
+                policy, or ``id`` not a str.
+            ValueError: ``timeout`` is not finite and positive, or ``id`` is
+                not a valid id.
         """
         if self._state != _NOT_STARTED:
             raise UsageError(

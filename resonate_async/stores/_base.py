@@ -80,8 +80,10 @@ class PromiseRecord:
             as timed out (for a sleep: its wake time).
         created_at: seconds since the epoch.
         settled_at: seconds since the epoch, once settled.
-        attempt: for a step or a batch's command, the attempt that settled
-            it; a run's root keeps the 1 it was created with (its body's
+        attempt: for a step, the attempt that settled it; a batch's command
+            keeps 1 (0 if it timed out unhandled): its handler's retries are
+            per batch, counted in ``stats()``'s handler calls and failures;
+            a run's root keeps the 1 it was created with (its body's
             retries are logged, not counted in its row).
         owner: the worker holding a pending run's lease.
         lease_expires_at: when that lease runs out (seconds since the epoch).
