@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -88,18 +87,45 @@ async def route(method: str, path: str) -> tuple[int, dict[str, Any]]:
     return 405, {"error": f"{method} is not allowed"}
 
 
+# The open connections, and those whose request is being answered: a stop
+# lets the answers finish and drops the connections that sent nothing yet.
+serving: set[asyncio.Task[Any]] = set()
+answering: set[asyncio.Task[Any]] = set()
+
+
 async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """One HTTP/1.1 request per connection (``Connection: close``)."""
+    task = asyncio.current_task()
+    assert task is not None
+    serving.add(task)
+    try:
+        await answer(reader, writer)
+    except asyncio.CancelledError:
+        pass  # stopping: the connection is dropped (a cancelled handler is logged on 3.11)
+    except ConnectionError:
+        pass  # the client left
+    finally:
+        serving.discard(task)
+        answering.discard(task)
+        writer.close()
+
+
+async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         head = await reader.readuntil(b"\r\n\r\n")
         method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
         status, body = 400, {"error": "bad request"}
     else:
+        task = asyncio.current_task()
+        assert task is not None
+        answering.add(task)
         try:
             status, body = await route(method, path)
         except (ShutdownError, RuntimeError):  # the server is shutting down: try again later
             status, body = 503, {"error": "shutting down; retry"}
+        except Exception as exc:  # a store error, say: this request fails, not the server
+            status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}
     data = json.dumps(body).encode()
     reason = {
         200: "OK",
@@ -107,6 +133,7 @@ async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
         400: "Bad Request",
         404: "Not Found",
         405: "Method Not Allowed",
+        500: "Internal Server Error",
         503: "Service Unavailable",
     }[status]
     writer.write(
@@ -114,9 +141,7 @@ async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
         + data
     )
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
-    writer.close()
+    await writer.drain()
 
 
 async def request(port: int, method: str, path: str) -> tuple[int, dict[str, Any]]:
@@ -183,6 +208,16 @@ async def main(port: int, store: str, users: int | None) -> None:
                     for sig in (signal.SIGINT, signal.SIGTERM):
                         loop.add_signal_handler(sig, stop.set)
                     await stop.wait()
+                    # Stop accepting; let the requests in flight get their
+                    # answers (a 202 is only sent once its run is durable).
+                    server.close()
+                    if serving:  # a moment for requests already sent to be read
+                        await asyncio.wait(serving, timeout=0.5)
+                    if answering:
+                        await asyncio.wait(answering, timeout=5)
+                    for task in list(serving):
+                        task.cancel()
+                    await asyncio.gather(*serving, return_exceptions=True)
             # Leaving `async with resonate` lets in-flight batches finish and
             # leaves unfinished runs PENDING for the next start.
 
