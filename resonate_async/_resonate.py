@@ -190,7 +190,11 @@ class Resonate:
         """Swap the store before start (e.g. a throwaway store in tests)."""
         self._forget_ended_loop()
         if self._engine is not None:
-            raise RuntimeError("use_store must be called before start (outside `async with`)")
+            raise RuntimeError(
+                "use_store must be called before start (outside `async with`), and this "
+                "Resonate is started: was it not closed, by an earlier test sharing this "
+                "event loop? Call `await resonate.aclose()` first"
+            )
         self._store_spec = store
 
     async def start(self) -> None:

@@ -724,3 +724,15 @@ def test_aclose_from_another_event_loop_is_refused_and_stops_nothing() -> None:
 async def _until(done: threading.Event) -> None:
     while not done.is_set():
         await asyncio.sleep(0.01)
+
+
+async def test_use_store_on_a_started_resonate_says_to_close_it() -> None:
+    # A module-level resonate that an earlier test (same loop scope) left started.
+    resonate = Resonate(MemoryStore())
+    await resonate.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"before start .* resonate.aclose\(\)"):
+            resonate.use_store(MemoryStore())
+    finally:
+        await resonate.aclose()
+    resonate.use_store(MemoryStore())  # closed: fine
