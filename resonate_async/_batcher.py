@@ -298,8 +298,10 @@ class Batcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if len(part) == 1:
-                return [(State.REJECTED, self._engine.encoder.encode_error(exc))]
+            if len(part) == 1 or not any(map(_waited_for, part)):
+                # One poison command; or nobody waits for these any more (timed
+                # out, cancelled): no handler calls to isolate it for nobody.
+                return [(State.REJECTED, self._engine.encoder.encode_error(exc))] * len(part)
             half = len(part) // 2
             return await self._bisect(part[:half]) + await self._bisect(part[half:])
         return self._map_results(part, result)
@@ -317,7 +319,7 @@ class Batcher:
                 raise
             except Exception as exc:
                 delay = policy.next_delay(attempt + 1) if policy.should_retry(exc) else None
-                if delay is None:
+                if delay is None or not any(map(_waited_for, batch)):
                     raise
                 log.warning(
                     "%s handler failed on attempt %d (%r); retrying in %.3fs",
@@ -327,6 +329,8 @@ class Batcher:
                     delay,
                 )
                 await self._engine.clock.sleep(delay)
+                if not any(map(_waited_for, batch)):  # all timed out meanwhile
+                    raise
                 attempt += 1
 
     async def _call_handler(self, batch: list[Promise[Any]], attempt: int) -> Any:

@@ -702,3 +702,29 @@ async def test_a_handler_that_grows_its_list_rejects_the_batch() -> None:
         return [c.n for c in cmds]
 
     assert "changed the list of commands" in await rejected_batch(growing, 1)
+
+
+async def test_a_failing_batch_is_not_retried_or_bisected_for_nobody() -> None:
+    # The database is down: every command times out while its batch is
+    # retried. Retrying (and bisecting) on for commands nobody waits for
+    # kept calling the handler and held the slot for the commands behind.
+    clock = VirtualClock(autojump=True)
+    resonate = Resonate(MemoryStore(), clock=clock)
+    calls: list[tuple[float, int]] = []
+
+    async def down(ctx: Context, cmds: list[Add]) -> list[int]:
+        calls.append((clock.now() - start, len(cmds)))
+        raise ConnectionError("database is down")
+
+    resonate.register_command_handler(Add, down, retry_policy=constant(delay=2, max_retries=10))
+
+    @resonate.register(name="wf")
+    async def wf(ctx: Context, n: int) -> int:
+        return await ctx.lfc(Add(n)).with_options(timeout=5)
+
+    async with resonate:
+        start = clock.now()
+        handles = [resonate.run(f"w{i}", "wf", i) for i in range(4)]
+        outcomes = await asyncio.gather(*handles, return_exceptions=True)
+    assert all(isinstance(o, PromiseTimeoutError) for o in outcomes), outcomes
+    assert calls == [(0, 4), (2, 4), (4, 4)]  # then nobody waits: no 6, 8, ... nor halves
