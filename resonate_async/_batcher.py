@@ -284,8 +284,23 @@ class Batcher:
                 promise._state = _STARTED
 
     async def _outcomes(self, batch: list[Promise[Any]]) -> list[Outcome]:
-        """Call the handler with retries; once exhausted, bisect to isolate poison."""
-        return await self._try(batch, self._call_with_retries(batch))
+        """Call the handler with retries; once exhausted, bisect to isolate poison.
+
+        Once nobody waits for any command of the batch (all timed out, their
+        runs cancelled or shutting down), a failure is not retried or
+        bisected and nothing is recorded: the batch fails (see ``_fail``), so
+        a replay sends its commands again rather than read a transient error
+        as their outcome. (A command that timed out has its row already.)
+        """
+        try:
+            result = await self._call_with_retries(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not any(map(_waited_for, batch)):
+                raise
+            return await self._split(batch, exc)
+        return self._map_results(batch, result)
 
     async def _try(self, part: list[Promise[Any]], call: Awaitable[Any]) -> list[Outcome]:
         """Map ``call``'s result onto ``part``; if it fails, try each half once more.
@@ -298,13 +313,15 @@ class Batcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if len(part) == 1 or not any(map(_waited_for, part)):
-                # One poison command; or nobody waits for these any more (timed
-                # out, cancelled): no handler calls to isolate it for nobody.
-                return [(State.REJECTED, self._engine.encoder.encode_error(exc))] * len(part)
-            half = len(part) // 2
-            return await self._bisect(part[:half]) + await self._bisect(part[half:])
+            return await self._split(part, exc)
         return self._map_results(part, result)
+
+    async def _split(self, part: list[Promise[Any]], exc: Exception) -> list[Outcome]:
+        """``part`` failed with ``exc``: reject a single command, else bisect."""
+        if len(part) == 1:
+            return [(State.REJECTED, self._engine.encoder.encode_error(exc))]
+        half = len(part) // 2
+        return await self._bisect(part[:half]) + await self._bisect(part[half:])
 
     async def _bisect(self, part: list[Promise[Any]]) -> list[Outcome]:
         return await self._try(part, self._call_handler(part, attempt=1))

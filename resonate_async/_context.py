@@ -258,10 +258,14 @@ class Context:
         return Promise(self, self._next_id(), _STEP, target, args, kwargs)
 
     def _recorded(self, promise: Promise[Any]) -> bool:
-        """Whether the run's history holds ``promise``'s outcome already."""
+        """Whether the run's history holds ``promise``'s outcome already (under
+        the name it is found by here: a handler registered elsewhere under
+        another ``name=`` is not known to be this call)."""
         stored = promise._stored()
-        return stored is not None and (
-            stored.state is not State.PENDING or self._engine.effectively_settled(stored)
+        return (
+            stored is not None
+            and stored.func == promise._func_name()
+            and (stored.state is not State.PENDING or self._engine.effectively_settled(stored))
         )
 
     @overload

@@ -174,8 +174,10 @@ class Promises:
             # Past its deadline it reads as settled already (timed out; a sleep,
             # woken): record that, as a waiter would, not the late outcome.
             op = engine.overdue_settle(stored, now)
+            overdue = True
         else:
             op = Settle(id, state, data, now)
+            overdue = False
         # What follows the commit happens whether or not the caller still
         # waits (a request cancelled by its client): the run stops, waiters wake.
         answer: asyncio.Future[PromiseRecord | None] = engine.loop.create_future()
@@ -183,6 +185,8 @@ class Promises:
         def written(_: object, record: PromiseRecord | None, error: BaseException | None) -> None:
             if error is None and record is not None:
                 engine.wake(record)
+                if overdue:  # a run timed out while its process was down: its sleeps too
+                    engine.spawn_other(engine.settle_sleeps_of_timed_out_run(record))
                 run = engine.runs.get(id)
                 if run is not None:
                     # Its outcome is decided: what its body would still do is
@@ -203,8 +207,6 @@ class Promises:
             raise NotFoundError(
                 f"no promise with id {id!r}; create it first (ctx.promise or promises.create)"
             )
-        if stored is not None and stored.state is State.PENDING:
-            await engine.settle_sleeps_of_timed_out_run(record)
         return engine.effective(record)
 
 

@@ -14,6 +14,7 @@ by the first waiter to see it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -84,8 +85,9 @@ class SettleWatcher:
         """A run's root that a reader settled timed out (its process was down
         past its deadline): settle the sleeps it was in, as its own timeout
         would have, rather than leave them PENDING under it for good."""
-        if record.kind is Kind.RUN and record.state is State.REJECTED_TIMEDOUT:
-            await self.settle_cut_sleeps(record.id, record.root_id)
+        if record.kind in _WITH_SLEEPS and record.state is State.REJECTED_TIMEDOUT:
+            with contextlib.suppress(ShutdownError):  # the writer closed: the settle stands
+                await self.settle_cut_sleeps(record.id, record.root_id)
 
     def record_overdue(self, record: PromiseRecord) -> None:
         """Write ``record``'s overdue settle without waiting for it: it came due
@@ -255,6 +257,10 @@ class SettleWatcher:
             raise
         except Exception as exc:
             handle._set_exception(exc)
+
+
+# Kinds of promise whose function may sleep: a run's root, a remote call.
+_WITH_SLEEPS = frozenset((Kind.RUN, Kind.REMOTE))
 
 
 def ignore_report(arg: Any, record: PromiseRecord | None, error: BaseException | None) -> None:

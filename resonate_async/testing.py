@@ -81,15 +81,16 @@ async def _idle(rounds: int) -> bool:
 
 
 async def _until_idle() -> None:
-    """Before virtual time moves: let the loop run until it is idle, however
-    many steps that takes (a run of a thousand steps that await nothing takes
-    more than one quiesce), up to a bound that only a task spinning on
-    ``asyncio.sleep(0)`` for ever reaches. On a loop that cannot tell (uvloop)
-    it is one :func:`quiesce`."""
+    """Before virtual time moves: let the loop run until it is idle, over more
+    steps than one :func:`quiesce` (a run of a thousand steps that await
+    nothing takes several), up to 20,000: a task spinning on
+    ``asyncio.sleep(0)`` (a test polling a flag) is never idle, and costs each
+    move of time that many steps. On a loop that cannot tell (uvloop) it is
+    one :func:`quiesce`."""
     if getattr(asyncio.get_running_loop(), "_ready", None) is None:
         await _idle(1000)
         return
-    for _ in range(1000):
+    for _ in range(20):
         if await _idle(1000):
             return
 

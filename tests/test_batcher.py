@@ -728,3 +728,39 @@ async def test_a_failing_batch_is_not_retried_or_bisected_for_nobody() -> None:
         outcomes = await asyncio.gather(*handles, return_exceptions=True)
     assert all(isinstance(o, PromiseTimeoutError) for o in outcomes), outcomes
     assert calls == [(0, 4), (2, 4), (4, 4)]  # then nobody waits: no 6, 8, ... nor halves
+
+
+async def test_a_batch_failing_during_shutdown_records_no_outcome() -> None:
+    # aclose() cancels the runs, then lets the batch in flight finish: its
+    # transient error must not become its commands' stored outcome, or the
+    # restarted run would replay the blip instead of sending the command.
+    store = MemoryStore()
+    calls: list[int] = []
+    in_flight = asyncio.Event()
+
+    async def flaky(ctx: Context, cmds: list[Add]) -> list[int]:
+        calls.append(len(cmds))
+        if len(calls) == 1:
+            in_flight.set()
+            await asyncio.sleep(0.05)  # in flight as aclose() begins
+            raise ConnectionError("database blip")
+        return [c.n for c in cmds]
+
+    def worker() -> Resonate:
+        resonate = Resonate(store, worker_id="w")
+        resonate.register_command_handler(Add, flaky, retry_policy=constant(delay=0.01))
+
+        @resonate.register(name="wf")
+        async def wf(ctx: Context, n: int) -> int:
+            return await ctx.lfc(Add(n))
+
+        return resonate
+
+    first = worker()
+    await first.start()
+    first.run("blip", "wf", 3)
+    await in_flight.wait()
+    await first.aclose()
+    assert "blip.1" not in await store.get_many(["blip.1"])
+    async with worker() as second:
+        assert await asyncio.wait_for(second.get("blip").result(), 10) == 3

@@ -1155,7 +1155,8 @@ async def test_promises_search_filters_by_the_state_a_reader_sees() -> None:
         assert [(r.id, r.state) for r in timed_out] == [("approval-1", State.REJECTED_TIMEDOUT)]
 
 
-async def test_a_run_a_reader_times_out_leaves_no_sleep_pending() -> None:
+@pytest.mark.parametrize("napper", ["run", "remote call"])
+async def test_a_run_a_reader_times_out_leaves_no_sleep_pending(napper: str) -> None:
     # Its process died mid-sleep; past its deadline a process that does not
     # register its function reads it: the run reads timed out, and so must
     # the sleep it was in settle, as the run's own timeout would have.
@@ -1166,15 +1167,24 @@ async def test_a_run_a_reader_times_out_leaves_no_sleep_pending() -> None:
     async def naps(ctx: Context) -> None:
         await ctx.sleep(1000)
 
+    @first.register(name="parent")
+    async def parent(ctx: Context) -> None:
+        await ctx.rfc("naps")
+
     await first.start()
-    first.run("y", "naps")
+    if napper == "run":
+        first.run("y", "naps")
+        napping = "y"
+    else:
+        first.run("p", "parent")
+        napping = "p.1"
     await clock.advance(30)
     await crash(first)
     await clock.advance(470)
     async with Resonate(store, clock=clock, worker_id="b") as reader:
         with pytest.raises(PromiseTimeoutError):
-            await reader.get("y")
+            await reader.get(napping)
         await quiesce()
-    rows = await store.get_many(["y", "y.1"])
-    assert rows["y"].state is State.REJECTED_TIMEDOUT
-    assert rows["y.1"].state is State.REJECTED_CANCELED
+    rows = await store.get_many([napping, f"{napping}.1"])
+    assert rows[napping].state is State.REJECTED_TIMEDOUT
+    assert rows[f"{napping}.1"].state is State.REJECTED_CANCELED
