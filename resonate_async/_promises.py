@@ -116,7 +116,7 @@ class Promises:
             tags=tags,
         )
         await self._after_admission(engine, id)
-        stored = await engine.writer.write(Create(record))
+        stored = await engine.writer.write_for_caller(Create(record))
         return engine.effective(stored or record)
 
     @staticmethod

@@ -176,6 +176,14 @@ class GroupCommitWriter:
         future, index = self.submit(op)
         return (await future)[index]
 
+    async def write_for_caller(self, op: Op) -> PromiseRecord | None:
+        """:meth:`write` for a caller outside the engine (``promises.*``): one
+        cancelled meanwhile unwinds at once, while the write goes on, instead
+        of waiting for its commit (a store locked elsewhere may take seconds)."""
+        answer: asyncio.Future[PromiseRecord | None] = self._loop.create_future()
+        self.write_then(op, _answer, answer)
+        return await answer
+
     def close(self) -> None:
         """Stop accepting writes once the queue is drained; :meth:`run` then returns."""
         self._closing = True
@@ -319,3 +327,17 @@ class GroupCommitWriter:
             return None, error
         self._stats.record_commit(len(ops), time.perf_counter() - started)
         return results, None
+
+
+def _answer(
+    answer: asyncio.Future[PromiseRecord | None],
+    record: PromiseRecord | None,
+    error: BaseException | None,
+) -> None:
+    """The report of a :meth:`GroupCommitWriter.write_for_caller`."""
+    if answer.done():  # its caller stopped waiting
+        return
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(record)

@@ -1188,3 +1188,34 @@ async def test_a_run_a_reader_times_out_leaves_no_sleep_pending(napper: str) -> 
     rows = await store.get_many([napping, f"{napping}.1"])
     assert rows[napping].state is State.REJECTED_TIMEDOUT
     assert rows[f"{napping}.1"].state is State.REJECTED_CANCELED
+
+
+class _GatedStore(MemoryStore):
+    """A store whose writes wait for a gate: a database locked elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
+        await self.gate.wait()
+        return await super().write(ops)
+
+
+async def test_a_promises_create_whose_caller_is_cancelled_unwinds_before_the_commit() -> None:
+    store = _GatedStore()
+    async with Resonate(store) as resonate:
+        engine = resonate._engine
+        assert engine is not None
+        store.gate.clear()
+        request = asyncio.create_task(resonate.promises.create("approval-9"))
+        while engine.writer.idle:  # until the create is queued
+            await asyncio.sleep(0)
+        request.cancel()
+        await quiesce()
+        assert request.cancelled()  # not held until the store answers
+        store.gate.set()
+        await quiesce()
+        record = await resonate.promises.get("approval-9")
+        assert record is not None and record.state is State.PENDING  # the write went on
