@@ -141,7 +141,7 @@ class JSONEncoder:
     Example:
         >>> enc = JSONEncoder()
         >>> enc.encode({"b": (1, b"x"), "a": None})
-        b'{"a":null,"b":{"$":"tuple","v":[1,{"$":"bytes","v":"eA=="}]}}'
+        b'{"b":{"$":"tuple","v":[1,{"$":"bytes","v":"eA=="}]},"a":null}'
         >>> enc.decode(enc.encode((1, b"x")))
         (1, b'x')
     """
