@@ -12,8 +12,6 @@ from .errors import NotFoundError
 from .stores._base import Create, Kind, PromiseRecord, Settle, State
 
 if TYPE_CHECKING:
-    import asyncio
-
     from ._engine import Engine
     from ._resonate import Resonate
 
@@ -178,31 +176,22 @@ class Promises:
         else:
             op = Settle(id, state, data, now)
             overdue = False
-        # What follows the commit happens whether or not the caller still
-        # waits (a request cancelled by its client): the run stops, waiters wake.
-        answer: asyncio.Future[PromiseRecord | None] = engine.loop.create_future()
 
-        def written(_: object, record: PromiseRecord | None, error: BaseException | None) -> None:
-            if error is None and record is not None:
-                engine.wake(record)
-                if overdue:  # a run timed out while its process was down: its sleeps too
-                    engine.spawn_other(engine.settle_sleeps_of_timed_out_run(record))
-                run = engine.runs.get(id)
-                if run is not None:
-                    # Its outcome is decided: what its body would still do is
-                    # wasted (or worse, side effects for an outcome nobody
-                    # reads). The cancel writes nothing over the first
-                    # outcome, which its handle answers.
-                    run.cancel()
-            if answer.done():
-                return
-            if error is not None:
-                answer.set_exception(error)
-            else:
-                answer.set_result(record)
+        def settled(record: PromiseRecord) -> None:
+            # Whether or not the caller still waits (a request cancelled by
+            # its client): waiters wake, and a run executing here stops.
+            engine.wake(record)
+            if overdue:  # a run timed out while its process was down: its sleeps too
+                engine.spawn_other(engine.settle_sleeps_of_timed_out_run(record))
+            run = engine.runs.get(id)
+            if run is not None:
+                # Its outcome is decided: what its body would still do is
+                # wasted (or worse, side effects for an outcome nobody reads).
+                # The cancel writes nothing over the first outcome, which its
+                # handle answers.
+                run.cancel()
 
-        engine.writer.write_then(op, written, None)
-        record = await answer
+        record = await engine.writer.write_for_caller(op, settled)
         if record is None:
             raise NotFoundError(
                 f"no promise with id {id!r}; create it first (ctx.promise or promises.create)"

@@ -176,12 +176,16 @@ class GroupCommitWriter:
         future, index = self.submit(op)
         return (await future)[index]
 
-    async def write_for_caller(self, op: Op) -> PromiseRecord | None:
+    async def write_for_caller(
+        self, op: Op, then: Callable[[PromiseRecord], None] | None = None
+    ) -> PromiseRecord | None:
         """:meth:`write` for a caller outside the engine (``promises.*``): one
         cancelled meanwhile unwinds at once, while the write goes on, instead
-        of waiting for its commit (a store locked elsewhere may take seconds)."""
+        of waiting for its commit (a store locked elsewhere may take seconds).
+        ``then(record)`` runs once the op's record is committed, whether or
+        not the caller still waits."""
         answer: asyncio.Future[PromiseRecord | None] = self._loop.create_future()
-        self.write_then(op, _answer, answer)
+        self.write_then(op, _answer, (answer, then))
         return await answer
 
     def close(self) -> None:
@@ -330,11 +334,14 @@ class GroupCommitWriter:
 
 
 def _answer(
-    answer: asyncio.Future[PromiseRecord | None],
+    arg: tuple[asyncio.Future[PromiseRecord | None], Callable[[PromiseRecord], None] | None],
     record: PromiseRecord | None,
     error: BaseException | None,
 ) -> None:
     """The report of a :meth:`GroupCommitWriter.write_for_caller`."""
+    answer, then = arg
+    if then is not None and error is None and record is not None:
+        then(record)
     if answer.done():  # its caller stopped waiting
         return
     if error is not None:
