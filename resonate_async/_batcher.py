@@ -292,17 +292,11 @@ class Batcher:
         a replay sends its commands again rather than read a transient error
         as their outcome. (A command that timed out has its row already.)
         """
-        try:
-            result = await self._call_with_retries(batch)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not any(map(_waited_for, batch)):
-                raise
-            return await self._split(batch, exc)
-        return self._map_results(batch, result)
+        return await self._try(batch, self._call_with_retries(batch), whole=True)
 
-    async def _try(self, part: list[Promise[Any]], call: Awaitable[Any]) -> list[Outcome]:
+    async def _try(
+        self, part: list[Promise[Any]], call: Awaitable[Any], *, whole: bool = False
+    ) -> list[Outcome]:
         """Map ``call``'s result onto ``part``; if it fails, try each half once more.
 
         Halving goes down to single commands, so a poison command is rejected
@@ -313,15 +307,13 @@ class Batcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return await self._split(part, exc)
+            if whole and not any(map(_waited_for, part)):
+                raise  # nobody waits: nothing recorded (see _outcomes)
+            if len(part) == 1:
+                return [(State.REJECTED, self._engine.encoder.encode_error(exc))]
+            half = len(part) // 2
+            return await self._bisect(part[:half]) + await self._bisect(part[half:])
         return self._map_results(part, result)
-
-    async def _split(self, part: list[Promise[Any]], exc: Exception) -> list[Outcome]:
-        """``part`` failed with ``exc``: reject a single command, else bisect."""
-        if len(part) == 1:
-            return [(State.REJECTED, self._engine.encoder.encode_error(exc))]
-        half = len(part) // 2
-        return await self._bisect(part[:half]) + await self._bisect(part[half:])
 
     async def _bisect(self, part: list[Promise[Any]]) -> list[Outcome]:
         return await self._try(part, self._call_handler(part, attempt=1))
