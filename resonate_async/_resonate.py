@@ -266,16 +266,10 @@ class Resonate:
         An engine whose event loop already ended is dropped instead (see
         :meth:`start`).
         """
-        self._forget_ended_loop()
-        engine = self._engine
-        if engine is not None and engine.loop is not asyncio.get_running_loop():
-            # Its tasks live in that loop: stopping them from here would fail
-            # half-way and leave them running under this worker id.
-            raise RuntimeError(
-                "this Resonate was started in another event loop, which still runs; "
-                "close it from that loop (asyncio.run_coroutine_threadsafe(resonate.aclose(), "
-                "loop) from another thread)"
-            )
+        self._engine_to_stop(
+            "close it from that loop (asyncio.run_coroutine_threadsafe(resonate.aclose(), "
+            "loop) from another thread)"
+        )
         await self._close_orphaned_store()
         if self._closing is None:
             if self._engine is None and self._starting is None:
@@ -296,6 +290,20 @@ class Resonate:
             self._engine = None
             self._stopped_stats = _snapshot(engine)
             await engine.store.close()
+
+    def _engine_to_stop(self, how: str) -> Engine | None:
+        """The engine to stop from this loop (``None``: none, or its loop
+        ended and it was dropped); raise, saying ``how``, if it runs in
+        another loop that still runs."""
+        self._forget_ended_loop()
+        engine = self._engine
+        if engine is not None and engine.loop is not asyncio.get_running_loop():
+            # Its tasks live in that loop: stopping them from here would fail
+            # half-way and leave them running under this worker id.
+            raise RuntimeError(
+                f"this Resonate was started in another event loop, which still runs; {how}"
+            )
+        return engine
 
     def _forget_ended_loop(self) -> None:
         """Drop the engine of an event loop that ended without ``aclose()``.

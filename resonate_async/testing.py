@@ -270,15 +270,12 @@ async def crash(resonate: Resonate) -> None:
     (uncommitted work rolls back), so a test can start another ``Resonate`` on
     the same store and check recovery.
     """
-    resonate._forget_ended_loop()  # its loop ended: dropped already, as a crash would
-    engine = resonate._engine
+    # An engine whose loop ended is dropped already, as a crash would drop it.
+    engine = resonate._engine_to_stop(
+        "crash it from that loop (a fixture of a wider loop scope started it?)"
+    )
     if engine is None:
         return
-    if engine.loop is not asyncio.get_running_loop():
-        raise RuntimeError(
-            "this Resonate was started in another event loop, which still runs; crash it "
-            "from that loop (a fixture of a wider loop scope started it?)"
-        )
     resonate._engine = None
     await engine.abandon()
     await engine.store.close()
