@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 if TYPE_CHECKING:
     from collections.abc import Generator
+    from types import TracebackType
 
-__all__ = ("Handle",)
+__all__ = ("Handle", "without_frames")
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 _PENDING, _RESULT, _ERROR = range(3)
 
@@ -37,6 +39,7 @@ class Handle(Generic[T]):
         "_outcome",
         "_state",
         "_task",
+        "_traceback",
         "_waiters",
         "id",
     )
@@ -50,6 +53,7 @@ class Handle(Generic[T]):
         self._waiters: list[asyncio.Future[None]] | None = None
         self._created_waiters: list[asyncio.Future[None]] | None = None
         self._task: asyncio.Task[Any] | None = None  # the run's task, when it executes here
+        self._traceback: TracebackType | None = None
 
     def __repr__(self) -> str:
         state = "pending" if self._state == _PENDING else "done"
@@ -96,7 +100,10 @@ class Handle(Generic[T]):
 
     def _value(self) -> T:
         if self._state == _ERROR:
-            raise cast("BaseException", self._outcome)
+            # From the traceback it was set with, as asyncio.Future.result
+            # does: raising the one error object again would stack each
+            # await's frames onto it, for as long as the handle lives.
+            raise cast("BaseException", self._outcome).with_traceback(self._traceback)
         return cast("T", self._outcome)
 
     def _wait(self, *, created: bool) -> asyncio.Future[None]:
@@ -153,4 +160,19 @@ class Handle(Generic[T]):
     def _set_exception(self, error: BaseException) -> None:
         # Failures are durable outcomes; nobody is obliged to await them.
         if self._state == _PENDING:
+            self._traceback = error.__traceback__
             self._done(_ERROR, error)
+
+
+def without_frames(error: E) -> E:
+    """``error`` without the frames it was raised through, for a handle's outcome.
+
+    A handle may be kept for long (a dict of started runs); a frame holds its
+    caller's, and so on up: the error of a settled record read in the writer's
+    report would pin the whole write batch. A context hidden by ``from None``
+    goes too.
+    """
+    error.__traceback__ = None
+    if error.__suppress_context__:
+        error.__context__ = None
+    return error

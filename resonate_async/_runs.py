@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ._attempts import LEAVE_PENDING, Attempts, unwrap_group
 from ._context import Context
 from ._encoding import same_params
-from ._handle import Handle
+from ._handle import Handle, without_frames
 from ._invoke import being_cancelled
 from ._leases import LeaseLost
 from ._promise import _NO_KWARGS
@@ -644,7 +644,7 @@ class RunDriver(Attempts):
                 # Said once, here: a caller that answered 202 and dropped
                 # the handle would otherwise learn of it only by asking.
                 log.info("run %s settled %s: %r", run.id, settled.state.name, exc)
-            run._set_exception(exc)
+            run._set_exception(without_frames(exc))
         else:
             if executed:
                 self.run_stats.completed += 1

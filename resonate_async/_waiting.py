@@ -19,7 +19,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ._clock import with_deadline
-from ._handle import Handle
+from ._handle import Handle, without_frames
 from .errors import NotFoundError, PromiseTimeoutError, ShutdownError, StoreError
 from .stores._base import Kind, Settle, State
 
@@ -251,7 +251,7 @@ class SettleWatcher:
             try:
                 handle._set_result(self.outcome(record))
             except Exception as exc:
-                handle._set_exception(exc)
+                handle._set_exception(without_frames(exc))
         except asyncio.CancelledError:
             handle._set_exception(ShutdownError(f"stopped waiting for {handle.id!r}: shut down"))
             raise

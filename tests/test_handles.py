@@ -302,3 +302,53 @@ async def test_repeated_gets_of_a_run_held_elsewhere_share_one_watch() -> None:
         gate.set()
         assert await running == 7
         assert await watched == 7
+
+
+def frames_of(error: BaseException) -> list[str]:
+    """The files of every frame an error's traceback holds, with each
+    frame's callers (what the error keeps alive)."""
+    names = []
+    tb = error.__traceback__
+    while tb is not None:
+        frame: Any = tb.tb_frame
+        while frame is not None:
+            names.append(frame.f_code.co_filename)
+            frame = frame.f_back
+        tb = tb.tb_next
+    return names
+
+
+async def test_awaiting_a_failed_handle_again_does_not_grow_its_error() -> None:
+    resonate = Resonate(MemoryStore())
+
+    @resonate.register(name="fail")
+    async def fail(ctx: Context) -> None:
+        raise ValueError("no")
+
+    async with resonate:
+        handle = resonate.run("f", fail)
+        sizes = []
+        for _ in range(5):
+            with pytest.raises(ValueError, match="no") as caught:
+                await handle
+            sizes.append(len(frames_of(caught.value)))
+        assert len(set(sizes)) == 1, sizes
+
+
+async def test_a_kept_failed_handle_does_not_hold_the_write_that_settled_it() -> None:
+    # The error is read from the settled row in the writer's report: its
+    # frames, kept by the handle, would hold the writer's whole batch.
+    resonate = Resonate(MemoryStore())
+
+    @resonate.register(name="fail")
+    async def fail(ctx: Context) -> None:
+        raise ValueError("no")
+
+    async with resonate:
+        for handle in (resonate.run("f", fail), resonate.get("f")):
+            with pytest.raises(ValueError) as caught:
+                await handle
+            held = frames_of(caught.value)
+            assert __file__ in held
+            engine = [name for name in held if "resonate_async" in name]
+            assert all(name.endswith("_handle.py") for name in engine), (handle, engine)
