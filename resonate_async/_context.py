@@ -264,7 +264,7 @@ class Context:
         stored = promise._stored()
         return (
             stored is not None
-            and stored.func == promise._func_name()
+            and promise._same_call(stored)
             and (stored.state is not State.PENDING or self._engine.effectively_settled(stored))
         )
 

@@ -82,6 +82,17 @@ def check_id(id: object, what: str) -> None:
         raise ValueError(f"{what} must not contain NUL characters, got {id!r}")
 
 
+# The stored kind of each, and how a replay's error names it.
+_KINDS = (Kind.STEP, Kind.COMMAND, Kind.SLEEP, Kind.EXTERNAL, Kind.REMOTE)
+_KIND_NAMES = {
+    Kind.STEP: "a local call (lfc/lfi)",
+    Kind.COMMAND: "a command",
+    Kind.SLEEP: "a sleep",
+    Kind.EXTERNAL: "a promise (ctx.promise)",
+    Kind.REMOTE: "a remote call (rfc/rfi)",
+    Kind.RUN: "a run",
+}
+
 # What a user wrote to make a promise of each kind, for the never-awaited warning.
 _CALLS = {_REMOTE: "ctx.rfc", _EXTERNAL: "ctx.promise", _SLEEP: "ctx.sleep"}
 _NO_KWARGS: dict[str, Any] = {}  # shared by every command; never mutated
@@ -471,15 +482,9 @@ class Promise(Generic[T]):
             if restarting and self._ctx in restarting:
                 raise ReplayNow
             return None
-        expected = self._func_name()
         # An id the caller gave is shared by whatever calls it: not checked.
-        if stored.func != expected and not self._custom_id:
-            error = NondeterminismError(
-                f"{self.id}: the workflow now calls {expected!r} here, but the stored history "
-                f"recorded {stored.func!r}; deploy code compatible with the history or register "
-                "the changed workflow under a new version"
-            )
-            raise self._fatal(error)
+        if not self._custom_id and not self._same_call(stored):
+            raise self._fatal(self._diverged(stored))
         if stored.state is State.PENDING:
             engine = self._ctx._engine
             if not engine.effectively_settled(stored):
@@ -509,11 +514,32 @@ class Promise(Generic[T]):
 
     def _fatal(self, error: NondeterminismError) -> NondeterminismError:
         """``error``, made fatal for the run: it ends unsettled even if the
-        workflow catches it (see ``RunState.fatal``)."""
+        workflow catches it (see ``RunState.fatal``). The first one stays the
+        run's: a workflow that caught it and diverged again is reported where
+        it first did."""
         run = self._ctx._run
-        if run is not None:
+        if run is not None and run.fatal is None:
             run.fatal = error
         return error
+
+    def _same_call(self, stored: PromiseRecord) -> bool:
+        """Whether ``stored`` records this call: the same function, the same kind."""
+        return stored.func == self._func_name() and stored.kind is _KINDS[self._type]
+
+    def _diverged(self, stored: PromiseRecord) -> NondeterminismError:
+        """The error of a replay whose call is not the one ``stored`` records."""
+        expected = self._func_name()
+        if stored.func != expected:
+            what = f"calls {expected!r} here, but the stored history recorded {stored.func!r}"
+        else:
+            what = (
+                f"makes {_KIND_NAMES[_KINDS[self._type]]} of {expected!r} here, but the "
+                f"stored history recorded {_KIND_NAMES[stored.kind]}"
+            )
+        return NondeterminismError(
+            f"{self.id}: the workflow now {what}; deploy code compatible with the history "
+            "or register the changed workflow under a new version"
+        )
 
     def _func_name(self) -> str | None:
         if self._type == _COMMAND:
@@ -737,8 +763,15 @@ class Promise(Generic[T]):
         parent = ctx.id
         # A remote call is the root of its own tree; any other call is in its run's.
         root = self.id if self._type == _REMOTE else ctx.root_id
-        if (stored.parent_id == parent and stored.root_id == root) or self._custom_id:
+        if self._custom_id:
             return stored
+        if stored.parent_id == parent and stored.root_id in (ctx.root_id, stored.id):
+            # A call of this workflow (in its tree, or a remote call: the root
+            # of its own), maybe not this call. A remote call is not in the
+            # history replayed, so a deploy that changed it shows only here.
+            if stored.root_id == root and self._same_call(stored):
+                return stored
+            raise self._fatal(self._diverged(stored))
         raise ConflictError(
             f"{self.id}: this call's id is already used by a promise of run "
             f"{stored.root_id!r}, not by a call of {parent!r}; a workflow's calls get the ids "

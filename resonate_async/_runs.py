@@ -406,12 +406,14 @@ class RunDriver(Attempts):
                 await self._settle_canceled_through(run)
             raise
         except NondeterminismError as exc:
-            log.error("run %s stopped: %s", run.id, exc)
-            self.stuck[run.id] = exc
-            run._set_exception(exc)
+            # Where it first diverged, if the body caught that and went on.
+            stopped = run.fatal if isinstance(run.fatal, NondeterminismError) else exc
+            log.error("run %s stopped: %s", run.id, stopped)
+            self.stuck[run.id] = stopped
+            run._set_exception(stopped)
             for waiter in self._waiters.pop(run.id, ()):
                 if not waiter.done():
-                    waiter.set_exception(exc)
+                    waiter.set_exception(stopped)
         except ShutdownError:  # a body that caught the shutdown's cancellation, then called
             run._set_exception(self._interrupted(run))
         except LeaseLost as exc:  # a body that caught the cancellation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -352,3 +353,89 @@ async def test_a_stored_value_that_no_longer_decodes_leaves_the_run_pending(
     gate.set()
     async with build() as third:
         assert await asyncio.wait_for(third.get("ship-1").result(), 10) == 3
+
+
+@pytest.mark.parametrize(
+    ("now", "why"),
+    [
+        ("local", r"local call.*remote call"),
+        ("other remote", r"calls 'audit'.*recorded '.*charge'"),
+    ],
+)
+async def test_a_changed_remote_call_is_nondeterminism(now: str, why: str) -> None:
+    # A remote call is the root of its own tree, not in the history a run
+    # replays: a deploy that changed it shows when its id is found taken.
+    store = MemoryStore()
+
+    async def charge(ctx: Context) -> str:
+        return "charged"
+
+    first = Resonate(store)
+
+    @first.register(name="pay")
+    async def pay_v1(ctx: Context) -> str:
+        return str(await ctx.rfc(charge))  # no worker runs "charge" yet
+
+    await first.start()
+    first.run("pay-2", "pay")
+    while not (await store.get_many(["pay-2.1"])):
+        await asyncio.sleep(0)
+    await crash(first)
+
+    second = Resonate(store)
+
+    @second.register(name="pay")
+    async def pay_v2(ctx: Context) -> str:
+        if now == "local":
+            return str(await ctx.lfc(charge))
+        return str(await ctx.rfc("audit"))  # was answered with charge's outcome
+
+    async with second:
+        with pytest.raises(NondeterminismError, match=rf"pay-2\.1: .*{why}"):
+            await asyncio.wait_for(second.get("pay-2").result(), 10)
+    rows = await store.get_many(["pay-2", "pay-2.1"])
+    assert rows["pay-2"].state is State.PENDING  # deploying compatible code resumes it
+    assert rows["pay-2.1"].state is State.PENDING
+
+
+async def test_caught_nondeterminism_is_reported_where_it_first_diverged() -> None:
+    store = MemoryStore()
+    gate = asyncio.Event()
+
+    async def charge(ctx: Context) -> str:
+        return "charged"
+
+    async def refund(ctx: Context) -> str:
+        return "refunded"
+
+    async def block(ctx: Context) -> None:
+        await gate.wait()
+
+    first = Resonate(store)
+
+    @first.register(name="pay")
+    async def pay_v1(ctx: Context) -> str:
+        await ctx.lfc(charge)
+        await ctx.lfc(charge)
+        await ctx.lfc(block)
+        return "ok"
+
+    await first.start()
+    first.run("pay-3", "pay")
+    while not (await store.get_many(["pay-3.2"])):
+        await asyncio.sleep(0)
+    await crash(first)
+
+    second = Resonate(store)
+
+    @second.register(name="pay")
+    async def pay_v2(ctx: Context) -> str:
+        with contextlib.suppress(NondeterminismError):  # free to; the run still stops
+            await ctx.lfc(refund)
+        await ctx.lfc(refund)
+        return "ok"
+
+    async with second:
+        with pytest.raises(NondeterminismError, match=r"^pay-3\.1: "):
+            await asyncio.wait_for(second.get("pay-3").result(), 10)
+    assert (await store.get_many(["pay-3"]))["pay-3"].state is State.PENDING
