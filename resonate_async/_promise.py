@@ -201,6 +201,7 @@ class Promise(Generic[T]):
         retry_policy: RetryPolicy | None = None,
         timeout: float | None = None,
         id: str | None = None,
+        version: int | None = None,
     ) -> Promise[T]:
         """Set options of this call before it starts; returns this promise.
 
@@ -215,15 +216,20 @@ class Promise(Generic[T]):
                 outcomes is recorded first (the handler's or the timeout) is
                 its outcome.
             id: use this id instead of the child id (verbatim).
+            version: the registered version of the function a remote call
+                runs (remote calls only): only a worker that registers that
+                version claims it. Default: the newest version registered in
+                this process, or 1 when this process does not register the
+                function.
 
         Raises:
             RuntimeError: the call has already been dispatched, a retry
-                policy was given for a call other than a step, or a timeout
-                for a sleep.
+                policy was given for a call other than a step, a timeout
+                for a sleep, or a version for a call other than a remote one.
             TypeError: ``timeout`` is not a number, ``retry_policy`` not a
-                policy, or ``id`` not a str.
-            ValueError: ``timeout`` is not finite and positive, or ``id`` is
-                not a valid id.
+                policy, ``id`` not a str, or ``version`` not an int.
+            ValueError: ``timeout`` is not finite and positive, ``id`` is
+                not a valid id, or ``version`` is less than 1.
         """
         if self._state != _NOT_STARTED:
             raise UsageError(
@@ -239,6 +245,16 @@ class Promise(Generic[T]):
                 check_seconds("timeout", timeout, none_ok=True)
                 if self._type == _SLEEP:
                     raise UsageError(f"{self.id}: a sleep takes no timeout; sleep less")
+            if version is not None:
+                if isinstance(version, bool) or not isinstance(version, int):
+                    raise TypeError(f"version must be an int, got {version!r}")
+                if version < 1:
+                    raise ValueError(f"version must be at least 1, got {version}")
+                if self._type != _REMOTE:
+                    raise UsageError(
+                        f"{self.id}: only a remote call (rfi/rfc) takes a version; a local "
+                        "call runs the function it is given"
+                    )
         except (TypeError, ValueError, RuntimeError):
             self._awaited = True  # the call is an error: no never-awaited warning on top
             raise
@@ -246,6 +262,8 @@ class Promise(Generic[T]):
             self._retry_policy = retry_policy
         if timeout is not None:
             self._timeout = timeout
+        if version is not None:
+            self._version = version
         if id is not None:
             try:
                 check_id(id, "id")

@@ -45,6 +45,44 @@ async def test_rfc_runs_on_a_worker_that_registered_the_function() -> None:
     assert ran_on == ["worker"]
 
 
+async def test_a_caller_that_does_not_register_a_function_calls_the_version_it_names() -> None:
+    # The caller cannot know which versions exist: without a version it
+    # records 1, which a worker registering version 2 alone never claims.
+    store = MemoryStore()
+    caller = Resonate(store, poll_seconds=0.01)
+    worker = Resonate(store, poll_seconds=0.01)
+
+    @worker.register(name="double", version=2)
+    async def double(ctx: Context, x: int) -> int:
+        return x * 2
+
+    @caller.register(name="parent")
+    async def parent(ctx: Context, x: int) -> int:
+        doubled: int = await ctx.rfc("double", x).with_options(version=2)
+        return doubled + 1
+
+    async with caller, worker:
+        assert await asyncio.wait_for(caller.run("p", "parent", 20).result(), 10) == 41
+        remote = await caller.promises.get("p.1")
+        assert remote is not None and remote.version == 2
+
+        @caller.register(name="bad_versions")
+        async def bad_versions(ctx: Context) -> list[str]:
+            refused = []
+            for version in (0, True, "2"):
+                try:
+                    ctx.rfc("double", 1).with_options(version=version)  # type: ignore[arg-type]
+                except (TypeError, ValueError) as exc:
+                    refused.append(f"{type(exc).__name__}: {exc}")
+            return refused
+
+        assert await caller.run("b", "bad_versions") == [
+            "ValueError: version must be at least 1, got 0",
+            "TypeError: version must be an int, got True",
+            "TypeError: version must be an int, got '2'",
+        ]
+
+
 async def test_rfi_fans_out_and_runs_locally_when_registered_here() -> None:
     resonate = Resonate(MemoryStore(), poll_seconds=60)  # no polling needed: woken at once
 
@@ -437,6 +475,7 @@ async def test_with_options_refuses_what_a_call_cannot_use() -> None:
             lambda: ctx.sleep(1).with_options(retry_policy=constant(1, 3)),
             lambda: ctx.rfc(remote).with_options(retry_policy=constant(1, 3)),
             lambda: ctx.promise().with_options(retry_policy=constant(1, 3)),
+            lambda: ctx.sleep(1).with_options(version=2),
         ):
             try:
                 call()
@@ -445,11 +484,12 @@ async def test_with_options_refuses_what_a_call_cannot_use() -> None:
 
     async with resonate:
         await resonate.run("w", "careless")
-    assert len(errors) == 4
+    assert len(errors) == 5
     assert "a sleep takes no timeout" in errors[0]
     assert "a sleep is not retried" in errors[1]
     assert "registered with, in the worker that runs it" in errors[2]
     assert "settled from outside, not retried" in errors[3]
+    assert "only a remote call (rfi/rfc) takes a version" in errors[4]
 
 
 async def test_rows_a_claim_leased_here_whose_answer_was_lost_are_run() -> None:
