@@ -230,13 +230,28 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         others = list(self._others)
         for task in (*runs, *others):
             task.cancel()
-        await asyncio.gather(*runs, *others, return_exceptions=True)
+        # A run whose cancel lands in a store write unwinds once that write
+        # commits, which a store that hangs (a lock held elsewhere, a lost
+        # connection) never does: not waited for past the bound. Stopping the
+        # writer below answers its write with ShutdownError.
+        waiting = [t for t in (*runs, *others) if not t.done()]
+        if waiting:
+            bound = max(self.grace_seconds, _CANCEL_SECONDS)
+            _, still = await asyncio.wait(waiting, timeout=bound)
+            if still:
+                log.warning(
+                    "%d tasks still wait for the store %.1fs after their cancellation; "
+                    "stopping the writer under them",
+                    len(still),
+                    bound,
+                )
         for batcher in self.batchers.values():
             batcher.close()
         await self._finish(self._batcher_tasks, self.grace_seconds)
         self.writer.close()
         await self._finish(self._services[:1], self.grace_seconds)
         await self._finish(self._services, 0)
+        await self._finish(runs, 0)  # those the writer's end let go
         # A renewal the heartbeat or a batch started during the grace period.
         await self._finish([*self._others], 0)
         for waiters in self._waiters.values():

@@ -23,6 +23,7 @@ from resonate_async import (
     MemoryStore,
     PromiseTimeoutError,
     Resonate,
+    ShutdownError,
     State,
     StoreError,
 )
@@ -1219,3 +1220,38 @@ async def test_a_promises_create_whose_caller_is_cancelled_unwinds_before_the_co
         await quiesce()
         record = await resonate.promises.get("approval-9")
         assert record is not None and record.state is State.PENDING  # the write went on
+
+
+async def test_aclose_is_bounded_when_the_store_hangs_under_a_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A run cancelled by the shutdown while its step's write waits for a
+    # store that never answers: aclose() stops the writer under it instead
+    # of waiting for the commit for ever.
+    monkeypatch.setattr("resonate_async._engine._CANCEL_SECONDS", 0.05)
+    store = _GatedStore()
+    resonate = Resonate(store, grace_seconds=0.05)
+
+    async def step(ctx: Context) -> int:
+        store.gate.clear()  # its own write will hang
+        return 1
+
+    @resonate.register(name="w")
+    async def w(ctx: Context) -> int:
+        return await ctx.lfc(step) + 1
+
+    await resonate.start()
+    handle = resonate.run("hung", "w")
+    engine = resonate._engine
+    assert engine is not None
+    while store.gate.is_set():
+        await asyncio.sleep(0)
+    await quiesce()  # the step's write is with the store, which holds it
+    with caplog.at_level(logging.WARNING):
+        await asyncio.wait_for(resonate.aclose(), 10)
+    assert "still wait for the store" in caplog.text
+    with pytest.raises(ShutdownError):
+        await handle
+    store.gate.set()
+    rows = await store.get_many(["hung", "hung.1"])
+    assert rows["hung"].state is State.PENDING and "hung.1" not in rows  # resumes at next start
