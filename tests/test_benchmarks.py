@@ -188,3 +188,16 @@ def test_recovery_resumes_a_crashed_burst_in_few_batches() -> None:
     match = re.search(r"300 runs resumed in [\d.]+ s .* went in (\d+) batches", proc.stdout)
     assert match is not None, proc.stdout
     assert int(match.group(1)) <= 3, proc.stdout
+
+
+def test_renewal_times_one_renewal_per_size() -> None:
+    proc = run_script("renewal.py", "--sizes", "20,50")
+    assert proc.returncode == 0, proc.stderr
+    lines = re.findall(r"SQLite: renewing ([\d,]+) leases took [\d.]+ ms", proc.stdout)
+    assert lines == ["20", "50"], proc.stdout
+
+
+def test_renewal_times_postgres_in_a_schema_it_drops(postgres_dsn: str) -> None:
+    proc = run_script("renewal.py", "--sizes", "30", "--store", postgres_dsn)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"PostgreSQL: renewing 30 leases took [\d.]+ ms", proc.stdout), proc.stdout
