@@ -142,7 +142,9 @@ class LeaseKeeper:
     _single_host: bool
     _claim_wakeup: asyncio.Event
     _claim_lost: bool
-    _undecodable: list[str]  # claimed runs whose arguments do not decode: to free
+    # Claimed rows to free: runs whose arguments do not decode here (see
+    # _resume), and runs lost here whose release failed (see _claimed_back).
+    _undecodable: list[str]
     _just_freed: set[str]  # leases this poll freed after their back-off
 
     if TYPE_CHECKING:
@@ -195,6 +197,7 @@ class LeaseKeeper:
                 if claimed:
                     await self.store.release(self.worker_id, [r.id for r in claimed])
                 break
+            lost = self._claimed_back(claimed)
             fresh = [r for r in claimed if r.id not in self.runs and r.id not in self.stuck]
             started_now = 0
             for record in fresh:
@@ -203,7 +206,7 @@ class LeaseKeeper:
                 if record.kind is Kind.REMOTE:
                     remote += started
             resumed += started_now
-            released = self._undecodable
+            released = self._undecodable + lost
             if released:
                 self._undecodable = []
                 try:
@@ -211,13 +214,42 @@ class LeaseKeeper:
                 except Exception:
                     self._undecodable += released  # freed after the next claim
                     raise
-            # Not on once runs were released at once (see _resume): the next
+            # Not on once runs were released at once (see _resume, _claimed_back): the next
             # claim would take the same rows again. (Rows held are not taken.)
             if len(claimed) < _CLAIM_CHUNK or not fresh or released or self.closing:
                 break
         if resumed > remote:  # a remote call taken here is work, not a recovery
             log.info("resumed %d pending runs", resumed - remote)
         return resumed
+
+    def _claimed_back(self, claimed: list[PromiseRecord]) -> list[str]:
+        """The ids of ``claimed`` whose runs still execute, or stop, here: to free.
+
+        A claim takes only a free or expired lease, so such a run's lease ran
+        out while it executed (a paused process) and another worker may have
+        run it meanwhile: this execution's replay table misses the steps that
+        worker settled, which it would run again. It stops as lost, and its
+        lease is freed at once rather than renewed for ever under a run that
+        no longer executes: its handle then claims it again (see
+        ``RunDriver._attach_to``), or the next poll does, and resumes it from
+        its stored history once this execution has unwound.
+        """
+        ids = []
+        for record in claimed:
+            run = self.runs.get(record.id)
+            if run is None:
+                continue
+            if self._executing(run):
+                self._lose(
+                    run,
+                    record,
+                    f"run {run.id!r} was claimed back by this worker: its lease on it ran "
+                    "out while it executed here, and another worker may have run it "
+                    "meanwhile, so it resumes from its stored history",
+                )
+            if isinstance(run.fatal, LeaseLost):  # (also one a renewal found lost)
+                ids.append(record.id)
+        return ids
 
     def _resume(self, record: PromiseRecord) -> int:
         entry = None if record.func is None else self.registry.lookup(record.func, record.version)
@@ -394,7 +426,9 @@ class LeaseKeeper:
                 and record.owner == self.worker_id
                 and record.state is State.PENDING
             ):
-                continue  # renewed just now
+                # Renewed just now; or claimed back by the claim loop, which
+                # stops it (see _claimed_back): the claim tells, not the row.
+                continue
             if not self._executing(run):
                 continue  # it ended (or is settling) while the records were read
             if record is None:
@@ -409,9 +443,14 @@ class LeaseKeeper:
                 f"run {run.id!r} {where}: this worker's lease on it ran out before "
                 "it could renew it, so it stops executing here"
             )
-            log.warning("%s; its handle waits for the run's outcome", message)
-            run.fatal = LeaseLost(message, record)
-            cast("asyncio.Task[None]", run._task).cancel()
+            self._lose(run, record, message)
+
+    @staticmethod
+    def _lose(run: RunState, record: PromiseRecord | None, message: str) -> None:
+        """Stop ``run``'s execution here (see ``LeaseLost``)."""
+        log.warning("%s; its handle waits for the run's outcome", message)
+        run.fatal = LeaseLost(message, record)
+        cast("asyncio.Task[None]", run._task).cancel()
 
     def _executing(self, run: RunState) -> bool:
         """Whether ``run`` executes here now, its body's task not done, and
