@@ -344,7 +344,7 @@ class LeaseKeeper:
                 await self.store.release(self.worker_id, ids)
             except Exception as exc:  # kept for the next poll; the claim goes on
                 log.warning(
-                    "freeing the leases of %d runs stopped by a store failure failed: %s",
+                    "freeing the leases of %d runs stopped here unsettled failed: %s",
                     len(ids),
                     exc,
                 )
@@ -352,7 +352,11 @@ class LeaseKeeper:
             for id in ids:
                 stopped.pop(id, None)
             self._just_freed.update(ids)  # (see _resume: left free until the next poll)
-            log.info("freed the leases of %d runs stopped by a store failure", len(ids))
+            # (Stopped unsettled here: a store failure, a command without a
+            # handler here, arguments that do not decode here; see free_later.)
+            log.info(
+                "freed the leases of %d runs stopped here unsettled, after a back-off", len(ids)
+            )
 
     async def _heartbeat(self) -> None:
         clock = self.clock
