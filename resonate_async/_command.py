@@ -29,7 +29,7 @@ class Command(Generic[R]):
     registered with ``Resonate.register_command_handler``.
 
     A command is stored as its fields plus its registered type name, so its
-    fields must be encodable (see :class:`resonate_async.JSONEncoder`) and
+    fields must be encodable (see ``resonate_async.JSONEncoder``) and
     the class must be defined at module level.
 
     Example:

@@ -1,6 +1,6 @@
 """``Context``: the durable calls a workflow makes (see ``_promise`` for their replay).
 
-A workflow receives a :class:`Context`. Every durable call on it (``lfi``,
+A workflow receives a ``Context``. Every durable call on it (``lfi``,
 ``sleep``, ``promise``, ``now``, ``random``) takes the next sequence number
 *synchronously*, so the child id ``f"{ctx.id}.{n}"`` depends only on program
 order, and ``asyncio.gather`` over several calls replays deterministically.
@@ -173,7 +173,7 @@ class Context:
 
         ``target`` is a function called as ``target(ctx, *args, **kwargs)``
         (``async def`` awaited, plain ``def`` run in a worker thread, generator
-        driven), or a :class:`Command` instance, which goes to its type's batcher.
+        driven), or a ``Command`` instance, which goes to its type's batcher.
         The child id is assigned now; the work starts on the next loop
         iteration unless the child is already settled in the store.
         """
@@ -302,7 +302,24 @@ class Context:
         it. Arguments and the result must be encodable.
 
         Args:
-            target: a registered function, or its registered name.
+            target: a registered function, or its registered name. A name
+                registered here takes its newest version here, and the
+                registered ``timeout``; one not registered in this process
+                (registered by another worker) is stored as version 1,
+                unless ``with_options(version=...)`` names another.
+            *args: positional arguments: ``target`` is called as
+                ``target(ctx, *args, **kwargs)`` by the worker that runs it.
+                Encoded now, with the ``Resonate``'s encoder.
+            **kwargs: keyword arguments, as ``args``.
+
+        Returns:
+            The child's promise; its id is assigned now. Await it for the
+            value, or the error, of the remote run.
+
+        Raises:
+            EncodingError: an argument cannot be encoded.
+            SignatureError: ``target`` is registered here and cannot be
+                called with these arguments.
         """
         promise = self._remote(target, args, kwargs)
         return self._start_child(promise)
@@ -413,7 +430,7 @@ class Context:
     async def _join_children(self, *, settled_by_now: bool = False) -> None:
         """Wait for every ``lfi`` child; errors of children never awaited are logged.
 
-        A child stopped by :meth:`_cancel_children` (its parent timed out) has
+        A child stopped by ``_cancel_children`` (its parent timed out) has
         nothing to wait for. ``settled_by_now``: the call's outcome is known
         (it failed) or its body restarts anyway, so a child settling fresh in
         replay-every-step mode asks for no restart (its ``ReplayNow``).

@@ -1,11 +1,11 @@
 """How arguments and values become bytes in the store, and back.
 
-The default :class:`JSONEncoder` writes compact JSON (no whitespace, ASCII
+The default ``JSONEncoder`` writes compact JSON (no whitespace, ASCII
 only) that keeps a dict's key order, so a dict decodes in the order it was
 written, as it does in Python. Equal values may therefore encode to other
 bytes (``{"a":1,"b":2}``, ``{"b":2,"a":1}``): the engine compares a run's
 arguments with the stored ones as bytes first, then as decoded values (see
-:func:`same_values`).
+``same_values``).
 
 Tag format. JSON has no tuples, bytes, non-finite floats or classes, so such
 values are written as a JSON object holding the reserved key ``"$"``:
@@ -32,8 +32,8 @@ without one (or stored before they were) is rebuilt by calling the class
 with its other fields, which gives the field its default.
 
 Errors are records of such values; ``_error_encoding.py`` holds how they
-are written and rebuilt, and :class:`JSONEncoder` hands its error methods to
-the :class:`~resonate_async._error_encoding.ErrorCodec` it owns.
+are written and rebuilt, and ``JSONEncoder`` hands its error methods to
+the ``resonate_async._error_encoding.ErrorCodec`` it owns.
 """
 
 from __future__ import annotations
@@ -82,9 +82,14 @@ _short.maxstring = _short.maxother = 60
 class Encoder(Protocol):
     """Turns values and errors into bytes for the store, and back.
 
-    Pass an implementation as ``Resonate(encoder=...)``. ``encode`` must be
-    deterministic (equal values give equal bytes) because the engine compares
-    encoded arguments byte for byte to detect conflicting runs.
+    Pass an implementation as ``Resonate(encoder=...)``. To tell whether a
+    run id reused with arguments is the same run or a conflicting one
+    (``ConflictError``), the engine compares the encoded arguments: the same
+    bytes are the same call; other bytes are decoded with ``decode`` and are
+    the same call if the values are equal and of the same types all the way
+    down (``1`` is not ``1.0`` or ``True``; dicts in any key order). So
+    ``encode`` need not give equal bytes for equal values, but ``decode`` must
+    rebuild them faithfully; bytes that fail to decode count as different.
     """
 
     def encode(self, value: object) -> bytes:
@@ -92,7 +97,7 @@ class Encoder(Protocol):
         ...
 
     def decode(self, data: bytes) -> object:
-        """Decode what :meth:`encode` wrote; raise ``EncodingError`` on bad data."""
+        """Decode what ``encode`` wrote; raise ``EncodingError`` on bad data."""
         ...
 
     def encode_error(self, error: BaseException) -> bytes:
@@ -100,7 +105,7 @@ class Encoder(Protocol):
         ...
 
     def decode_error(self, data: bytes) -> BaseException:
-        """Rebuild an exception written by :meth:`encode_error`."""
+        """Rebuild an exception written by ``encode_error``."""
         ...
 
     def register_type(self, name: str, cls: type) -> None:
@@ -127,7 +132,7 @@ def _qualified(cls: type) -> str:
 
 
 class JSONEncoder:
-    """The default :class:`Encoder`: compact JSON that keeps dict order, no pickle.
+    """The default ``Encoder``: compact JSON that keeps dict order, no pickle.
 
     Handles ``None``, ``bool``, ``int``, ``float`` (``nan`` and ``inf`` too),
     ``str``, ``bytes``, ``list``, ``tuple`` (decoded as a tuple), ``dict`` with
@@ -446,7 +451,7 @@ class JSONEncoder:
         return out
 
     def decode(self, data: bytes) -> object:
-        """Decode bytes written by :meth:`encode`.
+        """Decode bytes written by ``encode``.
 
         Raises:
             EncodingError: ``data`` is not valid JSON or holds a malformed
@@ -583,7 +588,7 @@ class JSONEncoder:
         return self._errors.encode(error)
 
     def decode_error(self, data: bytes) -> BaseException:
-        """Rebuild an exception written by :meth:`encode_error`.
+        """Rebuild an exception written by ``encode_error``.
 
         The original class is rebuilt as ``cls(*args)`` when it can be
         imported and is an ``Exception`` subclass; a class whose constructor
@@ -593,7 +598,7 @@ class JSONEncoder:
         message (else ``StoredError``). Its attributes and ``args`` (so its
         message) are restored. An exception group is rebuilt as its class
         with its decoded sub-exceptions, so ``except*`` still matches them.
-        Otherwise the result is a :class:`StoredError` with the type
+        Otherwise the result is a ``StoredError`` with the type
         name, message and traceback. Either way, the stored traceback is
         attached as a note (PEP 678) beginning with
         :data:`~resonate_async._error_encoding.NOTE_PREFIX`, so it prints
@@ -664,7 +669,7 @@ def _tag_nonfinite(obj: object) -> object:
 
 
 def default_encoder() -> JSONEncoder:
-    """Return a new :class:`JSONEncoder`, the encoder ``Resonate`` uses by default."""
+    """Return a new ``JSONEncoder``, the encoder ``Resonate`` uses by default."""
     return JSONEncoder()
 
 

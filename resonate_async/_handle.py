@@ -22,7 +22,7 @@ class Handle(Generic[T]):
 
     Awaiting is shielded: a caller that stops waiting (a timeout, a cancelled
     web request) never cancels the durable run. To cancel the run itself, call
-    :meth:`cancel` or ``resonate.promises.cancel(id)``.
+    ``cancel()`` or ``resonate.promises.cancel(id)``.
 
     Attributes:
         id: the run's id.
@@ -85,7 +85,15 @@ class Handle(Generic[T]):
             self._value()  # done without being created: raise why
 
     def cancel(self) -> bool:
-        """Cancel the run if it executes in this process; it settles ``REJECTED_CANCELED``.
+        """Request that the run be cancelled, if it executes in this process.
+
+        ``True`` means the cancel was requested, not that the run is
+        cancelled already: the handle is still pending and the stored
+        promise still ``PENDING`` when this returns. The cancellation reaches
+        the run's body as an ``asyncio.CancelledError`` at its next ``await``
+        (or as it starts), and the run then settles ``REJECTED_CANCELED``,
+        after which ``await handle`` raises ``CanceledError``. (A body that
+        catches the ``CancelledError`` and returns settles with its value.)
 
         Returns ``False`` when the run is already done or not executing here
         (use ``resonate.promises.cancel(id)`` to cancel it wherever it runs).

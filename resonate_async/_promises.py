@@ -33,7 +33,7 @@ class Promises:
         """The promise ``id`` as a reader sees it (timeouts applied), or ``None``.
 
         Raises:
-            ValueError: ``id`` is not one a store can keep (see :meth:`Resonate.run`).
+            ValueError: ``id`` is not one a store can keep (see ``Resonate.run``).
         """
         check_id(id, "a promise id")
         engine = self._engine()
@@ -89,7 +89,7 @@ class Promises:
 
         Raises:
             ValueError: ``timeout`` is not positive, or ``id`` is not one a
-                store can keep (see :meth:`Resonate.run`).
+                store can keep (see ``Resonate.run``).
             TypeError: ``timeout`` is not a number of seconds, or ``tags``
                 not a dict of ``str`` to ``str``.
         """

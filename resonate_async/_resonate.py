@@ -84,6 +84,12 @@ class Resonate:
         tracer_provider: an OpenTelemetry ``TracerProvider`` to use instead of
             the global one (implies ``tracing=True``).
 
+    Attributes:
+        promises: the promise API (``Promises``): ``get``, ``search``,
+            ``create``, ``resolve``, ``reject`` and ``cancel`` durable
+            promises by id, e.g. ``await resonate.promises.resolve(id, value)``
+            for an external promise. Its methods need a started ``Resonate``.
+
     Raises:
         ValueError: a duration above is out of range, the heartbeat is not
             shorter than the lease, or ``worker_id`` is empty.
@@ -264,7 +270,7 @@ class Resonate:
 
         Idempotent, and shielded: cancelling the caller does not interrupt it.
         An engine whose event loop already ended is dropped instead (see
-        :meth:`start`).
+        ``start``).
         """
         self._engine_to_stop(
             "close it from that loop (asyncio.run_coroutine_threadsafe(resonate.aclose(), "
@@ -630,6 +636,9 @@ class Resonate:
         """A handle on an existing run (possibly started by another process).
 
         Awaiting it gives the outcome; ``NotFoundError`` if no such id exists.
+        Any promise's id is accepted, not only a run's: a step's gives its
+        value, an external promise's what settles it, a sleep's ``None``
+        once it wakes (as ``await ctx.sleep`` does).
         """
         engine = self._started()
         check_id(id, "a run id")

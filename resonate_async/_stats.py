@@ -72,7 +72,26 @@ def seconds_histogram() -> Histogram:
 
 @dataclass(slots=True)
 class StoreStats:
-    """What the group-commit writer did: transactions, rows, commit latency."""
+    """What the group-commit writer did: transactions, rows, commit latency.
+
+    A "row" here is one write operation (a ``Create`` or a ``Settle``) in a
+    call of ``Store.write``, not a table row: a promise created and settled
+    in one transaction counts 2, and a duplicate ``Create`` that changes
+    nothing counts 1. Lease traffic (``claim``, ``renew``, ``release``) and
+    reads do not go through the writer and are not counted.
+
+    Attributes:
+        transactions: ``Store.write`` calls that committed.
+        failed_transactions: ``Store.write`` calls that raised (nothing of
+            them was written; their callers get a ``StoreError``). A write
+            cut short by a shutdown is in neither count.
+        rows: operations in the committed transactions, in total.
+        rows_per_transaction: one sample per committed transaction: its
+            number of operations.
+        commit_seconds: one sample per committed transaction: the wall time
+            (``time.perf_counter``, not the engine's clock) ``Store.write``
+            took, from the call to its return.
+    """
 
     transactions: int = 0
     failed_transactions: int = 0
@@ -89,7 +108,7 @@ class StoreStats:
 
     @property
     def mean_rows_per_transaction(self) -> float:
-        """Rows per committed transaction, on average."""
+        """Operations per committed transaction, on average (``rows / transactions``)."""
         return self.rows / self.transactions if self.transactions else 0.0
 
     def copy(self) -> StoreStats:

@@ -1,6 +1,6 @@
-"""The store conformance suite: what every :class:`Store` must do.
+"""The store conformance suite: what every ``Store`` must do.
 
-Subclass :class:`StoreConformance` in a test module and provide a ``store``
+Subclass ``StoreConformance`` in a test module and provide a ``store``
 fixture that yields an opened, *empty* store for each test (the tests count
 what they find) and closes it afterwards; pytest then runs every test below
 against it::
@@ -23,7 +23,7 @@ Two optional fixtures widen the suite:
   data, for the persistence test; the fixture closes the stores it opened.
   Defaults to skipping that test (no durability).
 
-The expected result of every write is computed with :func:`apply_op`, the one
+The expected result of every write is computed with ``apply_op``, the one
 definition of what a write means.
 """
 
@@ -61,7 +61,7 @@ def record(id: str, **fields: Any) -> PromiseRecord:
 def expected_results(
     before: dict[str, PromiseRecord], ops: Sequence[Op]
 ) -> tuple[list[PromiseRecord | None], dict[str, PromiseRecord]]:
-    """What ``write(ops)`` must return, and the rows after it, per :func:`apply_op`."""
+    """What ``write(ops)`` must return, and the rows after it, per ``apply_op``."""
     rows = dict(before)
     results: list[PromiseRecord | None] = []
     for op in ops:
@@ -96,7 +96,24 @@ def _full(id: str) -> PromiseRecord:
 
 
 class StoreConformance:
-    """Tests every :class:`Store` must pass; see the module docstring."""
+    """Tests every ``Store`` must pass: subclass it in a test module.
+
+    The subclass provides a ``store`` fixture yielding an opened, empty store
+    for each test (closed afterwards). Optional fixtures: ``peer_store``, a
+    second store on the same data (default: ``store`` itself), and
+    ``reopen``, an async callable returning a freshly opened store on the
+    same data (default: the persistence test is skipped). The tests need
+    pytest-asyncio. See "Testing a store of your own" in the testing guide.
+
+    Example:
+        ```python
+        class TestMyStore(StoreConformance):
+            @pytest_asyncio.fixture
+            async def store(self):
+                async with MyStore(...) as store:
+                    yield store
+        ```
+    """
 
     pytestmark: ClassVar[list[pytest.MarkDecorator]] = [pytest.mark.asyncio]
 

@@ -1,6 +1,6 @@
 """The exception tree of resonate_async.
 
-What goes wrong in durable execution is a :class:`ResonateError`. The tree
+What goes wrong in durable execution is a ``ResonateError``. The tree
 is shallow on purpose: catch ``ResonateError`` for "anything from the SDK", or
 one leaf for a specific case. Bad arguments raise ``ValueError`` or
 ``TypeError`` and misuse (a durable call from a leaf, ``with_options`` too

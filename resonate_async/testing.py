@@ -56,7 +56,7 @@ async def quiesce(rounds: int = 1000) -> None:
 
 
 async def _idle(rounds: int) -> bool:
-    """:func:`quiesce`; whether the loop was seen idle (``False``: it ran
+    """``quiesce``; whether the loop was seen idle (``False``: it ran
     ``rounds`` steps and was still busy, or this loop cannot tell)."""
     global _quiescing
     loop = asyncio.get_running_loop()
@@ -82,11 +82,11 @@ async def _idle(rounds: int) -> bool:
 
 async def _until_idle() -> None:
     """Before virtual time moves: let the loop run until it is idle, over more
-    steps than one :func:`quiesce` (a run of a thousand steps that await
+    steps than one ``quiesce`` (a run of a thousand steps that await
     nothing takes several), up to 20,000: a task spinning on
     ``asyncio.sleep(0)`` (a test polling a flag) is never idle, and costs each
     move of time that many steps. On a loop that cannot tell (uvloop) it is
-    one :func:`quiesce`."""
+    one ``quiesce``."""
     if getattr(asyncio.get_running_loop(), "_ready", None) is None:
         await _idle(1000)
         return
@@ -158,7 +158,7 @@ class VirtualClock:
         point where the clock stops anyway.
 
         For the engine's background polls (claiming free runs): unlike
-        :meth:`sleep`, a poll is not a timer that :meth:`advance` stops at,
+        ``sleep``, a poll is not a timer that ``advance`` stops at,
         so advancing a virtual day does not stop at every second to poll. A
         due poll returns when a timer fires, when an ``advance`` ends, or
         when an autojump clock has no timer left to jump to.
@@ -198,7 +198,16 @@ class VirtualClock:
 
     @property
     def pending_timers(self) -> int:
-        """How many sleeps are waiting."""
+        """How many ``sleep`` calls on this clock are waiting: every timer, not just a run's.
+
+        That is durable sleeps (``ctx.sleep``), retry back-offs and timeout
+        deadlines, and also the engine's own timers: while a ``Resonate`` on
+        this clock is started, its lease heartbeat keeps one timer pending at
+        all times, and polling promises settled elsewhere (a handle on a run
+        another worker owns, an external promise) adds one while anything
+        waits for them. So a started, idle ``Resonate`` counts 1, not 0:
+        compare with that count to tell whether a run is sleeping.
+        """
         return sum(1 for _, _, f in self._timers if not f.done())
 
     async def advance(self, seconds: float) -> None:
@@ -291,10 +300,10 @@ else:
 
     @pytest.fixture
     def virtual_clock() -> VirtualClock:
-        """A fresh :class:`VirtualClock` (explicit ``advance``)."""
+        """A fresh ``VirtualClock`` (explicit ``advance``)."""
         return VirtualClock()
 
     @pytest.fixture
     def memory_store() -> MemoryStore:
-        """A fresh :class:`MemoryStore` (it needs no opening or closing)."""
+        """A fresh ``MemoryStore`` (it needs no opening or closing)."""
         return MemoryStore()

@@ -55,16 +55,16 @@ def store_from_spec(spec: str | os.PathLike[str] | Store | None) -> Store:
 
             * ``None``: the ``RESONATE_STORE`` environment variable (any form
               below), else the file ``resonate.db``;
-            * a :class:`Store` instance: itself;
-            * ``":memory:"``: a :class:`MemoryStore` (no durability);
+            * a ``Store`` instance: itself;
+            * ``":memory:"``: a ``MemoryStore`` (no durability);
             * ``"sqlite:///relative/path"`` or ``"sqlite:////absolute/path"``:
-              a :class:`SQLiteStore` (the path percent-decoded, no query);
+              a ``SQLiteStore`` (the path percent-decoded, no query);
             * ``"postgresql://..."`` or ``"postgres://..."``: a
-              :class:`PostgresStore` (needs the ``postgres`` extra); a
+              ``PostgresStore`` (needs the ``postgres`` extra); a
               ``schema=NAME`` query parameter is its ``schema``
               (``postgresql://app@db/app?schema=resonate``);
             * any other string without ``://``, or a path object: a
-              :class:`SQLiteStore` on that file.
+              ``SQLiteStore`` on that file.
 
     Returns:
         A store, not yet opened.

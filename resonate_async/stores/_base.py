@@ -1,12 +1,12 @@
 """The data model of durable promises and the ``Store`` protocol.
 
 Every run, step, command, sleep and external promise is one
-:class:`PromiseRecord`. Stores are async throughout, and their primitive is a
-*bulk* write: :meth:`Store.write` applies many operations in one transaction,
+``PromiseRecord``. Stores are async throughout, and their primitive is a
+*bulk* write: ``Store.write`` applies many operations in one transaction,
 which is what lets the group-commit writer put rows from many runs into one
 commit.
 
-The semantics of an operation live here, in :func:`apply_op`, so that every
+The semantics of an operation live here, in ``apply_op``, so that every
 backend agrees on them: ``MemoryStore`` calls it directly, the SQL stores use
 it to resolve the rare conflicting rows after their fast path.
 """
@@ -66,8 +66,8 @@ class PromiseRecord:
 
     Attributes:
         id: unique id; children are ``f"{parent}.{n}"``.
-        state: see :class:`State`.
-        kind: see :class:`Kind`.
+        state: see ``State``.
+        kind: see ``Kind``.
         func: registered function name or command type name
             (``"resonate.sleep"`` for sleeps, ``None`` for external promises).
         version: registered version of ``func``.
@@ -117,13 +117,13 @@ class PromiseRecord:
 # the two layouts are identical (0.20 µs in all). ``PromiseRecord`` has no
 # ``__post_init__`` to skip; the conformance suite compares every field of
 # what this builds.
-#: The field names of :class:`PromiseRecord`, in order (the stores' column order).
+#: The field names of ``PromiseRecord``, in order (the stores' column order).
 FIELDS = tuple(f.name for f in fields(PromiseRecord))
 _new = object.__new__
 
 
 class _UnfrozenRecord:
-    """:class:`PromiseRecord`'s slots without its frozen ``__setattr__``."""
+    """``PromiseRecord``'s slots without its frozen ``__setattr__``."""
 
     __slots__ = FIELDS
 
@@ -170,7 +170,12 @@ def new_record(
 
 @dataclass(frozen=True, slots=True)
 class Create:
-    """Insert ``record`` unless a promise with its id exists (then: no change)."""
+    """Insert ``record`` unless a promise with its id exists (then: no change).
+
+    Attributes:
+        record: the promise to insert; the write's result for this op is
+            ``record`` itself when inserted, else the stored record.
+    """
 
     record: PromiseRecord
 
@@ -263,17 +268,17 @@ class Store(Protocol):
 
     A store is opened once, used by one process, and closed once. Every
     implementation must pass the conformance suite in
-    :mod:`resonate_async.testing`.
+    ``resonate_async.testing.StoreConformance``.
 
     An optional method, ``trees(root_ids) -> dict[str, list[PromiseRecord]]``
-    (:meth:`tree` of each id, in one round trip), lets runs resumed together
-    read their histories at once; without it the engine calls :meth:`tree`
+    (``tree`` of each id, in one round trip), lets runs resumed together
+    read their histories at once; without it the engine calls ``tree``
     for each.
 
     Two optional attributes tell the engine more: ``single_host = True``
     when only processes of this host can share the store (a dead pid then
     frees its leases at once), and ``pipeline_depth = 2`` when the store
-    applies concurrent :meth:`write` calls one at a time *in the order they
+    applies concurrent ``write`` calls one at a time *in the order they
     were called* (and a failed write leaves later ones unaffected): the
     group-commit writer then calls ``write`` for the next transaction before
     the last one has returned.
@@ -289,7 +294,7 @@ class Store(Protocol):
         """Apply ``ops`` in order in **one transaction** and commit.
 
         Returns, for each op, the record as stored after the op (see
-        :func:`apply_op`); an op sees the effect of the ops before it in the
+        ``apply_op``); an op sees the effect of the ops before it in the
         same call. Either every op is durable when this returns, or it raises
         and none is.
         """
@@ -325,7 +330,7 @@ class Store(Protocol):
         Free means: no owner, or an expired lease (``lease_expires_at <= now``).
         Promises whose live lease ``owner`` already holds are not returned
         (they run already); a restarted worker frees its previous leases with
-        :meth:`release` first.
+        ``release`` first.
         Only promises whose ``(func, version)`` is in ``funcs`` are claimed
         when ``funcs`` is given. Sets ``owner`` and ``lease_expires_at`` and
         returns the claimed records, atomically, so two workers never claim
@@ -343,13 +348,13 @@ class Store(Protocol):
 
 
 class _UnfrozenSettle:
-    """:class:`Settle`'s slots without its frozen ``__setattr__`` (see :func:`new_record`)."""
+    """``Settle``'s slots without its frozen ``__setattr__`` (see ``new_record``)."""
 
     __slots__ = tuple(f.name for f in fields(Settle))
 
 
 def new_create(record: PromiseRecord) -> Create:
-    """``Create(record)``, built faster (see :func:`new_record`)."""
+    """``Create(record)``, built faster (see ``new_record``)."""
     op = _new(Create)
     _set_create_record(op, record)
     return op
@@ -358,7 +363,7 @@ def new_create(record: PromiseRecord) -> Create:
 def new_settle(
     id: str, state: State, value: bytes | None, settled_at: float, prior: PromiseRecord | None
 ) -> Settle:
-    """``Settle(id, state, value, settled_at, prior)``, built faster (see :func:`new_record`)."""
+    """``Settle(id, state, value, settled_at, prior)``, built faster (see ``new_record``)."""
     op: Any = _UnfrozenSettle()
     op.id = id
     op.state = state

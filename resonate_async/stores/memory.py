@@ -21,7 +21,7 @@ def _age(record: PromiseRecord) -> tuple[float, str]:
 class MemoryStore(StoreLifecycle):
     """A promise store held in memory: fast, and gone with the process.
 
-    Operations are :func:`apply_op` applied to a dict, so this store is the
+    Operations are ``apply_op`` applied to a dict, so this store is the
     reference the durable stores are checked against. Records are immutable
     and shared, never copied. The data outlives ``close()``: reopening the
     same instance finds it again, as a file would. Using it without
@@ -50,7 +50,7 @@ class MemoryStore(StoreLifecycle):
         """Nothing to release; the data stays. Idempotent."""
 
     async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
-        """Apply ``ops`` in order, all or nothing; see :meth:`Store.write`.
+        """Apply ``ops`` in order, all or nothing; see ``Store.write``.
 
         Raises:
             TypeError: an op is neither ``Create`` nor ``Settle`` (nothing is
@@ -80,7 +80,7 @@ class MemoryStore(StoreLifecycle):
         return results
 
     async def get_many(self, ids: Sequence[str]) -> dict[str, PromiseRecord]:
-        """The stored records among ``ids``; see :meth:`Store.get_many`."""
+        """The stored records among ``ids``; see ``Store.get_many``."""
         rows = self._rows
         return {i: rows[i] for i in ids if i in rows}
 
@@ -97,7 +97,7 @@ class MemoryStore(StoreLifecycle):
         prefix: str | None = None,
         limit: int | None = 100,
     ) -> list[PromiseRecord]:
-        """Records matching every filter; see :meth:`Store.search`."""
+        """Records matching every filter; see ``Store.search``."""
         check_limit(limit)
         found = sorted(
             (
@@ -121,7 +121,7 @@ class MemoryStore(StoreLifecycle):
         kinds: Sequence[Kind] = (Kind.RUN,),
         limit: int = 1000,
     ) -> list[PromiseRecord]:
-        """Lease free pending promises to ``owner``, oldest first; see :meth:`Store.claim`."""
+        """Lease free pending promises to ``owner``, oldest first; see ``Store.claim``."""
         check_limit(limit)
         wanted = None if funcs is None else set(funcs)
         free = sorted(

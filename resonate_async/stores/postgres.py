@@ -4,8 +4,8 @@ Every worker of a deployment points at the same database and coordinates only
 through it (DESIGN §7): leases on pending runs are taken with
 ``FOR UPDATE SKIP LOCKED``, and each transaction that settles promises sends
 ``NOTIFY "resonate_settled:<schema>", '<id>'`` so waiters elsewhere wake up without
-polling (:meth:`PostgresStore.listen`, which hands the receiving side to a
-:class:`~resonate_async.stores._pg_listener.ChannelListener`).
+polling (``PostgresStore.listen``, which hands the receiving side to a
+``resonate_async.stores._pg_listener.ChannelListener``).
 
 Opening a store that is already current reads its version and changes
 nothing, so a role with only ``USAGE`` on the schema and DML privileges on
@@ -59,7 +59,10 @@ _T = TypeVar("_T")
 # Attempts at a transaction that PostgreSQL rolls back to break a deadlock.
 _ATTEMPTS = 5
 
-#: The channel on which the ids of newly settled promises are announced.
+#: The prefix of the channels on which the ids of newly settled promises are
+#: announced: a store NOTIFYs on ``resonate_settled:<schema>`` (one channel per
+#: schema), or ``resonate_settled#<hash of the schema>`` for a schema name too
+#: long for that to fit in an identifier; see ``PostgresStore.channel``.
 SETTLED_CHANNEL = "resonate_settled"
 # The longest identifier PostgreSQL keeps whole (NAMEDATALEN - 1): a longer
 # channel name is refused by NOTIFY and silently truncated by LISTEN.
@@ -170,8 +173,8 @@ class PostgresStore(StoreLifecycle):
             server's default ``search_path``.
         min_connections: connections the pool keeps open.
         max_connections: connections the pool may open.
-        notify: send a ``NOTIFY`` on the channel ``resonate_settled:<schema>``
-            for settled promises.
+        notify: send a ``NOTIFY`` on the store's ``channel``
+            (``resonate_settled:<schema>``) with the id of each settled promise.
 
     Raises:
         ImportError: asyncpg is not installed.
@@ -392,7 +395,7 @@ class PostgresStore(StoreLifecycle):
         return StoreError(f"PostgreSQL operation failed: {exc}")
 
     async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
-        """Apply ``ops`` in order in one transaction; see :meth:`Store.write`.
+        """Apply ``ops`` in order in one transaction; see ``Store.write``.
 
         Raises:
             StoreError: the transaction failed and was rolled back.
@@ -472,7 +475,7 @@ class PostgresStore(StoreLifecycle):
         return [row_to_record(row) for row in rows]
 
     async def get_many(self, ids: Sequence[str]) -> dict[str, PromiseRecord]:
-        """The stored records among ``ids``; see :meth:`Store.get_many`."""
+        """The stored records among ``ids``; see ``Store.get_many``."""
         if not ids:
             return {}
         return {r.id: r for r in await self._query(_SELECT, list(dict.fromkeys(ids)))}
@@ -482,7 +485,7 @@ class PostgresStore(StoreLifecycle):
         return await self._query(_TREE, root_id)
 
     async def trees(self, root_ids: Sequence[str]) -> dict[str, list[PromiseRecord]]:
-        """:meth:`tree` of each of ``root_ids``, in one query."""
+        """``tree`` of each of ``root_ids``, in one query."""
         found: dict[str, list[PromiseRecord]] = {root: [] for root in root_ids}
         for record in await self._query(_TREES, list(found)):
             found[record.root_id].append(record)
@@ -496,7 +499,7 @@ class PostgresStore(StoreLifecycle):
         prefix: str | None = None,
         limit: int | None = 100,
     ) -> list[PromiseRecord]:
-        """Records matching every filter; see :meth:`Store.search`."""
+        """Records matching every filter; see ``Store.search``."""
         check_limit(limit)
         sql, args = search_query(POSTGRES, state=state, kind=kind, prefix=prefix, limit=limit)
         return await self._query(sql, *args)
@@ -511,7 +514,7 @@ class PostgresStore(StoreLifecycle):
         kinds: Sequence[Kind] = (Kind.RUN,),
         limit: int = 1000,
     ) -> list[PromiseRecord]:
-        """Lease free pending promises to ``owner``, oldest first; see :meth:`Store.claim`.
+        """Lease free pending promises to ``owner``, oldest first; see ``Store.claim``.
 
         Rows another worker is claiming at the same moment are skipped, not
         waited for (``FOR UPDATE SKIP LOCKED``).
@@ -562,7 +565,7 @@ class PostgresStore(StoreLifecycle):
         """Call ``callback(id)`` for each promise settled by any worker, from now on.
 
         The first listener opens a dedicated connection (outside the pool)
-        that receives the store's ``NOTIFY`` (see :attr:`channel`); when that
+        that receives the store's ``NOTIFY`` (see ``channel``); when that
         connection drops, it is opened again, retrying with backoff, and
         settles made meanwhile are not announced. Callbacks run on the event
         loop and must not block; an exception in one is logged and ignored.

@@ -114,7 +114,7 @@ class SQLiteStore(StoreLifecycle):
             in WAL mode loses at most the last commits on power loss (never on
             a process crash).
         busy_timeout: seconds to wait for another process's write lock
-            before a write fails with :class:`StoreError`.
+            before a write fails with ``StoreError``.
 
     Example:
         >>> async with SQLiteStore("app.db") as store:  # doctest: +SKIP
@@ -146,7 +146,7 @@ class SQLiteStore(StoreLifecycle):
 
     @property
     def pipeline_depth(self) -> int:
-        """2: writes run in the order :meth:`write` is called (see the module's
+        """2: writes run in the order ``write`` is called (see the module's
         docstring), so the group-commit writer may call it again before it
         returns. 1 for a subclass that overrides ``write``: awaiting anything
         before ``super().write()`` would break that order."""
@@ -316,7 +316,7 @@ class SQLiteStore(StoreLifecycle):
                 raise
 
     async def write(self, ops: Sequence[Op]) -> list[PromiseRecord | None]:
-        """Apply ``ops`` in order in one transaction; see :meth:`Store.write`.
+        """Apply ``ops`` in order in one transaction; see ``Store.write``.
 
         Raises:
             StoreError: the transaction failed and was rolled back.
@@ -356,7 +356,7 @@ class SQLiteStore(StoreLifecycle):
         return {row[0]: row_to_record(row) for row in rows}
 
     async def get_many(self, ids: Sequence[str]) -> dict[str, PromiseRecord]:
-        """The stored records among ``ids``; see :meth:`Store.get_many`."""
+        """The stored records among ``ids``; see ``Store.get_many``."""
         unique = list(dict.fromkeys(ids))
         if len(unique) <= max_params():
             async with self._connection() as conn:
@@ -377,7 +377,7 @@ class SQLiteStore(StoreLifecycle):
         return await self._query(_TREE, {"root": root_id})
 
     async def trees(self, root_ids: Sequence[str]) -> dict[str, list[PromiseRecord]]:
-        """:meth:`tree` of each of ``root_ids``, in one trip to the connection's thread."""
+        """``tree`` of each of ``root_ids``, in one trip to the connection's thread."""
         async with self._connection() as conn:
             rows = await submit(conn, _read_trees, conn._conn, list(dict.fromkeys(root_ids)))
         return {root: [row_to_record(row) for row in tree] for root, tree in rows.items()}
@@ -390,7 +390,7 @@ class SQLiteStore(StoreLifecycle):
         prefix: str | None = None,
         limit: int | None = 100,
     ) -> list[PromiseRecord]:
-        """Records matching every filter; see :meth:`Store.search`."""
+        """Records matching every filter; see ``Store.search``."""
         check_limit(limit)
         sql, args = search_query(SQLITE, state=state, kind=kind, prefix=prefix, limit=limit)
         return await self._query(sql, args)
@@ -405,7 +405,7 @@ class SQLiteStore(StoreLifecycle):
         kinds: Sequence[Kind] = (Kind.RUN,),
         limit: int = 1000,
     ) -> list[PromiseRecord]:
-        """Lease free pending promises to ``owner``, oldest first; see :meth:`Store.claim`."""
+        """Lease free pending promises to ``owner``, oldest first; see ``Store.claim``."""
         check_limit(limit)
         if not kinds or limit == 0 or (funcs is not None and not funcs):
             return []
