@@ -699,17 +699,48 @@ def same_values(a: object, b: object) -> bool:
     return a == b
 
 
-def same_params(encoder: Encoder, a: bytes | None, b: bytes | None) -> bool:
+def same_params(
+    encoder: Encoder,
+    a: bytes | None,
+    b: bytes | None,
+    signature: inspect.Signature | None = None,
+) -> bool:
     """Whether two encoded argument lists are the same call's: the same bytes,
-    or values that decode the same (a dict's keys in another order)."""
+    or values that decode the same (a dict's keys in another order), or,
+    given the function's ``signature``, that bind its parameters to the same
+    values (``f(1)``, ``f(a=1)`` and ``f(1, b=2)`` where ``b`` defaults to 2)."""
     if a == b:
         return True
     if a is None or b is None:
         return False
     try:
-        return same_values(encoder.decode(a), encoder.decode(b))
+        decoded_a, decoded_b = encoder.decode(a), encoder.decode(b)
+        if same_values(decoded_a, decoded_b):
+            return True
+        if signature is None:
+            return False
+        bound_a, bound_b = _bound(signature, decoded_a), _bound(signature, decoded_b)
+        return bound_a is not None and bound_b is not None and same_values(bound_a, bound_b)
     except Exception:  # not decodable here: not known to be the same
         return False
+
+
+def _bound(signature: inspect.Signature, params: object) -> dict[str, Any] | None:
+    """The parameters ``[args, kwargs]`` give a function of ``signature``
+    (after its context), defaults included; ``None`` if they do not bind."""
+    if not (type(params) is list and len(params) == 2):
+        return None
+    args, kwargs = params
+    if type(args) is not list or type(kwargs) is not dict:
+        return None
+    try:
+        bound = signature.bind(None, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    del values[next(iter(values))]  # the context
+    return values
 
 
 # How the C encoder writes the scalars that the direct paths take.

@@ -172,6 +172,11 @@ class FunctionEntry:
     timeout: float | None
     arity: Arity | None = None
 
+    @property
+    def signature(self) -> inspect.Signature | None:
+        """The function's signature, where its calls are checked (see ``Arity``)."""
+        return None if self.arity is None else self.arity.signature
+
 
 @dataclass(slots=True, frozen=True)
 class HandlerEntry:

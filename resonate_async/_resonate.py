@@ -619,7 +619,9 @@ class Resonate:
             # Another version of the same function is the same run (as for
             # one stored already; see RunDriver._attach_to).
             running = existing.entry
-            if running.name == entry.name and same_params(self._encoder, existing.param, param):
+            if running.name == entry.name and same_params(
+                self._encoder, existing.param, param, entry.signature
+            ):
                 return existing
             other = " with other arguments" if running.name == entry.name else ""
             handle: Handle[Any] = Handle(id, asyncio.get_running_loop())

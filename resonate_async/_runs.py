@@ -566,7 +566,7 @@ class RunDriver(Attempts):
             differs = f"a promise of kind {stored.kind.value!r} (not a run)"
         elif stored.func != entry.name:
             differs = f"{stored.func!r} version {stored.version}"
-        elif not same_params(self.encoder, stored.param, run.param):
+        elif not same_params(self.encoder, stored.param, run.param, entry.signature):
             differs = f"{stored.func!r} version {stored.version} with other arguments"
         else:
             differs = None

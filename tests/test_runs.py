@@ -124,6 +124,29 @@ async def test_same_id_other_arguments_is_a_conflict_whatever_the_state() -> Non
             await resonate.run("c", g, 1)  # completed, other function
 
 
+async def test_arguments_that_bind_alike_are_the_same_run_however_they_are_passed() -> None:
+    resonate = make()
+    gate = asyncio.Event()
+    calls: list[tuple[int, int]] = []
+
+    @resonate.register
+    async def f(ctx: Context, a: int, b: int = 2) -> int:
+        calls.append((a, b))
+        await gate.wait()
+        return a + b
+
+    async with resonate:
+        running = resonate.run("alike", f, 1)
+        assert resonate.run("alike", f, a=1) is running  # pending here
+        assert resonate.run("alike", f, 1, b=2) is running
+        gate.set()
+        assert await running == 3
+        assert await resonate.run("alike", f, b=2, a=1) == 3  # completed
+        with pytest.raises(ConflictError, match="with other arguments"):
+            await resonate.run("alike", f, 1, 3)
+    assert calls == [(1, 2)]
+
+
 async def test_the_same_arguments_are_the_same_run_whatever_their_dict_order() -> None:
     resonate = make()
     gate = asyncio.Event()
