@@ -733,14 +733,21 @@ def _bound(signature: inspect.Signature, params: object) -> dict[str, Any] | Non
     args, kwargs = params
     if type(args) is not list or type(kwargs) is not dict:
         return None
+    parameters = list(signature.parameters.values())
+    if not parameters or parameters[0].kind not in _TAKES_CONTEXT:
+        # (A decorator's wrapper, fn(*args, **kwargs): what its arguments
+        # mean is the wrapped function's to say.)
+        return None
     try:
-        bound = signature.bind(None, *args, **kwargs)
+        bound = signature.replace(parameters=parameters[1:]).bind(*args, **kwargs)
     except TypeError:
         return None
     bound.apply_defaults()
-    values = dict(bound.arguments)
-    del values[next(iter(values))]  # the context
-    return values
+    return dict(bound.arguments)
+
+
+# The kinds of a first parameter that is the context, and only it.
+_TAKES_CONTEXT = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 # How the C encoder writes the scalars that the direct paths take.

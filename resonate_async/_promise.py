@@ -783,12 +783,24 @@ class Promise(Generic[T]):
         root = self.id if self._type == _REMOTE else ctx.root_id
         if self._custom_id:
             return stored
-        if stored.parent_id == parent and stored.root_id in (ctx.root_id, stored.id):
-            # A call of this workflow (in its tree, or a remote call: the root
-            # of its own), maybe not this call. A remote call is not in the
-            # history replayed, so a deploy that changed it shows only here.
-            if stored.root_id == root and self._same_call(stored):
+        if stored.parent_id == parent and stored.root_id == root:
+            # This call's place in this workflow: this call, unless the code
+            # changed. (A remote call's name depends on where its function
+            # is registered, see Context._remote: not compared.)
+            if self._type == _REMOTE or self._same_call(stored):
                 return stored
+            raise self._fatal(self._diverged(stored))
+        if (
+            stored.kind is Kind.REMOTE
+            and stored.root_id == stored.id
+            and stored.parent_id == parent
+            and ctx.id == ctx.root_id
+        ):
+            # A remote call that the run's own body made here (a run's id is
+            # no other run's context), now another kind of call: the code
+            # changed. Not in the history replayed (it is the root of its
+            # own tree), it shows only here. (Under a step's context, whose
+            # id another run may have, it stays a ConflictError.)
             raise self._fatal(self._diverged(stored))
         raise ConflictError(
             f"{self.id}: this call's id is already used by a promise of run "

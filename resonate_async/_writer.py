@@ -277,6 +277,8 @@ class GroupCommitWriter:
                 txn.report(None, ShutdownError("shut down while writing; nothing is lost"))
             if not self._closing:
                 self._dropped_by_cancel(cut)
+            else:  # stopped by aclose() past its grace (a store that hangs)
+                self._fail_queued("shut down before this was written")
             # No write waits on a writer that is gone (a run settling its
             # cancel as the event loop ends): it is refused at once.
             self._closed = True

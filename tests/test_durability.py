@@ -1247,11 +1247,15 @@ async def test_aclose_is_bounded_when_the_store_hangs_under_a_run(
     while store.gate.is_set():
         await asyncio.sleep(0)
     await quiesce()  # the step's write is with the store, which holds it
+    queued = resonate.run("queued", "w")  # its root's write waits behind that one
+    await quiesce()
     with caplog.at_level(logging.WARNING):
         await asyncio.wait_for(resonate.aclose(), 10)
     assert "still wait for the store" in caplog.text
     with pytest.raises(ShutdownError):
         await handle
+    with pytest.raises(ShutdownError, match="before this was written"):
+        await asyncio.wait_for(queued.result(), 1)  # answered, not left waiting
     store.gate.set()
     rows = await store.get_many(["hung", "hung.1"])
     assert rows["hung"].state is State.PENDING and "hung.1" not in rows  # resumes at next start

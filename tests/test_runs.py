@@ -147,6 +147,29 @@ async def test_arguments_that_bind_alike_are_the_same_run_however_they_are_passe
     assert calls == [(1, 2)]
 
 
+async def test_a_decorated_workflow_is_not_bound_by_its_wrappers_signature() -> None:
+    # Its signature is the wrapper's (*args, **kwargs): binding to it would
+    # make every argument list alike.
+    resonate = make()
+
+    def logged(fn: Any) -> Any:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return await fn(*args, **kwargs)
+
+        return wrapper
+
+    @resonate.register
+    @logged
+    async def charge(ctx: Context, amount: int) -> int:
+        return amount
+
+    async with resonate:
+        assert await resonate.run("pay-1", charge, 100) == 100
+        with pytest.raises(ConflictError, match="with other arguments"):
+            await resonate.run("pay-1", charge, 999)
+
+
 async def test_the_same_arguments_are_the_same_run_whatever_their_dict_order() -> None:
     resonate = make()
     gate = asyncio.Event()
@@ -1252,3 +1275,34 @@ def test_a_loop_that_ends_while_a_cancel_is_being_settled_still_ends(turns: int)
 
     threading.Thread(target=run, daemon=True).start()
     assert ended.wait(10), "asyncio.run never returned"
+
+
+async def test_a_call_whose_id_is_another_runs_remote_call_is_a_conflict() -> None:
+    resonate = make()
+
+    async def h(ctx: Context) -> str:
+        return "h"
+
+    async def inner(ctx: Context) -> str:
+        return "inner"
+
+    async def outer(ctx: Context) -> str:
+        return await ctx.lfc(inner)  # id shop.1.1: run shop.1's remote call
+
+    resonate.register(h)
+    resonate.register(inner)
+
+    @resonate.register
+    async def shop_1(ctx: Context) -> str:
+        return await ctx.rfc(h)  # id shop.1.1
+
+    @resonate.register
+    async def shop(ctx: Context) -> str:
+        return await ctx.lfc(outer)  # id shop.1: the id of the other run
+
+    async with resonate:
+        assert await resonate.run("shop.1", shop_1) == "h"
+        with pytest.raises(ConflictError):
+            await resonate.run("shop", shop)
+        root = await resonate.promises.get("shop")
+        assert root is not None and root.state is State.REJECTED
