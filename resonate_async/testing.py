@@ -205,8 +205,9 @@ class VirtualClock:
         this clock is started, its lease heartbeat keeps one timer pending at
         all times, and polling promises settled elsewhere (a handle on a run
         another worker owns, an external promise) adds one while anything
-        waits for them. So a started, idle ``Resonate`` counts 1, not 0:
-        compare with that count to tell whether a run is sleeping.
+        waits for them. So a started, idle ``Resonate`` counts 1, not 0, once
+        its heartbeat task has run (after ``await quiesce()``; 0 right after
+        ``start()``): compare with that count to tell whether a run is sleeping.
         """
         return sum(1 for _, _, f in self._timers if not f.done())
 
