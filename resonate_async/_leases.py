@@ -178,6 +178,12 @@ class LeaseKeeper:
             # renew for ever: free them, for this claim to take them again.
             await self._release_dead_owners(own=True)
             self._claim_lost = False
+        if self.runs and self.clock.now() >= self.leases_until:
+            # This worker's leases may have lapsed (a pause, a virtual clock
+            # jumping while the store works): renew them first, so that the
+            # claim below takes back only the runs another worker took over
+            # meanwhile, not every run still executing here (see _claimed_back).
+            await self.confirm_leases()
         resumed = remote = 0
         while True:
             now = self.clock.now()
