@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._clock import check_seconds
 from ._leases import LeaseLost
-from ._registry import call_style, function_name
+from ._registry import call_style, check_count, function_name
 from .errors import (
     ConflictError,
     EncodingError,
@@ -246,10 +246,7 @@ class Promise(Generic[T]):
                 if self._type == _SLEEP:
                     raise UsageError(f"{self.id}: a sleep takes no timeout; sleep less")
             if version is not None:
-                if isinstance(version, bool) or not isinstance(version, int):
-                    raise TypeError(f"version must be an int, got {version!r}")
-                if version < 1:
-                    raise ValueError(f"version must be at least 1, got {version}")
+                check_count("version", version)
                 if self._type != _REMOTE:
                     raise UsageError(
                         f"{self.id}: only a remote call (rfi/rfc) takes a version; a local "

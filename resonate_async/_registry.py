@@ -287,3 +287,15 @@ class Registry:
     def handlers(self) -> list[HandlerEntry]:
         """Every registered handler entry."""
         return list(self._handlers.values())
+
+
+def check_count(name: str, value: object, *, optional: bool = False) -> None:
+    """Raise unless ``value`` is an int (not a bool) of at least 1, or None when ``optional``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = "an int (or None)" if optional else "an int"
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if value < 1:
+        alternative = " (or None)" if optional else ""
+        raise ValueError(f"{name} must be at least 1{alternative}, got {value}")

@@ -24,6 +24,7 @@ from ._registry import (
     Registry,
     arity,
     call_style,
+    check_count,
     function_name,
 )
 from ._stats import RunStats, Stats, StoreStats
@@ -160,7 +161,7 @@ class Resonate:
         self._heartbeat = heartbeat_seconds
         self._poll = poll_seconds
         self._grace = grace_seconds
-        _check_count("max_rows_per_transaction", max_rows_per_transaction)
+        check_count("max_rows_per_transaction", max_rows_per_transaction)
         self._max_rows = max_rows_per_transaction
         self._replay_every_step = replay_every_step
         if tracing or tracer_provider is not None:
@@ -449,7 +450,7 @@ class Resonate:
                 ``TypeError``) when the function takes no ``Context`` first.
         """
         _check_name(name)
-        _check_count("version", version)
+        check_count("version", version)
         policy = _retry_policy("retry_policy", retry_policy, never)
         _check_timeout(timeout)
 
@@ -511,10 +512,10 @@ class Resonate:
             raise TypeError(f"{command_type!r} is not a Command subclass; subclass Command")
         _check_name(name)
         policy = _retry_policy("retry_policy", retry_policy, exponential)
-        _check_count("maxlen", maxlen, optional=True)
+        check_count("maxlen", maxlen, optional=True)
         check_seconds("max_wait", max_wait, zero_ok=True)
-        _check_count("concurrency", concurrency)
-        _check_count("queue_size", queue_size, optional=True)
+        check_count("concurrency", concurrency)
+        check_count("queue_size", queue_size, optional=True)
         style = call_style(handler)
         if style is CallStyle.GENERATOR:
             raise TypeError("a batch handler must be an `async def` or a plain `def`")
@@ -689,18 +690,6 @@ def _check_store_spec(store: object) -> None:
     raise TypeError(
         f"store must be a Store, a path or a URL string (or None for RESONATE_STORE), got {store!r}"
     )
-
-
-def _check_count(name: str, value: object, *, optional: bool = False) -> None:
-    """Raise unless ``value`` is an int (not a bool) of at least 1, or None when ``optional``."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        expected = "an int (or None)" if optional else "an int"
-        raise TypeError(f"{name} must be {expected}, got {value!r}")
-    if value < 1:
-        alternative = " (or None)" if optional else ""
-        raise ValueError(f"{name} must be at least 1{alternative}, got {value}")
 
 
 def _check_name(name: str | None) -> None:
