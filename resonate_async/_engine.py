@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ._batcher import Batcher
 from ._coalesce import Coalescer
+from ._handle import without_frames
 from ._leases import LeaseKeeper, abandoned_workers
 from ._runs import RunDriver, RunState
 from ._stats import RunStats, StoreStats
@@ -369,6 +370,20 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         if state is State.REJECTED:
             raise StoredError("unknown", f"promise {record.id!r} was rejected")
         raise RuntimeError(f"promise {record.id!r} is still pending")
+
+    def answer(self, handle: Handle[Any], record: PromiseRecord) -> Exception | None:
+        """Answer ``handle`` with settled ``record``'s outcome; its error, if any.
+
+        The error goes without the frames it was raised through (see
+        ``without_frames``): the handle may be kept for long.
+        """
+        try:
+            value = self.outcome(record)
+        except Exception as exc:
+            handle._set_exception(without_frames(exc))
+            return exc
+        handle._set_result(value)
+        return None
 
     def effective_state(self, record: PromiseRecord) -> State:
         """The state a reader sees: a PENDING promise past ``timeout_at`` is timed out.

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ._attempts import LEAVE_PENDING, Attempts, unwrap_group
 from ._context import Context
 from ._encoding import same_params
-from ._handle import Handle, without_frames
+from ._handle import Handle
 from ._invoke import being_cancelled
 from ._leases import LeaseLost
 from ._promise import _NO_KWARGS
@@ -198,7 +198,7 @@ class RunDriver(Attempts):
 
     if TYPE_CHECKING:
 
-        def outcome(self, record: PromiseRecord) -> Any: ...
+        def answer(self, handle: Handle[Any], record: PromiseRecord) -> Exception | None: ...
 
         def effectively_settled(self, record: PromiseRecord) -> bool: ...
 
@@ -638,19 +638,16 @@ class RunDriver(Attempts):
             run._set_exception(NotFoundError(f"run {run.id!r} disappeared from the store"))
             return
         self.wake(settled)
-        try:
-            value = self.outcome(settled)
-        except Exception as exc:
-            if executed:
-                self.run_stats.failed += 1
-                # Said once, here: a caller that answered 202 and dropped
-                # the handle would otherwise learn of it only by asking.
-                log.info("run %s settled %s: %r", run.id, settled.state.name, exc)
-            run._set_exception(without_frames(exc))
+        error = self.answer(run, settled)
+        if not executed:
+            return
+        if error is None:
+            self.run_stats.completed += 1
         else:
-            if executed:
-                self.run_stats.completed += 1
-            run._set_result(value)
+            self.run_stats.failed += 1
+            # Said once, here: a caller that answered 202 and dropped the
+            # handle would otherwise learn of it only by asking.
+            log.info("run %s settled %s: %r", run.id, settled.state.name, error)
 
     async def _settle_canceled_through(self, run: RunState) -> None:
         """Settle the run's cancel, whatever cancels this task meanwhile (a

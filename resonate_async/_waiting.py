@@ -19,7 +19,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ._clock import with_deadline
-from ._handle import Handle, without_frames
+from ._handle import Handle
 from .errors import NotFoundError, PromiseTimeoutError, ShutdownError, StoreError
 from .stores._base import Kind, Settle, State
 
@@ -69,7 +69,7 @@ class SettleWatcher:
 
         def effective_state(self, record: PromiseRecord) -> State: ...
 
-        def outcome(self, record: PromiseRecord) -> Any: ...
+        def answer(self, handle: Handle[Any], record: PromiseRecord) -> Exception | None: ...
 
         async def settle_cut_sleeps(self, id: str, root_id: str) -> None: ...
 
@@ -248,10 +248,7 @@ class SettleWatcher:
                 raise NotFoundError(str(exc)) from None
             handle._set_created()
             record = await self.wait_settled(record)
-            try:
-                handle._set_result(self.outcome(record))
-            except Exception as exc:
-                handle._set_exception(without_frames(exc))
+            self.answer(handle, record)
         except asyncio.CancelledError:
             handle._set_exception(ShutdownError(f"stopped waiting for {handle.id!r}: shut down"))
             raise
