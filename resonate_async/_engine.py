@@ -144,7 +144,7 @@ class Engine(RunDriver, LeaseKeeper, SettleWatcher):
         self.claiming = asyncio.Lock()
         self._claim_wakeup = asyncio.Event()
         self._claim_lost = False  # a claim failed: rows may be leased here, not running
-        self._undecodable: list[str] = []
+        self._to_free: list[str] = []
         self._just_freed: set[str] = set()
         self._listening = False
         # Stores that only processes of this host can open (SQLite) let a dead

@@ -144,7 +144,7 @@ class LeaseKeeper:
     _claim_lost: bool
     # Claimed rows to free: runs whose arguments do not decode here (see
     # _resume), and runs lost here whose release failed (see _claimed_back).
-    _undecodable: list[str]
+    _to_free: list[str]
     _just_freed: set[str]  # leases this poll freed after their back-off
 
     if TYPE_CHECKING:
@@ -212,13 +212,13 @@ class LeaseKeeper:
                 if record.kind is Kind.REMOTE:
                     remote += started
             resumed += started_now
-            released = self._undecodable + lost
+            released = self._to_free + lost
             if released:
-                self._undecodable = []
+                self._to_free = []
                 try:
                     await self.store.release(self.worker_id, released)
                 except Exception:
-                    self._undecodable += released  # freed after the next claim
+                    self._to_free += released  # freed after the next claim
                     raise
             # Not on once runs were released at once (see _resume, _claimed_back): the next
             # claim would take the same rows again. (Rows held are not taken.)
@@ -271,7 +271,7 @@ class LeaseKeeper:
             # poll: a worker that can decode them gets its turn.
             first = record.id not in self.store_failures  # logged at ERROR once
             if record.id in self._just_freed:
-                self._undecodable.append(record.id)
+                self._to_free.append(record.id)
             else:
                 self.free_later(record.id)
             log.log(
